@@ -1,0 +1,452 @@
+"""The gateway's protocol logic, Sans-I/O: messages in, actions out, no sockets, no Redis.
+
+:class:`ConnectionCore` validates every inbound message of one WebSocket connection (type, size,
+rate, session state) and returns actions for the I/O layer to carry out. :class:`Relay` turns one
+session's Redis entries into outbound messages and holds each segment's face frames until the
+client's ``ready`` for it. Time is passed in, so tests drive both without a clock or a network.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+from schemas import protocol as P
+from schemas.protocol import ErrorCode, ProtocolError
+from schemas.streams import (
+    CHANNELS,
+    EventEntry,
+    FaceEntry,
+    ReplyEntry,
+    TranscriptEntry,
+    VoiceEntry,
+    parse_id,
+)
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass
+class Send:
+    message: P.Message | bytes
+
+
+@dataclass
+class OpenAction:
+    session: str
+    sid: str
+    channel: int
+    request: P.OpenSession
+    persona: str
+    voice: str
+
+
+@dataclass
+class ResumeAction:
+    session: str
+    channel: int
+    request: P.Resume
+
+
+@dataclass
+class CloseAction:
+    session: str
+    sid: str
+
+
+@dataclass
+class AppendMic:
+    session: str
+    sid: str
+    seq: int
+    pcm: bytes
+
+
+@dataclass
+class AppendEndOfUtterance:
+    session: str
+    sid: str
+    after_seq: int
+
+
+@dataclass
+class ReadyAction:
+    session: str
+    sid: str
+    turn: int
+    segment: int
+
+
+@dataclass
+class InterruptAction:
+    session: str
+    sid: str
+    played_samples: int | None
+
+
+Action = (Send | OpenAction | ResumeAction | CloseAction | AppendMic | AppendEndOfUtterance
+          | ReadyAction | InterruptAction)
+
+
+# --------------------------------------------------------------------------- rate limiting
+
+
+@dataclass
+class TokenBucket:
+    rate: float
+    burst: float
+    tokens: float = -1.0
+    stamp: float = 0.0
+
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        if self.tokens < 0:
+            self.tokens, self.stamp = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= cost:
+            self.tokens -= cost
+            return True
+        return False
+
+
+@dataclass
+class Limits:
+    max_frame_bytes: int = 64 * 1024
+    max_sessions: int = 64
+    msgs_per_s: float = 200.0
+    msgs_burst: float = 400.0
+    conn_msgs_per_s: float = 100.0
+    conn_msgs_burst: float = 200.0
+    auth_token: str = ""
+    # Audio faster than this many times real time is refused (a client streaming a file
+    # unpaced is fine; a runaway loop is not).
+    audio_realtime_factor: float = 20.0
+    audio_burst_s: float = 10.0
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+@dataclass
+class SessionState:
+    session: str
+    sid: str
+    channel: int
+    frame_bytes: int  # bytes per interleaved sample frame
+    bytes_per_s: float
+    next_mic_seq: int = 1
+    bucket: TokenBucket | None = None
+    audio_bucket: TokenBucket | None = None
+    known_segments: set[tuple[int, int]] = field(default_factory=set)
+    ready: set[tuple[int, int]] = field(default_factory=set)
+    limited_at: float = -1e9
+
+
+class ConnectionCore:
+    """State of one client connection and the validation of everything it sends."""
+
+    def __init__(self, limits: Limits, personas: dict[str, str]):
+        self.limits = limits
+        self.personas = personas  # persona id -> voice
+        self.authenticated = not limits.auth_token
+        self.hello_seen = False
+        self.sessions: dict[str, SessionState] = {}
+        self.by_channel: dict[int, SessionState] = {}
+        self._next_channel = 1
+        self.bucket = TokenBucket(limits.conn_msgs_per_s, limits.conn_msgs_burst)
+        self._limited_at = -1e9
+
+    # -------------------------------------------------------------- inbound
+
+    def receive_text(self, text: str, now: float) -> list[Action]:
+        if len(text) > self.limits.max_frame_bytes:
+            return [self._error(ErrorCode.FRAME_TOO_LARGE,
+                                f"text frame of {len(text)} bytes exceeds the limit of "
+                                f"{self.limits.max_frame_bytes}")]
+        try:
+            msg = P.decode_text(text)
+        except ProtocolError as exc:
+            if not self.bucket.take(now):
+                return self._limited(None, now)
+            return [self._error(exc.code, exc.message, exc.session)]
+        session = getattr(msg, "session", None)
+        state = self.sessions.get(session) if session else None
+        if not self._allow(state, now):
+            return self._limited(state, now)
+        try:
+            return self._handle(msg, state, now)
+        except ProtocolError as exc:
+            return [self._error(exc.code, exc.message, exc.session or session)]
+
+    def receive_binary(self, data: bytes, now: float) -> list[Action]:
+        if len(data) > self.limits.max_frame_bytes:
+            return [self._error(ErrorCode.FRAME_TOO_LARGE,
+                                f"binary frame of {len(data)} bytes exceeds the limit of "
+                                f"{self.limits.max_frame_bytes}")]
+        try:
+            frame = P.decode_binary(data)
+        except ProtocolError as exc:
+            return [self._error(exc.code, exc.message)]
+        if not isinstance(frame, P.MicAudio):
+            return [self._error(ErrorCode.BAD_MESSAGE, "clients send only mic audio frames")]
+        state = self.by_channel.get(frame.channel)
+        if not self.authenticated:
+            return [self._error(ErrorCode.NOT_AUTHENTICATED, "send hello before audio")]
+        if state is None:
+            return [self._error(
+                ErrorCode.SESSION_NOT_OPEN,
+                f"audio for channel {frame.channel}, which no open session has; "
+                "open a session and use the channel from its 'opened' reply")]
+        if not self._allow(state, now):
+            return self._limited(state, now)
+        if len(frame.pcm) % state.frame_bytes:
+            return [self._error(ErrorCode.BAD_AUDIO,
+                                f"audio payload of {len(frame.pcm)} bytes is not a whole number of "
+                                f"{state.frame_bytes}-byte sample frames", state.session)]
+        if not state.audio_bucket.take(now, len(frame.pcm)):
+            return self._limited(state, now, what="audio faster than real time allows")
+        if frame.seq < state.next_mic_seq:
+            return []  # a resend after a reconnect: Redis has it already
+        out: list[Action] = []
+        if frame.seq > state.next_mic_seq:
+            out.append(self._error(ErrorCode.BAD_AUDIO,
+                                   f"mic chunks {state.next_mic_seq}..{frame.seq - 1} never "
+                                   "arrived; continuing", state.session))
+        state.next_mic_seq = frame.seq + 1
+        out.append(AppendMic(state.session, state.sid, frame.seq, frame.pcm))
+        return out
+
+    def _allow(self, state: SessionState | None, now: float) -> bool:
+        bucket = state.bucket if state is not None else self.bucket
+        return bucket.take(now)
+
+    def _limited(self, state: SessionState | None, now: float,
+                 what: str = "too many messages") -> list[Action]:
+        # One error per second at most: answering every dropped message would amplify a flood.
+        holder = state if state is not None else self
+        last = state.limited_at if state is not None else self._limited_at
+        if now - last < 1.0:
+            return []
+        if state is not None:
+            state.limited_at = now
+        else:
+            holder._limited_at = now
+        return [self._error(ErrorCode.RATE_LIMITED,
+                            f"{what}; messages are being dropped",
+                            state.session if state else None)]
+
+    def _handle(self, msg: P.Message, state: SessionState | None, now: float) -> list[Action]:
+        if isinstance(msg, P.Hello):
+            return self._hello(msg)
+        if isinstance(msg, P.Ping):
+            return [Send(P.Pong(id=msg.id))]
+        if not self.authenticated:
+            raise ProtocolError(ErrorCode.NOT_AUTHENTICATED,
+                                f"send hello with the auth token before {msg.TYPE!r}")
+        if isinstance(msg, P.OpenSession):
+            return self._open(msg, now)
+        if isinstance(msg, P.Resume):
+            return self._resume(msg, now)
+        if state is None:
+            raise ProtocolError(ErrorCode.SESSION_NOT_OPEN,
+                                f"{msg.TYPE}: no open session {msg.session!r} on this connection",
+                                session=msg.session)
+        if isinstance(msg, P.CloseSession):
+            self._forget(state)
+            return [CloseAction(state.session, state.sid)]
+        if isinstance(msg, P.EndOfUtterance):
+            return [AppendEndOfUtterance(state.session, state.sid, state.next_mic_seq - 1)]
+        if isinstance(msg, P.Ready):
+            key = (msg.turn, msg.segment)
+            if key not in state.known_segments:
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_SEGMENT,
+                    f"ready for turn {msg.turn} segment {msg.segment}, whose audio was never "
+                    "sent on this session", session=state.session)
+            state.ready.add(key)
+            return [ReadyAction(state.session, state.sid, msg.turn, msg.segment)]
+        if isinstance(msg, P.Interrupt):
+            return [InterruptAction(state.session, state.sid, msg.played_samples)]
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is not accepted from clients")
+
+    def _hello(self, msg: P.Hello) -> list[Action]:
+        if msg.protocol != P.PROTOCOL_VERSION:
+            raise ProtocolError(ErrorCode.UNSUPPORTED_PROTOCOL,
+                                f"protocol {msg.protocol} is not supported; this server speaks "
+                                f"{P.PROTOCOL_VERSION}")
+        if self.limits.auth_token and not secrets.compare_digest(
+                (msg.token or "").encode(), self.limits.auth_token.encode()):
+            raise ProtocolError(ErrorCode.AUTH_FAILED, "hello: wrong or missing token")
+        self.authenticated = True
+        self.hello_seen = True
+        return [Send(P.Welcome(max_frame_bytes=self.limits.max_frame_bytes,
+                               max_sessions=self.limits.max_sessions))]
+
+    def _new_state(self, session: str, sid: str, rate: int, channels: int, fmt: str,
+                   now: float) -> SessionState:
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS,
+                                f"this connection already has {self.limits.max_sessions} sessions",
+                                session=session)
+        channel = self._next_channel
+        while channel in self.by_channel:
+            channel = channel % 65535 + 1
+        self._next_channel = channel % 65535 + 1
+        frame_bytes = channels * P.BYTES_PER_SAMPLE[fmt]
+        bps = rate * frame_bytes
+        lim = self.limits
+        state = SessionState(
+            session=session, sid=sid, channel=channel, frame_bytes=frame_bytes,
+            bytes_per_s=bps,
+            bucket=TokenBucket(lim.msgs_per_s, lim.msgs_burst),
+            audio_bucket=TokenBucket(bps * lim.audio_realtime_factor, bps * lim.audio_burst_s),
+        )
+        state.bucket.take(now, 0)
+        self.sessions[session] = state
+        self.by_channel[channel] = state
+        return state
+
+    def _open(self, msg: P.OpenSession, now: float) -> list[Action]:
+        if msg.session in self.sessions:
+            raise ProtocolError(ErrorCode.SESSION_EXISTS,
+                                f"session {msg.session!r} is already open on this connection",
+                                session=msg.session)
+        P.validate_open(msg)
+        persona = msg.persona or msg.npc
+        if persona not in self.personas:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_NPC,
+                f"no persona {persona!r}; known: {', '.join(sorted(self.personas))}",
+                session=msg.session)
+        sid = f"{msg.session}.{secrets.token_hex(4)}"
+        state = self._new_state(msg.session, sid, msg.sample_rate, msg.channels, msg.format, now)
+        return [OpenAction(msg.session, sid, state.channel, msg, persona, self.personas[persona])]
+
+    def _resume(self, msg: P.Resume, now: float) -> list[Action]:
+        if msg.session in self.sessions:
+            raise ProtocolError(ErrorCode.SESSION_EXISTS,
+                                f"session {msg.session!r} is already open on this connection",
+                                session=msg.session)
+        bad = set(msg.last) - set(CHANNELS)
+        if bad:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                f"resume: unknown channel(s) {', '.join(sorted(bad))}",
+                                session=msg.session)
+        # The I/O layer checks the sid against Redis and calls resumed() with the format.
+        return [ResumeAction(msg.session, 0, msg)]
+
+    def resumed(self, msg: P.Resume, rate: int, channels: int, fmt: str, next_mic_seq: int,
+                segments: set[tuple[int, int]], ready: set[tuple[int, int]],
+                now: float) -> SessionState:
+        state = self._new_state(msg.session, msg.sid, rate, channels, fmt, now)
+        state.next_mic_seq = next_mic_seq
+        state.known_segments |= segments
+        state.ready |= ready
+        return state
+
+    def _forget(self, state: SessionState) -> None:
+        self.sessions.pop(state.session, None)
+        self.by_channel.pop(state.channel, None)
+
+    def drop(self, session: str) -> None:
+        state = self.sessions.get(session)
+        if state is not None:
+            self._forget(state)
+
+    @staticmethod
+    def _error(code: str, message: str, session: str | None = None) -> Send:
+        return Send(P.ErrorEvent(code=code, message=message, session=session))
+
+
+# --------------------------------------------------------------------------- relay
+
+
+@dataclass
+class _TurnState:
+    voice_end: VoiceEntry | None = None
+    face_end: FaceEntry | None = None
+    held: int = 0
+    done: bool = False
+
+
+class Relay:
+    """One session's outputs: Redis entries in, client messages out, face gated by ``ready``."""
+
+    STREAMS = ("transcript", "reply", "voice", "face", "events")
+
+    def __init__(self, state: SessionState, min_turn: int = 0):
+        self.state = state
+        self.min_turn = min_turn
+        self.held: dict[tuple[int, int], list[P.FaceFrames]] = {}
+        self.turns: dict[int, _TurnState] = {}
+        self.face_sent = 0
+
+    def _turn(self, turn: int) -> _TurnState:
+        return self.turns.setdefault(turn, _TurnState())
+
+    def feed(self, stream: str, entry_id: str, fields: dict) -> list[P.Message | bytes]:
+        st = self.state
+        if stream == "events":
+            ev = EventEntry.from_fields(fields)
+            if ev.turn < self.min_turn:
+                return []
+            if ev.kind == "error":
+                return [P.ErrorEvent(code=ev.code or ErrorCode.TURN_FAILED, message=ev.message,
+                                     session=st.session, turn=ev.turn)]
+            return []
+        turn, seq = parse_id(entry_id)
+        if stream == "transcript":
+            t = TranscriptEntry.from_fields(fields)
+            return [P.Transcript(session=st.session, turn=turn, seq=seq, text=t.text,
+                                 final=t.final, start_sample=t.start_sample,
+                                 end_sample=t.end_sample)]
+        if stream == "reply":
+            r = ReplyEntry.from_fields(fields)
+            return [P.ReplyText(session=st.session, turn=turn, seq=seq, segment=r.segment,
+                                text=r.text, final=r.end)]
+        if stream == "voice":
+            v = VoiceEntry.from_fields(fields)
+            if v.end:
+                self._turn(turn).voice_end = v
+                return self._maybe_done(turn)
+            st.known_segments.add((turn, v.segment))
+            flags = P.FLAG_LAST_IN_SEGMENT if v.last_in_segment else 0
+            return [P.ReplyAudio(st.channel, turn, seq, v.segment, v.rate, v.sample, v.pcm,
+                                 flags).encode()]
+        if stream == "face":
+            f = FaceEntry.from_fields(fields)
+            ts = self._turn(turn)
+            if f.end:
+                ts.face_end = f
+                return self._maybe_done(turn)
+            frame = P.FaceFrames(st.channel, turn, seq, f.segment, f.samples.astype("<u8"),
+                                 f.values)
+            key = (turn, f.segment)
+            if key in st.ready:
+                self.face_sent += len(f.samples)
+                return [frame.encode()]
+            self.held.setdefault(key, []).append(frame)
+            ts.held += 1
+            return []
+        raise ValueError(f"unknown stream {stream}")
+
+    def ready(self, turn: int, segment: int) -> list[P.Message | bytes]:
+        out: list[P.Message | bytes] = []
+        frames = self.held.pop((turn, segment), [])
+        for frame in frames:
+            self.face_sent += len(frame.samples)
+            out.append(frame.encode())
+        if frames:
+            self._turn(turn).held -= len(frames)
+            out += self._maybe_done(turn)
+        return out
+
+    def _maybe_done(self, turn: int) -> list[P.Message | bytes]:
+        ts = self._turn(turn)
+        if ts.done or ts.voice_end is None or ts.face_end is None or ts.held:
+            return []
+        ts.done = True
+        return [P.TurnDone(session=self.state.session, turn=turn,
+                           audio_samples=ts.voice_end.sample,
+                           face_frames=ts.face_end.first_index,
+                           segments=ts.voice_end.segment)]

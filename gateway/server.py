@@ -1,0 +1,290 @@
+"""The WebSocket gateway: the I/O around gateway.core.
+
+One connection carries many NPC sessions. Inbound messages go through ConnectionCore; the actions
+it returns are carried out here (Redis writes, replies). Each session has a relay task that tails
+the session's output streams with one blocking XREAD and sends what Relay lets through. The
+gateway keeps nothing that Redis does not also hold, so a restarted gateway loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+from redis.exceptions import ResponseError
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from gateway import core as C
+from parley.config import Config
+from parley.redisconn import RETRYABLE, connect
+from schemas import protocol as P
+from schemas.streams import Job, Keys, MicEntry, SessionMeta, mic_id, now_ms, parse_id
+from workers.llm.personas import load_personas
+
+
+class Gateway:
+    def __init__(self, config: Config):
+        self.config = config
+        self.keys = Keys(config.redis.prefix)
+        self.redis = connect(config.redis.url, max_connections=4096)
+        personas = load_personas(config.personas_dir())
+        self.personas = {pid: p.voice for pid, p in personas.items()}
+        g = config.gateway
+        self.limits = C.Limits(
+            max_frame_bytes=g.max_frame_bytes, max_sessions=g.max_sessions,
+            msgs_per_s=g.msgs_per_s, msgs_burst=g.msgs_burst,
+            conn_msgs_per_s=g.conn_msgs_per_s, conn_msgs_burst=g.conn_msgs_burst,
+            auth_token=g.auth_token,
+        )
+        self.log = structlog.get_logger().bind(component="gateway")
+        self.connections: set[Connection] = set()
+        self.server = None
+
+    async def start(self, host: str | None = None, port: int | None = None):
+        g = self.config.gateway
+        self.server = await serve(
+            self._handler, host or g.host, g.port if port is None else port,
+            max_size=g.ws_max_size, ping_interval=20, ping_timeout=20,
+            compression=None,  # audio does not compress; deflate only adds latency
+        )
+        sock = next(iter(self.server.sockets))
+        self.port = sock.getsockname()[1]
+        self.log.info("gateway_listening", host=host or g.host, port=self.port)
+        return self.server
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+        await self.redis.aclose()
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        conn = Connection(self, ws)
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self.connections.discard(conn)
+
+
+class Connection:
+    def __init__(self, gw: Gateway, ws: ServerConnection):
+        self.gw = gw
+        self.ws = ws
+        self.core = C.ConnectionCore(gw.limits, gw.personas)
+        self.relays: dict[str, tuple[C.Relay, asyncio.Task]] = {}
+        self.redis = gw.redis
+        self.keys = gw.keys
+        peer = ws.remote_address
+        self.log = gw.log.bind(peer=f"{peer[0]}:{peer[1]}" if peer else "?")
+
+    async def run(self) -> None:
+        self.log.info("client_connected")
+        try:
+            async for message in self.ws:
+                now = time.monotonic()
+                if isinstance(message, str):
+                    actions = self.core.receive_text(message, now)
+                else:
+                    actions = self.core.receive_binary(message, now)
+                for action in actions:
+                    await self._do(action)
+        except ConnectionClosed:
+            pass
+        finally:
+            for _, task in list(self.relays.values()):
+                task.cancel()
+            await asyncio.gather(*(t for _, t in self.relays.values()), return_exceptions=True)
+            await self._detach_all()
+            self.log.info("client_disconnected", sessions=len(self.relays))
+
+    async def send(self, message: P.Message | bytes) -> None:
+        data = message if isinstance(message, bytes) else P.encode(message)
+        try:
+            await self.ws.send(data)
+        except ConnectionClosed:
+            pass
+
+    async def _do(self, action: C.Action) -> None:
+        try:
+            await self._dispatch(action)
+        except RETRYABLE as exc:
+            self.log.warning("redis_unavailable", error=str(exc))
+            await self.send(P.ErrorEvent(code=P.ErrorCode.UNAVAILABLE,
+                                         message="storage is unavailable; retry shortly",
+                                         session=getattr(action, "session", None)))
+
+    async def _dispatch(self, action: C.Action) -> None:
+        if isinstance(action, C.Send):
+            await self.send(action.message)
+        elif isinstance(action, C.AppendMic):
+            await self._append_mic(action.sid, MicEntry(seq=action.seq, pcm=action.pcm))
+        elif isinstance(action, C.AppendEndOfUtterance):
+            if action.after_seq >= 1:
+                await self._append_mic(action.sid, MicEntry(seq=action.after_seq,
+                                                            end_of_utterance=True))
+        elif isinstance(action, C.ReadyAction):
+            await self.redis.sadd(self.keys.session(action.sid, "ready"),
+                                  f"{action.turn}:{action.segment}")
+            relay = self.relays.get(action.session)
+            if relay is not None:
+                for out in relay[0].ready(action.turn, action.segment):
+                    await self.send(out)
+        elif isinstance(action, C.OpenAction):
+            await self._open(action)
+        elif isinstance(action, C.ResumeAction):
+            await self._resume(action)
+        elif isinstance(action, C.CloseAction):
+            await self._close(action.session, action.sid)
+        elif isinstance(action, C.InterruptAction):
+            self.log.info("interrupt", session=action.sid, played=action.played_samples)
+
+    async def _append_mic(self, sid: str, entry: MicEntry) -> None:
+        try:
+            await self.redis.xadd(self.keys.session(sid, "mic"), entry.to_fields(),
+                                  id=mic_id(entry.seq, entry.end_of_utterance),
+                                  maxlen=self.gw.config.redis.stream_maxlen, approximate=True)
+        except ResponseError as exc:
+            if "equal or smaller" not in str(exc):  # a resend Redis already has
+                raise
+
+    async def _open(self, a: C.OpenAction) -> None:
+        req = a.request
+        meta = SessionMeta(sid=a.sid, session=a.session, npc=req.npc, persona=a.persona,
+                           voice=a.voice, sample_rate=req.sample_rate, channels=req.channels,
+                           format=req.format)
+        job = Job(stage="stt", sid=a.sid, turn=1, cursor="0-0")
+        try:
+            async with self.redis.pipeline(transaction=False) as p:
+                p.hset(self.keys.session(a.sid, "meta"), mapping=meta.to_fields())
+                p.sadd(self.keys.sessions(), a.sid)
+                await p.execute()
+            await self.redis.xadd(self.keys.jobs("stt"), job.to_fields())
+        except RETRYABLE:
+            self.core.drop(a.session)
+            raise
+        state = self.core.sessions[a.session]
+        self._start_relay(state, {s: "0-0" for s in C.Relay.STREAMS}, min_turn=0)
+        self.log.info("session_opened", session=a.sid, npc=req.npc, persona=a.persona,
+                      rate=req.sample_rate, channels=req.channels, format=req.format)
+        await self.send(P.SessionOpened(session=a.session, channel=a.channel, sid=a.sid,
+                                        npc=req.npc, persona=a.persona, voice=a.voice,
+                                        reply_sample_rate=22050, next_mic_seq=1))
+
+    async def _resume(self, a: C.ResumeAction) -> None:
+        req = a.request
+        raw = await self.redis.hgetall(self.keys.session(req.sid, "meta")) if req.sid else {}
+        if not raw:
+            await self.send(P.ErrorEvent(code=P.ErrorCode.SESSION_NOT_OPEN,
+                                         message=f"resume: no stored session {req.sid!r}",
+                                         session=req.session))
+            return
+        meta = SessionMeta.from_fields(raw)
+        if meta.state == "closed":
+            await self.send(P.ErrorEvent(code=P.ErrorCode.SESSION_NOT_OPEN,
+                                         message=f"resume: session {req.sid!r} was closed",
+                                         session=req.session))
+            return
+        top = await self.redis.xrevrange(self.keys.session(req.sid, "mic"), count=1)
+        next_mic = parse_id(top[0][0])[0] + 1 if top else 1
+        ready = {tuple(int(x) for x in m.decode().split(":"))
+                 for m in await self.redis.smembers(self.keys.session(req.sid, "ready"))}
+        segments = set(ready)
+        for _eid, f in await self.redis.xrange(self.keys.session(req.sid, "voice"),
+                                              f"{req.turn}-0", f"{req.turn}-{2**63 - 1}"):
+            seg = f.get(b"segment")
+            if seg is not None:
+                segments.add((req.turn, int(seg)))
+        state = self.core.resumed(req, meta.sample_rate, meta.channels, meta.format, next_mic,
+                                  segments, ready, time.monotonic())
+        await self.redis.hset(self.keys.session(req.sid, "meta"), mapping={"state": "open"})
+        cursors = {"transcript": "", "reply": "", "voice": "", "face": "", "events": "0-0"}
+        channel_of = {"transcript": "transcript", "reply": "reply", "voice": "audio",
+                      "face": "face"}
+        for stream, ch in channel_of.items():
+            cursors[stream] = f"{req.turn}-{req.last.get(ch, 0)}" if req.turn else "0-0"
+        self._start_relay(state, cursors, min_turn=req.turn)
+        self.log.info("session_resumed", session=req.sid, turn=req.turn, last=req.last)
+        await self.send(P.SessionOpened(session=req.session, channel=state.channel, sid=req.sid,
+                                        npc=meta.npc, persona=meta.persona, voice=meta.voice,
+                                        reply_sample_rate=22050, next_mic_seq=next_mic,
+                                        resumed=True))
+
+    async def _close(self, session: str, sid: str) -> None:
+        relay = self.relays.pop(session, None)
+        if relay is not None:
+            relay[1].cancel()
+        await self._mark(sid, "closed")
+        await self.send(P.SessionClosed(session=session))
+        self.log.info("session_closed", session=sid)
+
+    async def _mark(self, sid: str, state: str) -> None:
+        ttl = self.gw.config.redis.session_ttl_s
+        async with self.redis.pipeline(transaction=False) as p:
+            p.hset(self.keys.session(sid, "meta"), mapping={"state": state,
+                                                            "state_ts": now_ms()})
+            if state == "closed":
+                for name in ("meta", "mic", "transcript", "reply", "voice", "face", "events",
+                             "ready", "history"):
+                    p.expire(self.keys.session(sid, name), ttl)
+            await p.execute()
+
+    async def _detach_all(self) -> None:
+        # The client may come back and resume; until then the session stays in Redis.
+        for state in list(self.core.sessions.values()):
+            try:
+                await self._mark(state.sid, "detached")
+            except RETRYABLE:
+                pass
+
+    def _start_relay(self, state: C.SessionState, cursors: dict[str, str], min_turn: int) -> None:
+        relay = C.Relay(state, min_turn=min_turn)
+        task = asyncio.create_task(self._relay_loop(relay, cursors))
+        self.relays[state.session] = (relay, task)
+
+    async def _relay_loop(self, relay: C.Relay, cursors: dict[str, str]) -> None:
+        sid = relay.state.sid
+        keys = {self.keys.session(sid, s): s for s in C.Relay.STREAMS}
+        ids = {k: cursors[s] for k, s in keys.items()}
+        delay = 0.05
+        while True:
+            try:
+                res = await self.redis.xread(ids, block=5000, count=256)
+                delay = 0.05
+            except asyncio.CancelledError:
+                raise
+            except RETRYABLE as exc:
+                self.log.warning("redis_unavailable", during="relay", session=sid,
+                                 error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            for key, entries in res or []:
+                key = key.decode() if isinstance(key, bytes) else key
+                stream = keys[key]
+                for eid, fields in entries:
+                    eid = eid.decode() if isinstance(eid, bytes) else eid
+                    ids[key] = eid
+                    try:
+                        outs = relay.feed(stream, eid, fields)
+                    except (ValueError, KeyError) as exc:
+                        self.log.error("bad_stream_entry", stream=stream, id=eid, error=str(exc))
+                        continue
+                    for out in outs:
+                        await self.send(out)
+
+
+async def run_gateway(config: Config, host: str | None = None, port: int | None = None,
+                      stop: asyncio.Event | None = None) -> None:
+    import signal
+
+    gw = Gateway(config)
+    await gw.start(host, port)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await gw.stop()

@@ -1,0 +1,205 @@
+"""The `parley` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from parley.config import Config
+
+SAMPLE = Path(__file__).resolve().parent / "samples" / "jfk.flac"
+STATE_FILE = Path(tempfile.gettempdir()) / f"parley-up-{os.getuid()}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="parley", description="Talking NPCs for Unreal Engine.")
+    ap.add_argument("--config", help="TOML config file (also PARLEY_CONFIG)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="Redis (own, unless PARLEY_REDIS_URL), gateway, workers")
+    _fleet_args(up)
+
+    gw = sub.add_parser("gateway", help="run one gateway process")
+    gw.add_argument("--host")
+    gw.add_argument("--port", type=int)
+
+    wk = sub.add_parser("worker", help="run one worker process")
+    wk.add_argument("stage", choices=["stt", "llm", "tts", "lipsync"])
+
+    sy = sub.add_parser("say", help="the reference client: one turn from a sound file")
+    sy.add_argument("--url", default="ws://127.0.0.1:8765")
+    sy.add_argument("--wav", required=True, help="any file soundfile reads (wav, flac, ...)")
+    sy.add_argument("--out", required=True, help="writes reply.wav, face.csv, turn.json here")
+    sy.add_argument("--npc", default="guard")
+    sy.add_argument("--fast", action="store_true", help="send the file unpaced")
+    sy.add_argument("--token", default=os.environ.get("PARLEY_GATEWAY_AUTH_TOKEN"))
+    sy.add_argument("--timeout", type=float, default=120.0)
+
+    st = sub.add_parser("status", help="the live fleet as Redis knows it")
+    st.add_argument("--json", action="store_true")
+
+    de = sub.add_parser("demo", help="`up` plus `say` on the bundled sample")
+    _fleet_args(de)
+    de.add_argument("--out", default="out/demo")
+    de.add_argument("--wav", default=str(SAMPLE))
+    de.add_argument("--npc", default="guard")
+
+    args = ap.parse_args(argv)
+    config = Config.load(args.config)
+    if args.cmd == "up":
+        return cmd_up(args, config)
+    if args.cmd == "gateway":
+        return cmd_gateway(args, config)
+    if args.cmd == "worker":
+        return cmd_worker(args, config)
+    if args.cmd == "say":
+        return cmd_say(args)
+    if args.cmd == "status":
+        return cmd_status(args, config)
+    if args.cmd == "demo":
+        return cmd_demo(args, config)
+    return 2
+
+
+def _fleet_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--workers", type=int, default=1, help="workers per stage")
+    p.add_argument("--livelink", help="HOST:PORT for Live Link Face UDP output")
+
+
+def _make_fleet(args, config: Config):
+    from parley.fleet import Fleet
+
+    return Fleet(port=args.port, host=args.host, workers=args.workers,
+                 redis_url=os.environ.get("PARLEY_REDIS_URL"), config_path=args.config,
+                 livelink=args.livelink)
+
+
+def cmd_up(args, config: Config) -> int:
+    fleet = _make_fleet(args, config).start()
+    stop = False
+
+    def on_signal(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        fleet.wait_ready()
+        STATE_FILE.write_text(json.dumps({"redis_url": fleet.redis_url, "pid": os.getpid(),
+                                          "gateway": f"ws://{args.host}:{fleet.port}",
+                                          "children": fleet.pids()}))
+        print(f"parley up: gateway ws://{args.host}:{fleet.port}, redis {fleet.redis_url}, "
+              f"{args.workers} worker(s) per stage. Ctrl-C stops.", flush=True)
+        while not stop:
+            for name in fleet.supervise_once():
+                print(f"parley up: restarted {name}", file=sys.stderr, flush=True)
+            time.sleep(0.2)
+    finally:
+        codes = fleet.stop()
+        STATE_FILE.unlink(missing_ok=True)
+        bad = {k: v for k, v in codes.items() if v not in (0, -signal.SIGTERM)}
+        if bad:
+            print(f"parley up: unclean exits: {bad}", file=sys.stderr)
+    return 0
+
+
+def cmd_gateway(args, config: Config) -> int:
+    from gateway.server import run_gateway
+    from parley.logs import configure
+
+    configure("gateway")
+    asyncio.run(run_gateway(config, args.host, args.port))
+    return 0
+
+
+def cmd_worker(args, config: Config) -> int:
+    from parley.logs import configure
+    from workers.runtime import run_worker
+    from workers.stages import make_stage
+
+    configure(f"worker-{args.stage}")
+    stage = make_stage(args.stage, config)
+    asyncio.run(run_worker(stage, config))
+    return 0
+
+
+def cmd_say(args) -> int:
+    from parley.client import say
+
+    try:
+        result = asyncio.run(say(args.url, args.wav, args.out, npc=args.npc,
+                                 realtime=not args.fast, timeout=args.timeout,
+                                 token=args.token))
+    except (TimeoutError, OSError) as exc:
+        print(f"parley say: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    _print_turn(result.summary())
+    return 0 if not result.errors else 1
+
+
+def _print_turn(s: dict) -> None:
+    lat = s["latency_ms"]
+    print(f"transcript : {s['transcript']}")
+    print(f"reply      : {s['reply']}")
+    print(f"audio      : {s['reply_audio_s']} s, {s['face_frames']} face frames")
+    print(f"latency    : first audio {lat['first_audio']} ms after the last mic chunk, "
+          f"first face {lat['first_face']} ms after ready, "
+          f"final transcript {lat['final_transcript']} ms")
+    print(f"sequence   : {s['seq_gaps']} gaps, {s['seq_duplicates']} duplicates")
+    for e in s["errors"]:
+        print(f"error      : {e.get('code')}: {e.get('message')}")
+
+
+def _status_url(config: Config) -> str:
+    if os.environ.get("PARLEY_REDIS_URL"):
+        return config.redis.url
+    if STATE_FILE.exists():
+        return json.loads(STATE_FILE.read_text())["redis_url"]
+    return config.redis.url
+
+
+def cmd_status(args, config: Config) -> int:
+    from parley.status import fleet_status, render
+
+    url = _status_url(config)
+    try:
+        status = fleet_status(url, config.redis.prefix)
+    except Exception as exc:  # say what is wrong, not a traceback
+        print(f"parley status: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else render(status))
+    return 0
+
+
+def cmd_demo(args, config: Config) -> int:
+    from parley.client import say
+
+    fleet = _make_fleet(args, config)
+    fleet.log_path = str(Path(args.out) / "fleet.log")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    fleet.start()
+    try:
+        fleet.wait_ready(60)
+        print(f"fleet up on ws://{args.host}:{fleet.port}; speaking {Path(args.wav).name} "
+              f"to the {args.npc} in real time...", flush=True)
+        result = asyncio.run(say(f"ws://{args.host}:{fleet.port}", args.wav, args.out,
+                                 npc=args.npc))
+    finally:
+        codes = fleet.stop()
+    _print_turn(result.summary())
+    print(f"wrote {args.out}/reply.wav, face.csv, turn.json; fleet exit codes {codes}")
+    return 0 if not result.errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""One configuration object, loaded from a TOML file and ``PARLEY_*`` environment variables.
+
+Precedence: defaults < file (``--config`` or ``PARLEY_CONFIG``) < environment. An environment
+variable ``PARLEY_<SECTION>_<FIELD>`` sets ``section.field`` (``PARLEY_WORKER_CLAIM_IDLE_MS=500``);
+``PARLEY_REDIS_URL`` sets the Redis URL. Values are parsed by the field's type. Passed down
+explicitly; nothing reads a global.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"  # redis://, rediss://, redis+sentinel://, unix://
+    prefix: str = "parley"
+    stream_maxlen: int = 20_000  # approximate MAXLEN per session stream (replay keeps this much)
+    session_ttl_s: int = 24 * 3600  # a closed session's keys expire after this
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    auth_token: str = ""  # when set, `hello` must carry it
+    max_frame_bytes: int = 64 * 1024  # larger frames get frame_too_large; the link stays up
+    ws_max_size: int = 4 * 1024 * 1024  # beyond this websockets itself closes the link (1009)
+    max_sessions: int = 64  # per connection
+    msgs_per_s: float = 200.0  # per session (audio at 20 ms chunks is 50/s)
+    msgs_burst: float = 400.0
+    conn_msgs_per_s: float = 100.0  # per connection, for messages that name no session
+    conn_msgs_burst: float = 200.0
+    hello_timeout_s: float = 10.0
+
+
+@dataclass
+class WorkerConfig:
+    max_jobs: int = 32  # jobs in flight per worker process
+    block_ms: int = 1000  # XREADGROUP block
+    claim_idle_ms: int = 1000  # a job idle this long is taken over by another worker
+    heartbeat_ms: int = 250  # refreshes the claims of live jobs; must be well under claim_idle_ms
+    max_deliveries: int = 3  # then the job goes to the dead-letter stream
+    drain_timeout_s: float = 5.0  # on SIGTERM: finish in-flight jobs for this long, then hand back
+    reconnect_max_s: float = 2.0
+
+
+@dataclass
+class SttConfig:
+    backends: list[str] = field(default_factory=lambda: ["pocketsphinx"])
+    vad_silence_ms: int = 500  # silence that ends the player's utterance
+    vad_start_ms: int = 60
+    preroll_ms: int = 300  # audio before the VAD start that is fed to the recognizer
+    max_utterance_s: float = 30.0
+
+
+@dataclass
+class LlmConfig:
+    backends: list[str] = field(default_factory=lambda: ["scripted"])
+    personas_dir: str = ""  # empty: the bundled personas/
+
+
+@dataclass
+class TtsConfig:
+    backends: list[str] = field(default_factory=lambda: ["espeak"])
+
+
+@dataclass
+class LipsyncConfig:
+    backends: list[str] = field(default_factory=lambda: ["audio"])
+    fps: int = 60
+    lookahead_ms: float = 40.0
+    livelink: str = ""  # HOST:PORT for Live Link Face UDP; set by configuration only
+
+
+@dataclass
+class Config:
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    stt: SttConfig = field(default_factory=SttConfig)
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    tts: TtsConfig = field(default_factory=TtsConfig)
+    lipsync: LipsyncConfig = field(default_factory=LipsyncConfig)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None,
+             env: dict[str, str] | None = None) -> Config:
+        env = dict(os.environ if env is None else env)
+        cfg = cls()
+        path = path or env.get("PARLEY_CONFIG")
+        if path:
+            with open(path, "rb") as fh:
+                _apply(cfg, tomllib.load(fh), str(path))
+        if "PARLEY_REDIS_URL" in env:
+            cfg.redis.url = env["PARLEY_REDIS_URL"]
+        for section in fields(cfg):
+            sub = getattr(cfg, section.name)
+            for f in fields(sub):
+                key = f"PARLEY_{section.name.upper()}_{f.name.upper()}"
+                if key in env:
+                    setattr(sub, f.name, _parse(env[key], getattr(sub, f.name), key))
+        return cfg
+
+    def personas_dir(self) -> Path:
+        if self.llm.personas_dir:
+            return Path(self.llm.personas_dir)
+        return Path(__file__).resolve().parent.parent / "personas"
+
+
+def _apply(obj: Any, data: dict, where: str) -> None:
+    names = {f.name for f in fields(obj)}
+    for key, value in data.items():
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ValueError(f"{where}: unknown setting {key!r} (known: {known})")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: [{key}] must be a table")
+            _apply(current, value, f"{where} [{key}]")
+        else:
+            setattr(obj, key, _parse(value, current, f"{where}: {key}"))
+
+
+def _parse(value: Any, current: Any, where: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, bool):
+                return value
+            return str(value).strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, list):
+            if isinstance(value, list):
+                return [str(v) for v in value]
+            return [v.strip() for v in str(value).split(",") if v.strip()]
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: cannot read {value!r} as {type(current).__name__}") from None

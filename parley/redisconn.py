@@ -1,0 +1,42 @@
+"""Redis clients for every process: retries with backoff, Sentinel URLs, health checks."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlparse
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+
+RETRYABLE = (ConnectionError, TimeoutError, BusyLoadingError, OSError)
+
+
+def connect(url: str, *, max_connections: int = 256) -> aioredis.Redis:
+    """A client for ``url``; redis://, rediss://, unix:// or redis+sentinel://h:p,h:p/master/db.
+
+    Commands retry a few times with exponential backoff on connection loss, so a Redis restart
+    shows up as a pause, not as an exception in every caller.
+    """
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=6)
+    opts = dict(
+        retry=retry,
+        retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
+        health_check_interval=10,
+        socket_connect_timeout=2.0,
+        max_connections=max_connections,
+    )
+    parsed = urlparse(url)
+    if parsed.scheme.startswith("redis+sentinel"):
+        hosts = [h.rsplit(":", 1) for h in parsed.netloc.split("@")[-1].split(",")]
+        parts = [p for p in parsed.path.split("/") if p]
+        if not parts:
+            raise ValueError(f"sentinel URL needs a master name: {url!r}")
+        service, db = parts[0], int(parts[1]) if len(parts) > 1 else 0
+        q = parse_qs(parsed.query)
+        sentinel = aioredis.Sentinel(
+            [(h, int(p)) for h, p in hosts], socket_timeout=2.0,
+            sentinel_kwargs={"password": q.get("sentinel_password", [None])[0]},
+        )
+        return sentinel.master_for(service, db=db, password=parsed.password, **opts)
+    return aioredis.from_url(url, **opts)

@@ -1,0 +1,56 @@
+"""`parley status`: workers, their jobs, and queue lag per stage, read from Redis."""
+
+from __future__ import annotations
+
+import json
+
+import redis
+
+from schemas.streams import STAGES, Keys
+
+
+def fleet_status(url: str, prefix: str = "parley") -> dict:
+    r = redis.from_url(url, socket_connect_timeout=2)
+    keys = Keys(prefix)
+    workers = []
+    for key in r.scan_iter(keys.worker_pattern(), count=500):
+        h = {k.decode(): v.decode() for k, v in r.hgetall(key).items()}
+        if not h:
+            continue
+        workers.append({
+            "stage": h.get("stage"), "consumer": h.get("consumer"), "pid": int(h.get("pid", 0)),
+            "host": h.get("host"), "jobs": json.loads(h.get("jobs", "[]")),
+            "done": int(h.get("done", 0)), "failed": int(h.get("failed", 0)),
+            "stopping": h.get("stopping") == "1",
+        })
+    workers.sort(key=lambda w: (STAGES.index(w["stage"]) if w["stage"] in STAGES else 9,
+                                w["consumer"]))
+    queues = {}
+    for stage in STAGES:
+        q = {"lag": 0, "pending": 0, "dead": 0}
+        try:
+            for g in r.xinfo_groups(keys.jobs(stage)):
+                if g["name"].decode() == keys.group(stage):
+                    q["lag"] = int(g.get("lag") or 0)
+                    q["pending"] = int(g["pending"])
+        except redis.ResponseError:
+            pass
+        q["dead"] = r.xlen(keys.dead(stage))
+        queues[stage] = q
+    sessions = r.scard(keys.sessions())
+    r.close()
+    return {"redis": url, "workers": workers, "queues": queues, "sessions": sessions}
+
+
+def render(status: dict) -> str:
+    lines = [f"redis {status['redis']}, {status['sessions']} session(s) stored", "",
+             f"{'stage':8} {'lag':>5} {'pending':>8} {'dead':>5}"]
+    for stage, q in status["queues"].items():
+        lines.append(f"{stage:8} {q['lag']:>5} {q['pending']:>8} {q['dead']:>5}")
+    lines += ["", f"{'stage':8} {'pid':>7} {'done':>6}  {'consumer':40} jobs (session/turn)"]
+    for w in status["workers"]:
+        jobs = ", ".join(f"{j['session']}/{j['turn']}" for j in w["jobs"]) or "-"
+        lines.append(f"{w['stage']:8} {w['pid']:>7} {w['done']:>6}  {w['consumer']:40} {jobs}")
+    if not status["workers"]:
+        lines.append("(no live workers)")
+    return "\n".join(lines)

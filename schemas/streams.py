@@ -1,0 +1,324 @@
+"""Redis key layout and the typed entries of every Redis stream.
+
+Per-session output streams use explicit entry IDs ``<turn>-<seq>`` (seq from 1 within the turn):
+Redis refuses an ID at or below the stream's top entry, so a worker that re-runs a job after a
+crash cannot duplicate an entry, a takeover reads the top ID to learn where to continue, and a
+client resumes with an XREAD after ``<turn>-<last seq>``. The mic stream uses ``<chunk seq>-0``
+for audio and ``<chunk seq>-1`` for an end-of-utterance after that chunk, so a client's resend
+after a reconnect is dropped by Redis itself.
+
+All keys of one session share the hash tag ``{sid}``; all job streams share ``{jobs}`` so that
+"enqueue the next job and ack this one" is one MULTI even on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from schemas.arkit import NUM_FACE_VALUES
+
+STAGES = ("stt", "llm", "tts", "lipsync")
+# Client-visible channels, each numbered 1.. per turn; see Resume in schemas/protocol.py.
+CHANNELS = ("transcript", "reply", "audio", "face")
+
+
+class Keys:
+    """Every Redis key Parley uses, in one place."""
+
+    def __init__(self, prefix: str = "parley"):
+        self.prefix = prefix
+
+    def jobs(self, stage: str) -> str:
+        return f"{self.prefix}:{{jobs}}:{stage}"
+
+    def dead(self, stage: str) -> str:
+        return f"{self.prefix}:{{jobs}}:dead:{stage}"
+
+    def group(self, stage: str) -> str:
+        return stage
+
+    def session(self, sid: str, name: str) -> str:
+        # name: meta, mic, transcript, reply, voice, face, events, ready
+        return f"{self.prefix}:s:{{{sid}}}:{name}"
+
+    def sessions(self) -> str:
+        return f"{self.prefix}:sessions"
+
+    def worker(self, consumer: str) -> str:
+        return f"{self.prefix}:worker:{consumer}"
+
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+
+
+def now_ms() -> float:
+    """Wall-clock stamp for latency accounting only (positions are sample counts)."""
+    return round(time.time() * 1000.0, 3)
+
+
+def entry_id(turn: int, seq: int) -> str:
+    return f"{turn}-{seq}"
+
+
+def parse_id(raw: bytes | str) -> tuple[int, int]:
+    s = raw.decode() if isinstance(raw, bytes) else raw
+    a, _, b = s.partition("-")
+    return int(a), int(b or 0)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _i(v: Any, default: int = 0) -> int:
+    return default if v is None else int(_s(v))
+
+
+def _f(v: Any, default: float = 0.0) -> float:
+    return default if v is None else float(_s(v))
+
+
+def _get(d: dict, k: str) -> Any:
+    return d.get(k.encode(), d.get(k))
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass
+class Job:
+    """Stage X, session S, turn T. ``cursor`` tells STT where in the mic stream to start."""
+
+    stage: str
+    sid: str
+    turn: int
+    cursor: str = "0-0"
+    attempt: int = 1
+    text: str = ""  # llm: the final transcript
+    ts: float = field(default_factory=now_ms)
+    id: str = ""  # the job stream entry ID, set when read
+
+    def to_fields(self) -> dict[str, str]:
+        return {
+            "stage": self.stage, "sid": self.sid, "turn": str(self.turn), "cursor": self.cursor,
+            "attempt": str(self.attempt), "text": self.text, "ts": str(self.ts),
+        }
+
+    @classmethod
+    def from_fields(cls, entry_id: bytes | str, d: dict) -> Job:
+        return cls(
+            stage=_s(_get(d, "stage")), sid=_s(_get(d, "sid")), turn=_i(_get(d, "turn")),
+            cursor=_s(_get(d, "cursor") or "0-0"), attempt=_i(_get(d, "attempt"), 1),
+            text=_s(_get(d, "text") or ""), ts=_f(_get(d, "ts")), id=_s(entry_id),
+        )
+
+
+# --------------------------------------------------------------------------- session meta
+
+
+@dataclass
+class SessionMeta:
+    sid: str
+    session: str  # the client's handle for it
+    npc: str
+    persona: str
+    voice: str
+    sample_rate: int
+    channels: int
+    format: str
+    created: float = field(default_factory=now_ms)
+    state: str = "open"
+
+    def to_fields(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_fields(cls, d: dict) -> SessionMeta:
+        g = {_s(k): _s(v) for k, v in d.items()}
+        return cls(
+            sid=g["sid"], session=g["session"], npc=g["npc"], persona=g["persona"],
+            voice=g["voice"], sample_rate=int(g["sample_rate"]), channels=int(g["channels"]),
+            format=g["format"], created=float(g.get("created", 0)), state=g.get("state", "open"),
+        )
+
+
+# --------------------------------------------------------------------------- mic stream
+
+
+def mic_id(seq: int, control: bool = False) -> str:
+    return f"{seq}-{1 if control else 0}"
+
+
+@dataclass
+class MicEntry:
+    seq: int
+    pcm: bytes = b""
+    end_of_utterance: bool = False
+    ts: float = field(default_factory=now_ms)
+
+    def to_fields(self) -> dict[str, Any]:
+        if self.end_of_utterance:
+            return {"eou": "1", "ts": str(self.ts)}
+        return {"pcm": self.pcm, "ts": str(self.ts)}
+
+    @classmethod
+    def from_entry(cls, entry_id: bytes | str, d: dict) -> MicEntry:
+        seq, sub = parse_id(entry_id)
+        return cls(seq=seq, pcm=_get(d, "pcm") or b"", end_of_utterance=sub == 1,
+                   ts=_f(_get(d, "ts")))
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class TranscriptEntry:
+    text: str
+    final: bool
+    start_sample: int = 0  # 16 kHz samples since the session opened
+    end_sample: int = 0
+    mic_seq: int = 0  # last mic chunk that went into it
+    ts: float = field(default_factory=now_ms)
+    end_of_speech_ts: float = 0.0
+
+    def to_fields(self) -> dict[str, str]:
+        return {
+            "text": self.text, "final": "1" if self.final else "0",
+            "start": str(self.start_sample), "end": str(self.end_sample),
+            "mic_seq": str(self.mic_seq), "ts": str(self.ts),
+            "eos_ts": str(self.end_of_speech_ts),
+        }
+
+    @classmethod
+    def from_fields(cls, d: dict) -> TranscriptEntry:
+        return cls(
+            text=_s(_get(d, "text")), final=_s(_get(d, "final")) == "1",
+            start_sample=_i(_get(d, "start")), end_sample=_i(_get(d, "end")),
+            mic_seq=_i(_get(d, "mic_seq")), ts=_f(_get(d, "ts")),
+            end_of_speech_ts=_f(_get(d, "eos_ts")),
+        )
+
+
+@dataclass
+class ReplyEntry:
+    """One speakable fragment of the reply (= one segment), or the end marker with the full text."""
+
+    segment: int
+    text: str
+    end: bool = False
+    ts: float = field(default_factory=now_ms)
+
+    def to_fields(self) -> dict[str, str]:
+        return {"segment": str(self.segment), "text": self.text, "end": "1" if self.end else "0",
+                "ts": str(self.ts)}
+
+    @classmethod
+    def from_fields(cls, d: dict) -> ReplyEntry:
+        return cls(segment=_i(_get(d, "segment")), text=_s(_get(d, "text")),
+                   end=_s(_get(d, "end")) == "1", ts=_f(_get(d, "ts")))
+
+
+@dataclass
+class Mark:
+    """A timing mark from TTS: a phoneme or word starting at ``sample`` of the reply audio."""
+
+    kind: str  # "phoneme" | "word"
+    sample: int
+    value: str
+
+    def to_list(self) -> list:
+        return [self.kind, self.sample, self.value]
+
+
+@dataclass
+class VoiceEntry:
+    """Reply audio: mono int16 at ``rate``; ``sample`` = position of pcm[0] in the turn's reply."""
+
+    segment: int
+    sample: int
+    rate: int
+    pcm: bytes = b""
+    last_in_segment: bool = False
+    end: bool = False  # end marker of the turn: pcm empty, ``sample`` = total samples
+    marks: list[Mark] = field(default_factory=list)
+    ts: float = field(default_factory=now_ms)
+
+    def to_fields(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "segment": str(self.segment), "sample": str(self.sample), "rate": str(self.rate),
+            "pcm": self.pcm, "flags": str(int(self.last_in_segment) | (int(self.end) << 1)),
+            "ts": str(self.ts),
+        }
+        if self.marks:
+            d["marks"] = json.dumps([m.to_list() for m in self.marks], separators=(",", ":"))
+        return d
+
+    @classmethod
+    def from_fields(cls, d: dict) -> VoiceEntry:
+        flags = _i(_get(d, "flags"))
+        raw_marks = _get(d, "marks")
+        marks = [Mark(*m) for m in json.loads(_s(raw_marks))] if raw_marks else []
+        return cls(
+            segment=_i(_get(d, "segment")), sample=_i(_get(d, "sample")), rate=_i(_get(d, "rate")),
+            pcm=_get(d, "pcm") or b"", last_in_segment=bool(flags & 1), end=bool(flags & 2),
+            marks=marks, ts=_f(_get(d, "ts")),
+        )
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.pcm) // 2
+
+
+@dataclass
+class FaceEntry:
+    """Face frames of one segment. ``samples`` pins each row of ``values`` to the reply audio."""
+
+    segment: int
+    samples: np.ndarray  # int64 (n,)
+    values: np.ndarray  # float32 (n, 61)
+    first_index: int = 0  # frame number of the first row within the turn
+    end: bool = False  # end marker: no frames, ``first_index`` = total frames
+    ts: float = field(default_factory=now_ms)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "segment": str(self.segment), "index": str(self.first_index),
+            "samples": np.ascontiguousarray(self.samples, dtype="<i8").tobytes(),
+            "values": np.ascontiguousarray(self.values, dtype="<f4").tobytes(),
+            "end": "1" if self.end else "0", "ts": str(self.ts),
+        }
+
+    @classmethod
+    def from_fields(cls, d: dict) -> FaceEntry:
+        samples = np.frombuffer(_get(d, "samples") or b"", dtype="<i8")
+        values = np.frombuffer(_get(d, "values") or b"", dtype="<f4").reshape(-1, NUM_FACE_VALUES)
+        return cls(
+            segment=_i(_get(d, "segment")), samples=samples, values=values,
+            first_index=_i(_get(d, "index")), end=_s(_get(d, "end")) == "1",
+            ts=_f(_get(d, "ts")),
+        )
+
+
+@dataclass
+class EventEntry:
+    """Turn-level control events: errors, and later interruptions and latency marks."""
+
+    kind: str  # "error" | ...
+    turn: int
+    code: str = ""
+    message: str = ""
+    ts: float = field(default_factory=now_ms)
+
+    def to_fields(self) -> dict[str, str]:
+        return {"kind": self.kind, "turn": str(self.turn), "code": self.code,
+                "message": self.message, "ts": str(self.ts)}
+
+    @classmethod
+    def from_fields(cls, d: dict) -> EventEntry:
+        return cls(kind=_s(_get(d, "kind")), turn=_i(_get(d, "turn")), code=_s(_get(d, "code")),
+                   message=_s(_get(d, "message")), ts=_f(_get(d, "ts")))

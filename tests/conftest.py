@@ -1,0 +1,98 @@
+"""Shared fixtures: a private redis-server, the fleet as real processes, synthesized speech.
+
+Nothing here mocks Redis or sockets: the tests start their own redis-server on a free port with
+its own data directory, and the fleet is the same `parley` processes a user runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soxr
+
+from parley.fleet import Fleet
+from parley.redis_server import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+JFK = ROOT / "parley" / "samples" / "jfk.flac"
+
+# Fast takeover and short VAD tails keep the suite quick; production defaults are in config.py.
+FLEET_ENV = {
+    "PARLEY_WORKER_CLAIM_IDLE_MS": "1000",
+    "PARLEY_WORKER_HEARTBEAT_MS": "200",
+    "PARLEY_LOG_LEVEL": "warning",
+}
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis_client(redis_server):
+    from parley.redisconn import connect
+
+    r = connect(redis_server.url)
+    await r.flushdb()
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture(scope="session")
+def fleet(redis_server, tmp_path_factory):
+    log = tmp_path_factory.mktemp("fleet") / "fleet.log"
+    f = Fleet(port=free_port(), workers=1, redis_url=redis_server.url, log_path=str(log),
+              env=FLEET_ENV)
+    f.start()
+    try:
+        f.wait_ready(60)
+    except Exception:
+        f.stop()
+        print(log.read_text()[-5000:])
+        raise
+    yield f
+    codes = f.stop()
+    bad = {k: v for k, v in codes.items() if v != 0}
+    assert not bad, f"fleet processes exited uncleanly: {bad}\n{log.read_text()[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def gateway_url(fleet) -> str:
+    return f"ws://127.0.0.1:{fleet.port}"
+
+
+def speech(text: str, rate: int, channels: int = 1, voice: str = "en-us") -> np.ndarray:
+    """espeak-ng speech resampled to ``rate``, as int16 frames (n, channels), with lead-in."""
+    from workers.tts.espeak import EspeakSynth
+
+    synth = EspeakSynth()
+    pcm = np.concatenate([c.pcm for c in synth.synthesize(text, voice=voice)]).astype(np.float32)
+    pcm /= 32768.0
+    if rate != synth.sample_rate:
+        pcm = soxr.resample(pcm, synth.sample_rate, rate)
+    lead = np.zeros(rate // 5, np.float32)
+    pcm = np.concatenate([lead, pcm, lead])
+    frames = np.repeat(pcm[:, None], channels, axis=1)
+    if channels > 1:
+        frames[:, 1] *= 0.8  # not identical channels, so the downmix is really exercised
+    return (np.clip(frames, -1, 1) * 32767).astype(np.int16)
+
+
+@pytest.fixture(scope="session")
+def jfk_path() -> Path:
+    assert JFK.exists(), "the bundled sample is part of the project"
+    return JFK
+
+
+def pytest_collection_modifyitems(items):
+    # End-to-end tests last: unit failures show first and fast.
+    items.sort(key=lambda it: "integration" in str(it.fspath))
+
+
+os.environ.setdefault("PARLEY_LOG_LEVEL", "warning")

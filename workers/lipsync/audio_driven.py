@@ -1,0 +1,320 @@
+"""Streaming audio -> ARKit face values, from loudness and a few spectral cues.
+
+Sans-I/O core: feed PCM with ``push``, end a stream with ``flush``; both return
+the face frames that became computable. Nothing here knows about time except
+through sample counts.
+
+How a frame is made (frame ``i`` belongs to audio sample ``s_i``):
+
+1. Features come from one Hann window of ``window_samples`` (~27 ms) centred
+   ``lookahead_samples`` *after* ``s_i``: loudness in dBFS plus band energies,
+   an F1-region centroid, the spectral centroid and the zero-crossing rate.
+   Looking ahead lets the mouth start moving before the sound it makes, as
+   real lips do; the frame can therefore be emitted once sample
+   ``s_i + lookahead_samples + window_samples // 2`` has arrived.
+2. Loudness is normalised against a slow reference that follows the speaker's
+   level (so quiet and loud voices both articulate) and gated in absolute terms
+   so silence keeps the mouth shut.
+3. The features give six targets in 0..1: ``open`` (level times vowel
+   openness from the F1 centroid), ``round`` (low F1 and centroid: oo/oh),
+   ``fric`` (high-band energy / zero crossings: s, sh, f, t), ``spread`` (front
+   vowels: ee), a slow speech ``activity``, and ``closure``: a drop in level
+   while activity is high (p, b, end of phrase) or a nasal murmur (m, n).
+4. Each target goes through a one-pole filter with a fast attack and a slower
+   release; it is causal in frames, so it adds no latency beyond the lookahead.
+5. A fixed linear map turns the smoothed targets into blendshapes.
+
+Determinism: each frame's features depend only on the samples in its window
+and the smoothers run frame by frame in plain Python floats, so the output is
+bit-identical however the stream is split into pushes.
+
+Cost, one core of the dev box, 22.05 kHz at 60 fps: ~16k frames/s fed 50 ms
+chunks and ~7.5k fed 20 ms chunks (fixed per-push numpy overhead dominates;
+that is still >100x real time), ~80k frames/s fed 1 s chunks.
+
+A later phoneme-driven mapper can reuse ``FaceFrame`` and the push/flush
+contract; only ``_targets`` and ``_blendshapes`` are specific to audio.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from schemas.arkit import INDEX, NUM_BLENDSHAPES, NUM_FACE_VALUES
+
+__all__ = ["AudioLipsync", "FaceFrame", "frame_count", "frame_sample"]
+
+WINDOW_MS = 27.0
+_BLOCK = 128  # frames analysed per vectorised batch
+_EPS = 1e-12
+
+# Loudness normalisation (dB). The reference starts at a typical TTS speech level,
+# rises quickly to louder speech and sinks slowly while speech continues.
+_REF_START_DB = -20.0
+_REF_FLOOR_DB = -45.0  # never normalise so far that background noise opens the mouth
+_REF_RISE_MS = 80.0
+_REF_FALL_DB_PER_S = 6.0
+_RANGE_DB = 24.0  # levels from ref - _RANGE_DB (closed) up to ref - 2 dB (fully open)
+_GATE_DB = (-58.0, -48.0)  # absolute gate: below the first value the mouth is closed
+
+# Smoothed channels and their (attack ms, release ms).
+_TAU = {
+    "open": (12.0, 50.0),
+    "round": (35.0, 70.0),
+    "fric": (15.0, 45.0),
+    "spread": (30.0, 60.0),
+    "closure": (15.0, 60.0),
+    "activity": (20.0, 300.0),
+}
+_CHANNELS = tuple(_TAU)
+
+
+@dataclass
+class FaceFrame:
+    index: int  # frame number from the start of this audio stream
+    sample: int  # audio sample this frame belongs to: round(index * sample_rate / fps)
+    values: np.ndarray  # float32 (61,), EARFaceBlendShape order
+
+
+def frame_sample(index: int, sample_rate: int, fps: int) -> int:
+    """``round(index * sample_rate / fps)`` (half to even, like Python) in exact integers."""
+    q, r = divmod(index * sample_rate, fps)
+    return q + (1 if 2 * r > fps or (2 * r == fps and q % 2) else 0)
+
+
+def frame_count(num_samples: int, sample_rate: int, fps: int) -> int:
+    """Frames for a stream of ``num_samples``: ``ceil(num_samples * fps / sample_rate)``."""
+    return -(-num_samples * fps // sample_rate)
+
+
+def _frame_samples(idx: np.ndarray, sample_rate: int, fps: int) -> np.ndarray:
+    q, r = np.divmod(idx * sample_rate, fps)
+    up = (2 * r > fps) | ((2 * r == fps) & (q % 2 == 1))
+    return q + up
+
+
+def _clip01(x: np.ndarray) -> np.ndarray:
+    return np.clip(x, 0.0, 1.0)
+
+
+class AudioLipsync:
+    """Streaming lipsync for one audio stream; ``flush`` ends it and resets for the next."""
+
+    def __init__(self, sample_rate: int, fps: int = 60, lookahead_ms: float = 40.0) -> None:
+        if sample_rate <= 0 or fps <= 0:
+            raise ValueError("sample_rate and fps must be positive")
+        if lookahead_ms < 0:
+            raise ValueError("lookahead_ms must be >= 0")
+        self.sample_rate = int(sample_rate)
+        self.fps = int(fps)
+        self._half = max(1, round(WINDOW_MS / 2000.0 * sample_rate))
+        self._win = 2 * self._half
+        self._look = round(lookahead_ms * sample_rate / 1000.0)
+        self._nfft = 1 << (self._win - 1).bit_length()
+        n = np.arange(self._win)
+        self._hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * n / self._win)
+        self._hann_sum = float(self._hann.sum())
+        freqs = np.fft.rfftfreq(self._nfft, 1.0 / sample_rate)
+        top = min(8000.0, sample_rate / 2.0)
+
+        def band(lo: float, hi: float) -> slice:
+            return slice(int(np.searchsorted(freqs, lo)), int(np.searchsorted(freqs, min(hi, top))))
+
+        self._b_total = band(80.0, top)
+        self._b_low = band(80.0, 900.0)  # F1 of most vowels, nasal murmur
+        self._b_high = band(3500.0, top)  # frication
+        self._b_f1 = band(200.0, 1000.0)
+        self._f_total = freqs[self._b_total]
+        self._f_f1 = freqs[self._b_f1]
+        dt_ms = 1000.0 / fps
+        self._coef = [
+            (1.0 - math.exp(-dt_ms / a), 1.0 - math.exp(-dt_ms / r)) for a, r in _TAU.values()
+        ]
+        self._ref_rise = 1.0 - math.exp(-dt_ms / _REF_RISE_MS)
+        self._ref_fall = _REF_FALL_DB_PER_S * dt_ms / 1000.0
+        self.reset()
+
+    @property
+    def lookahead_samples(self) -> int:
+        """How far past its own sample a frame's analysis window is centred."""
+        return self._look
+
+    @property
+    def window_samples(self) -> int:
+        return self._win
+
+    @property
+    def latency_samples(self) -> int:
+        """Samples past ``frame.sample`` that must have arrived before the frame is emitted."""
+        return self._look + self._half
+
+    def reset(self) -> None:
+        """Forget the stream; the next push starts again at frame 0, sample 0."""
+        # Zeros before sample 0 so the first windows need no special case.
+        pad = max(0, self._half - self._look)
+        self._buf = np.zeros(pad, np.float64)
+        self._buf_start = -pad  # absolute sample index of _buf[0]
+        self._received = 0
+        self._next = 0  # next frame index to emit
+        self._ref = _REF_START_DB
+        self._state = [0.0] * len(_CHANNELS)
+
+    def push(self, pcm: np.ndarray) -> list[FaceFrame]:
+        """Add mono PCM (int16, or float in [-1, 1]); return the frames now complete."""
+        x = np.asarray(pcm)
+        if x.ndim != 1:
+            raise ValueError(f"expected mono 1-D PCM, got shape {x.shape}")
+        if x.dtype == np.int16:
+            x = x.astype(np.float64) / 32768.0
+        elif x.dtype.kind == "f":
+            x = x.astype(np.float64)
+        else:
+            raise TypeError(f"expected int16 or float PCM, got {x.dtype}")
+        if len(x):
+            self._buf = np.concatenate((self._buf, x))
+            self._received += len(x)
+        # Frame i is ready when s_i + latency <= received.
+        last_ok = self._received - self.latency_samples
+        stop = 0
+        if last_ok >= 0:
+            stop = frame_count(last_ok + 1, self.sample_rate, self.fps)
+            while stop > 0 and frame_sample(stop - 1, self.sample_rate, self.fps) > last_ok:
+                stop -= 1  # rounding put that frame's sample just past last_ok
+        return self._emit(stop)
+
+    def flush(self) -> list[FaceFrame]:
+        """End of the stream: emit the remaining frames (windows zero-padded past the
+        end) so the stream has ``ceil(samples * fps / sample_rate)`` frames, then reset."""
+        total = frame_count(self._received, self.sample_rate, self.fps)
+        if total > self._next:
+            last = frame_sample(total - 1, self.sample_rate, self.fps)
+            missing = last + self.latency_samples - (self._buf_start + len(self._buf))
+            if missing > 0:
+                self._buf = np.concatenate((self._buf, np.zeros(missing)))
+        frames = self._emit(total)
+        self.reset()
+        return frames
+
+    def _emit(self, stop: int) -> list[FaceFrame]:
+        if stop <= self._next:
+            return []
+        idx = np.arange(self._next, stop, dtype=np.int64)
+        samples = _frame_samples(idx, self.sample_rate, self.fps)
+        starts = samples + (self._look - self._half - self._buf_start)
+        view = np.lib.stride_tricks.sliding_window_view(self._buf, self._win)
+        # Blocks keep the (frames, nfft) work arrays in cache on long pushes.
+        values = np.concatenate([
+            self._blendshapes(self._smooth(self._targets(view[starts[b : b + _BLOCK]])))
+            for b in range(0, len(starts), _BLOCK)
+        ])
+        frames = [
+            FaceFrame(int(i), int(s), v)
+            for i, s, v in zip(idx.tolist(), samples.tolist(), values, strict=True)
+        ]
+        self._next = stop
+        # Keep only what the next frame's window still needs.
+        keep = frame_sample(stop, self.sample_rate, self.fps) + self._look - self._half
+        drop = min(keep - self._buf_start, len(self._buf))  # the end must stay at _received
+        if drop > 0:
+            self._buf = self._buf[drop:]
+            self._buf_start += drop
+        return frames
+
+    def _targets(self, w: np.ndarray) -> np.ndarray:
+        """Per-frame features -> raw inputs (frames, 7), vectorised over frames:
+        dB, gate, fric, openness, roundness, spread, murmur."""
+        # Row-wise sums only (no BLAS): summation order must not depend on the batch size.
+        db = 10.0 * np.log10((w * w * self._hann).sum(axis=1) / self._hann_sum + _EPS)
+        spec = np.fft.rfft(w * self._hann, self._nfft, axis=1)
+        p = spec.real**2 + spec.imag**2
+        total = p[:, self._b_total].sum(axis=1) + _EPS
+        low = p[:, self._b_low].sum(axis=1) / total
+        high = p[:, self._b_high].sum(axis=1) / total
+        pf1 = p[:, self._b_f1]
+        f1 = (pf1 * self._f_f1).sum(axis=1) / (pf1.sum(axis=1) + _EPS)
+        centroid = (p[:, self._b_total] * self._f_total).sum(axis=1) / total
+        zcr = np.count_nonzero(np.diff(np.signbit(w), axis=1), axis=1) / self._win
+
+        out = np.empty((len(w), 7))
+        out[:, 0] = db
+        out[:, 1] = (db - _GATE_DB[0]) / (_GATE_DB[1] - _GATE_DB[0])
+        out[:, 2] = np.maximum((high - 0.25) / 0.45, (zcr - 0.15) / 0.3)
+        out[:, 3] = (f1 - 280.0) / 380.0  # F1 ~280 Hz for ee/oo, ~700 Hz for ah
+        # oo/oh/w: low F1 and centroid, but not the bare low murmur of a nasal.
+        out[:, 4] = (
+            _clip01((900.0 - centroid) / 300.0)
+            * _clip01((centroid - 380.0) / 100.0)
+            * _clip01((650.0 - f1) / 250.0)
+        )
+        out[:, 5] = _clip01((centroid - 850.0) / 300.0) * _clip01((500.0 - f1) / 150.0)
+        # m/n/b murmur: nearly all energy below 900 Hz and a very low centroid.
+        out[:, 6] = _clip01((450.0 - centroid) / 100.0) * _clip01((low - 0.85) / 0.1)
+        out[:, 1:4] = _clip01(out[:, 1:4])
+        return out
+
+    def _smooth(self, t: np.ndarray) -> np.ndarray:
+        """Sequential part: loudness reference, level, and attack/release smoothing.
+
+        Returns (frames, 6) smoothed channels in ``_CHANNELS`` order.
+        """
+        ref = self._ref
+        state = self._state
+        coef = self._coef
+        rise, fall = self._ref_rise, self._ref_fall
+        out = []
+        target = [0.0] * len(_CHANNELS)
+        for db, gate, fric, openness, rounded, spread, murmur in t.tolist():
+            if db > ref:
+                ref += (db - ref) * rise
+            elif db > _GATE_DB[0]:  # only sink during sound, so pauses don't raise the gain
+                ref = max(_REF_FLOOR_DB, ref - fall)
+            x = min(1.0, max(0.0, (db - ref + _RANGE_DB) / (_RANGE_DB - 2.0)))
+            level = x * x * (3.0 - 2.0 * x) * gate  # smoothstep: consonants stay small
+            voiced = level * (1.0 - fric)
+            target[0] = voiced * (0.35 + 0.65 * openness) * (1.0 - 0.8 * murmur)
+            target[1] = min(1.0, 1.5 * level) * rounded * (1.0 - fric)
+            target[2] = min(1.0, 2.5 * level) * fric  # frication is quiet; lower bar
+            target[3] = voiced * spread
+            # Lips close when sound drops out mid-speech (stops, phrase ends) or hums.
+            activity = state[5]
+            target[4] = max(activity * max(0.0, 1.0 - level / 0.3), min(1.0, 2.0 * level) * murmur)
+            target[5] = level
+            for j in range(len(state)):
+                y = state[j]
+                v = target[j]
+                att, rel = coef[j]
+                state[j] = y + (v - y) * (att if v > y else rel)
+            out.append(tuple(state))
+        self._ref = ref
+        return np.array(out, np.float64).reshape(-1, len(_CHANNELS))
+
+    @staticmethod
+    def _blendshapes(ch: np.ndarray) -> np.ndarray:
+        o, r, f, s, c, _activity = ch.T
+        unround = 1.0 - r
+        v = np.zeros((len(ch), NUM_FACE_VALUES), np.float64)
+        jaw = 0.7 * o * (1.0 - 0.3 * r) + 0.08 * f
+
+        def put(name: str, value: np.ndarray) -> None:
+            v[:, INDEX[name]] = value
+
+        def pair(stem: str, value: np.ndarray) -> None:
+            put(stem + "Left", value)
+            put(stem + "Right", value)
+
+        put("JawOpen", jaw)
+        put("MouthFunnel", 0.55 * r)
+        put("MouthPucker", 0.7 * r)
+        pair("MouthLowerDown", 0.45 * o * unround + 0.25 * f)
+        pair("MouthUpperUp", 0.3 * o * unround + 0.3 * f)
+        pair("MouthStretch", 0.12 * o * unround + 0.3 * f + 0.3 * s)
+        pair("MouthSmile", 0.15 * s)
+        # MouthClose seals the lips over an open jaw, so it must not exceed JawOpen.
+        put("MouthClose", c * jaw)
+        pair("MouthPress", 0.35 * c)
+        put("MouthShrugUpper", 0.15 * c)
+        v[:, :NUM_BLENDSHAPES] = np.clip(v[:, :NUM_BLENDSHAPES], 0.0, 1.0)
+        return v.astype(np.float32)

@@ -1,0 +1,88 @@
+"""Lipsync stage: tails the turn's voice chunks and publishes face frames stamped with samples."""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+from schemas.streams import FaceEntry, Job, VoiceEntry, parse_id
+from workers.lipsync.audio_driven import AudioLipsync, FaceFrame
+from workers.runtime import JobContext, Stage, Superseded
+
+VOICE_WAIT_S = 60.0
+
+
+class LipsyncStage(Stage):
+    name = "lipsync"
+
+    def describe(self) -> dict:
+        cfg = self.config.lipsync
+        return {"backends": cfg.backends, "fps": cfg.fps, "lookahead_ms": cfg.lookahead_ms}
+
+    async def handle(self, ctx: JobContext) -> list[Job]:
+        cfg = self.config.lipsync
+        published = await ctx.progress("face")
+        lip: AudioLipsync | None = None
+        seg_starts: list[int] = []  # first sample of each segment, in order
+        seg_ids: list[int] = []
+        seq = 0
+        after = f"{ctx.turn}-0"
+        waited = 0.0
+
+        async def put(frames: list[FaceFrame]) -> None:
+            nonlocal seq
+            if not frames:
+                return
+            samples = np.array([f.sample for f in frames], dtype=np.int64)
+            owner = [seg_ids[max(0, bisect.bisect_right(seg_starts, s) - 1)] for s in samples]
+            start = 0
+            for i in range(1, len(frames) + 1):
+                if i == len(frames) or owner[i] != owner[start]:
+                    seq += 1
+                    if seq > published:
+                        entry = FaceEntry(
+                            segment=owner[start], samples=samples[start:i],
+                            values=np.stack([f.values for f in frames[start:i]]),
+                            first_index=frames[start].index,
+                        )
+                        await ctx.emit("face", seq, entry.to_fields())
+                    start = i
+
+        while True:
+            entries = await ctx.read("voice", after, block_ms=500)
+            if not entries:
+                waited += 0.5
+                if waited >= VOICE_WAIT_S:
+                    raise TimeoutError(f"no voice for turn {ctx.turn} in {VOICE_WAIT_S:.0f}s")
+                continue
+            waited = 0.0
+            for eid, fields in entries:
+                after = eid
+                turn, _ = parse_id(eid)
+                if turn > ctx.turn:
+                    raise Superseded(f"voice stream moved on to turn {turn}")
+                voice = VoiceEntry.from_fields(fields)
+                if lip is None:
+                    lip = AudioLipsync(voice.rate, fps=cfg.fps, lookahead_ms=cfg.lookahead_ms)
+                if voice.end:
+                    tail = lip.flush()
+                    await put(tail)
+                    total = tail[-1].index + 1 if tail else _count(voice.sample, voice.rate,
+                                                                   cfg.fps)
+                    seq += 1
+                    end = FaceEntry(segment=voice.segment, samples=np.zeros(0, np.int64),
+                                    values=np.zeros((0, 61), np.float32), first_index=total,
+                                    end=True)
+                    await ctx.emit("face", seq, end.to_fields())
+                    ctx.log.info("face_done", frames=total)
+                    return []
+                if not seg_ids or seg_ids[-1] != voice.segment:
+                    seg_ids.append(voice.segment)
+                    seg_starts.append(voice.sample)
+                pcm = np.frombuffer(voice.pcm, dtype="<i2")
+                await put(lip.push(pcm))
+
+
+def _count(samples: int, rate: int, fps: int) -> int:
+    return -(-samples * fps // rate)

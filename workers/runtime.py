@@ -1,0 +1,458 @@
+"""The worker runtime shared by every stage.
+
+A :class:`Worker` runs one :class:`Stage` against the stage's job stream through a consumer
+group: blocking reads, several jobs in flight, ack only when the job's output is complete,
+takeover of jobs whose worker died (XAUTOCLAIM after ``claim_idle_ms``), a heartbeat that keeps a
+live worker's long job its own, retries and a dead-letter stream, graceful SIGTERM (finish or
+hand back), and reconnect with backoff. Stages only say what a job does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+from dataclasses import dataclass, replace
+from typing import Any
+
+import structlog
+from redis.exceptions import ResponseError
+
+from parley.config import Config
+from parley.redisconn import RETRYABLE, connect
+from schemas.streams import EventEntry, Job, Keys, SessionMeta, entry_id, now_ms, parse_id
+
+# Refreshes the claim of each job this consumer still owns and reports the ones it lost.
+# One key (the job stream), so it runs on Redis Cluster too.
+_HEARTBEAT_LUA = """
+local lost = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"""
+
+
+class HandBack(Exception):
+    """Raised by a stage to give its job back to the stage's queue (e.g. when stopping).
+
+    ``job`` is what to requeue: the same job, or one with an advanced cursor.
+    """
+
+    def __init__(self, job: Job):
+        super().__init__("hand back")
+        self.job = job
+
+
+class Superseded(Exception):
+    """The session has moved past this job's turn (a later turn already wrote its output)."""
+
+
+class JobContext:
+    """What a stage sees of one job: its session, its output streams and follow-up jobs."""
+
+    def __init__(self, worker: Worker, job: Job):
+        self.worker = worker
+        self.job = job
+        self.redis = worker.redis
+        self.keys = worker.keys
+        self.config = worker.config
+        self.log = worker.log.bind(session=job.sid, turn=job.turn, job=job.id)
+        self.stopping = worker.stopping
+        self._meta: SessionMeta | None = None
+
+    @property
+    def sid(self) -> str:
+        return self.job.sid
+
+    @property
+    def turn(self) -> int:
+        return self.job.turn
+
+    def key(self, name: str) -> str:
+        return self.keys.session(self.job.sid, name)
+
+    async def meta(self) -> SessionMeta:
+        if self._meta is None:
+            raw = await self.redis.hgetall(self.key("meta"))
+            if not raw:
+                raise LookupError(f"session {self.job.sid} has no metadata "
+                                  "(expired or never opened)")
+            self._meta = SessionMeta.from_fields(raw)
+        return self._meta
+
+    async def progress(self, stream: str) -> int:
+        """Last seq this turn already has in ``stream`` (0: none), so a takeover resumes there."""
+        top = await self.redis.xrevrange(self.key(stream), count=1)
+        if not top:
+            return 0
+        turn, seq = parse_id(top[0][0])
+        if turn > self.job.turn:
+            raise Superseded(f"{stream} already holds turn {turn}")
+        return seq if turn == self.job.turn else 0
+
+    async def emit(self, stream: str, seq: int, fields: dict[str, Any]) -> bool:
+        """Append entry ``<turn>-<seq>``; False when it is already there (a re-run's duplicate)."""
+        try:
+            await self.redis.xadd(
+                self.key(stream), fields, id=entry_id(self.job.turn, seq),
+                maxlen=self.config.redis.stream_maxlen, approximate=True,
+            )
+            return True
+        except ResponseError as exc:
+            if "equal or smaller" in str(exc):
+                return False
+            raise
+
+    async def read(self, stream: str, after: str, block_ms: int = 1000,
+                   count: int = 256) -> list[tuple[str, dict]]:
+        """Entries of a session stream after ID ``after``; blocks up to ``block_ms`` for more."""
+        res = await self.redis.xread({self.key(stream): after}, count=count, block=block_ms)
+        if not res:
+            return []
+        return [(i.decode() if isinstance(i, bytes) else i, f) for i, f in res[0][1]]
+
+    async def event(self, kind: str, code: str = "", message: str = "") -> None:
+        entry = EventEntry(kind=kind, turn=self.job.turn, code=code, message=message)
+        await self.redis.xadd(self.key("events"), entry.to_fields(),
+                              maxlen=self.config.redis.stream_maxlen, approximate=True)
+
+    async def enqueue(self, stage: str, turn: int | None = None, **fields: Any) -> None:
+        """Start a downstream job now (streaming: before this job's output is complete)."""
+        job = Job(stage=stage, sid=self.job.sid, turn=self.job.turn if turn is None else turn,
+                  **fields)
+        await self.redis.xadd(self.keys.jobs(stage), job.to_fields())
+
+
+class Stage:
+    """One pipeline stage. Subclasses set ``name`` and implement :meth:`handle`."""
+
+    name = ""
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    async def start(self, worker: Worker) -> None:
+        """Load backends before the first job (a model load must not count against a turn)."""
+
+    async def handle(self, ctx: JobContext) -> list[Job]:
+        """Do the job; return follow-up jobs, enqueued in the same transaction as the ack."""
+        raise NotImplementedError
+
+    def on_dead(self, job: Job) -> list[Job]:
+        """Jobs to enqueue when ``job`` goes to the dead-letter stream (STT keeps listening)."""
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class _InFlight:
+    job: Job
+    task: asyncio.Task
+    since: float
+
+
+class Worker:
+    def __init__(self, stage: Stage, config: Config, consumer: str | None = None):
+        self.stage = stage
+        self.config = config
+        self.keys = Keys(config.redis.prefix)
+        self.redis = connect(config.redis.url, max_connections=config.worker.max_jobs * 2 + 16)
+        host = socket.gethostname()
+        tag = f"{random.randrange(16**4):04x}"
+        self.consumer = consumer or f"{stage.name}@{host}:{os.getpid()}:{tag}"
+        self.host = host
+        self.stream = self.keys.jobs(stage.name)
+        self.group = self.keys.group(stage.name)
+        self.stopping = asyncio.Event()
+        self.inflight: dict[str, _InFlight] = {}
+        self.slots = asyncio.Semaphore(config.worker.max_jobs)
+        self.log = structlog.get_logger().bind(stage=stage.name, consumer=self.consumer)
+        self.done = 0
+        self.failed = 0
+        self._heartbeat = self.redis.register_script(_HEARTBEAT_LUA)
+        self.started = now_ms()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def request_stop(self) -> None:
+        if not self.stopping.is_set():
+            self.log.info("worker_stopping", in_flight=len(self.inflight))
+            self.stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+    async def run(self) -> None:
+        await self._retrying(self._ensure_group, "ensure_group")
+        await self.stage.start(self)
+        self.log.info("worker_started", stage=self.stage.name, **self.stage.describe())
+        loops = [
+            asyncio.create_task(self._read_loop(), name="read"),
+            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+        ]
+        await self.stopping.wait()
+        for t in loops[:2]:
+            t.cancel()
+        await asyncio.gather(*loops[:2], return_exceptions=True)
+        await self._drain()
+        loops[2].cancel()
+        await asyncio.gather(loops[2], return_exceptions=True)
+        try:
+            await self.redis.delete(self.keys.worker(self.consumer))
+        except RETRYABLE:
+            pass
+        await self.redis.aclose()
+        self.log.info("worker_stopped", done=self.done, failed=self.failed)
+
+    async def _drain(self) -> None:
+        """Finish in-flight jobs for up to drain_timeout_s, then hand the rest back."""
+        tasks = [f.task for f in self.inflight.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.config.worker.drain_timeout_s)
+        for f in list(self.inflight.values()):
+            f.task.cancel()
+        await asyncio.gather(*(f.task for f in list(self.inflight.values())),
+                             return_exceptions=True)
+        # Entries delivered to us that no task took (a read cancelled mid-flight) go back too.
+        try:
+            pending = await self.redis.xpending_range(self.stream, self.group, "-", "+", 1000,
+                                                      consumername=self.consumer)
+            for p in pending:
+                got = await self.redis.xrange(self.stream, p["message_id"], p["message_id"])
+                if got:
+                    await self._hand_back(Job.from_fields(got[0][0], got[0][1]))
+        except RETRYABLE as exc:
+            self.log.warning("drain_redis_unavailable", error=str(exc))
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _retrying(self, fn, what: str):
+        delay = 0.05
+        while True:
+            try:
+                return await fn()
+            except RETRYABLE as exc:
+                self.log.warning("redis_unavailable", during=what, error=str(exc), retry_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.worker.reconnect_max_s)
+
+    # ------------------------------------------------------------------ loops
+
+    async def _read_loop(self) -> None:
+        delay = 0.05
+        while not self.stopping.is_set():
+            await self.slots.acquire()
+            free = 1 + self.slots._value  # what else is free right now
+            try:
+                res = await self.redis.xreadgroup(
+                    self.group, self.consumer, {self.stream: ">"}, count=free,
+                    block=self.config.worker.block_ms,
+                )
+                delay = 0.05
+            except RETRYABLE as exc:
+                self.slots.release()
+                self.log.warning("redis_unavailable", during="read", error=str(exc), retry_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.worker.reconnect_max_s)
+                continue
+            except ResponseError as exc:
+                self.slots.release()
+                if "NOGROUP" in str(exc):  # Redis lost its data (restart without AOF)
+                    await self._retrying(self._ensure_group, "ensure_group")
+                    continue
+                raise
+            entries = res[0][1] if res else []
+            if not entries:
+                self.slots.release()
+                continue
+            for i, (eid, fields) in enumerate(entries):
+                if i > 0:
+                    await self.slots.acquire()
+                self._start(Job.from_fields(eid, fields))
+
+    async def _reclaim_loop(self) -> None:
+        cfg = self.config.worker
+        while not self.stopping.is_set():
+            await asyncio.sleep(cfg.claim_idle_ms / 2000)
+            try:
+                await self._reclaim_once()
+            except RETRYABLE as exc:
+                self.log.warning("redis_unavailable", during="reclaim", error=str(exc))
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    self.log.error("reclaim_failed", error=str(exc))
+
+    async def _reclaim_once(self) -> None:
+        cfg = self.config.worker
+        free = self.slots._value
+        if free <= 0:
+            return
+        _, claimed, _ = await self.redis.xautoclaim(
+            self.stream, self.group, self.consumer, cfg.claim_idle_ms, "0-0", count=free,
+        )
+        for eid, fields in claimed:
+            if fields is None:
+                continue
+            job = Job.from_fields(eid, fields)
+            if job.id in self.inflight:
+                continue
+            info = await self.redis.xpending_range(self.stream, self.group, job.id, job.id, 1)
+            delivered = info[0]["times_delivered"] if info else 1
+            attempts = job.attempt + delivered - 1
+            self.log.warning("job_taken_over", session=job.sid, turn=job.turn, job=job.id,
+                             attempts=attempts, previous_owner_idle_ms=cfg.claim_idle_ms)
+            if attempts > cfg.max_deliveries:
+                await self._dead_letter(job, f"worker died {attempts - 1} times on this job")
+                continue
+            await self.slots.acquire()
+            self._start(job)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.worker.heartbeat_ms / 1000)
+            try:
+                ids = list(self.inflight)
+                if ids:
+                    lost = await self._heartbeat(keys=[self.stream],
+                                                 args=[self.group, self.consumer, *ids])
+                    for raw in lost:
+                        lid = raw.decode() if isinstance(raw, bytes) else raw
+                        f = self.inflight.get(lid)
+                        if f is not None:
+                            # Another worker took it (we stalled past claim_idle_ms): its output
+                            # is idempotent, so stop ours rather than race it.
+                            self.log.warning("job_lost_to_takeover", job=lid, session=f.job.sid)
+                            f.task.cancel()
+                await self._register()
+            except RETRYABLE as exc:
+                self.log.warning("redis_unavailable", during="heartbeat", error=str(exc))
+            except ResponseError as exc:
+                self.log.error("heartbeat_failed", error=str(exc))
+
+    async def _register(self) -> None:
+        key = self.keys.worker(self.consumer)
+        jobs = [{"job": f.job.id, "session": f.job.sid, "turn": f.job.turn, "since": f.since}
+                for f in self.inflight.values()]
+        ttl_ms = max(3 * self.config.worker.heartbeat_ms, 3000)
+        async with self.redis.pipeline(transaction=False) as p:
+            p.hset(key, mapping={
+                "stage": self.stage.name, "consumer": self.consumer, "pid": os.getpid(),
+                "host": self.host, "started": self.started, "heartbeat": now_ms(),
+                "jobs": json.dumps(jobs), "done": self.done, "failed": self.failed,
+                "max_jobs": self.config.worker.max_jobs,
+                "stopping": int(self.stopping.is_set()),
+            })
+            p.pexpire(key, ttl_ms)
+            await p.execute()
+
+    # ------------------------------------------------------------------ one job
+
+    def _start(self, job: Job) -> None:
+        task = asyncio.create_task(self._run_job(job), name=f"job:{job.id}")
+        self.inflight[job.id] = _InFlight(job, task, now_ms())
+
+    async def _run_job(self, job: Job) -> None:
+        log = self.log.bind(session=job.sid, turn=job.turn, job=job.id)
+        ctx = JobContext(self, job)
+        try:
+            follow = await self.stage.handle(ctx)
+            await self._complete(job, follow or [])
+            self.done += 1
+            log.debug("job_done", ms=round(now_ms() - job.ts, 1))
+        except asyncio.CancelledError:
+            if self.stopping.is_set():
+                await self._safe(self._hand_back(job), log)
+        except HandBack as hb:
+            await self._safe(self._hand_back(hb.job), log)
+        except Superseded as exc:
+            log.info("job_superseded", reason=str(exc))
+            await self._safe(self._complete(job, []), log)
+        except RETRYABLE as exc:
+            # Redis went away mid-job: the entry stays pending and is taken over once Redis is
+            # back (by us or another worker); outputs are idempotent so nothing doubles.
+            log.warning("job_interrupted_by_redis", error=str(exc))
+        except Exception as exc:  # a bad job must not kill the worker
+            self.failed += 1
+            log.error("job_failed", error=f"{type(exc).__name__}: {exc}", attempt=job.attempt,
+                      exc_info=True)
+            await self._safe(self._retry_or_dead(job, exc), log)
+        finally:
+            self.inflight.pop(job.id, None)
+            self.slots.release()
+
+    async def _safe(self, coro, log) -> None:
+        try:
+            await coro
+        except RETRYABLE as exc:
+            log.warning("redis_unavailable", during="finish", error=str(exc))
+
+    async def _complete(self, job: Job, follow: list[Job]) -> None:
+        async with self.redis.pipeline(transaction=True) as p:
+            for f in follow:
+                p.xadd(self.keys.jobs(f.stage), f.to_fields())
+            p.xack(self.stream, self.group, job.id)
+            await p.execute()
+
+    async def _hand_back(self, job: Job) -> None:
+        """Requeue a copy and ack the original in one transaction: another worker (or this one,
+        later) picks it up at once instead of after claim_idle_ms."""
+        copy = replace(job, id="")
+        async with self.redis.pipeline(transaction=True) as p:
+            p.xadd(self.stream, copy.to_fields())
+            p.xack(self.stream, self.group, job.id)
+            await p.execute()
+        self.log.info("job_handed_back", session=job.sid, turn=job.turn, job=job.id)
+
+    async def _retry_or_dead(self, job: Job, exc: Exception) -> None:
+        if job.attempt >= self.config.worker.max_deliveries:
+            await self._dead_letter(job, f"{type(exc).__name__}: {exc}")
+            return
+        await self._hand_back(replace(job, attempt=job.attempt + 1))
+
+    async def _dead_letter(self, job: Job, reason: str) -> None:
+        follow = self.stage.on_dead(job)
+        async with self.redis.pipeline(transaction=True) as p:
+            p.xadd(self.keys.dead(self.stage.name), {**job.to_fields(), "job": job.id,
+                                                     "reason": reason, "dead_ts": str(now_ms())})
+            for f in follow:
+                p.xadd(self.keys.jobs(f.stage), f.to_fields())
+            p.xack(self.stream, self.group, job.id)
+            await p.execute()
+        entry = EventEntry(kind="error", turn=job.turn, code="turn_failed",
+                           message=f"{self.stage.name} failed on this turn: {reason}")
+        await self.redis.xadd(self.keys.session(job.sid, "events"), entry.to_fields())
+        self.log.error("job_dead_lettered", session=job.sid, turn=job.turn, job=job.id,
+                       reason=reason)
+
+
+async def run_worker(stage: Stage, config: Config) -> None:
+    worker = Worker(stage, config)
+    worker.install_signal_handlers()
+    await worker.run()
+
+
+def first_turn_job(sid: str) -> Job:
+    return Job(stage="stt", sid=sid, turn=1, cursor="0-0")
+
+
+__all__ = ["HandBack", "JobContext", "Stage", "Superseded", "Worker", "entry_id",
+           "first_turn_job", "run_worker"]

@@ -1,0 +1,155 @@
+"""STT stage: listens to a session's mic stream and turns one utterance into one turn.
+
+A job is "session S, turn T, from mic cursor C": it converts the audio to 16 kHz mono, runs the
+VAD, feeds the recognizer from just before speech starts, publishes partial transcripts, and on
+end of speech (VAD silence or the client's end_of_utterance) publishes the final transcript. It
+then completes with two follow-ups in the ack's transaction: the LLM job for turn T and the STT
+job for turn T+1 from where this one stopped, so a session is always listened to exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import numpy as np
+
+from parley.config import Config
+from schemas.streams import Job, MicEntry, TranscriptEntry, now_ms, parse_id
+from workers.runtime import HandBack, JobContext, Stage
+from workers.stt.audio import MicConverter
+from workers.stt.pocketsphinx_backend import PocketsphinxBackend
+from workers.stt.vad import Vad
+
+RATE = 16000
+BACKENDS = {"pocketsphinx": PocketsphinxBackend}
+
+
+def make_backend(name: str, config: Config):
+    try:
+        return BACKENDS[name]()
+    except KeyError:
+        raise ValueError(f"unknown stt backend {name!r}; known: {', '.join(BACKENDS)}") from None
+
+
+class SttStage(Stage):
+    name = "stt"
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.backend = make_backend(config.stt.backends[0], config)
+
+    async def start(self, worker) -> None:
+        await asyncio.to_thread(self.backend.warm)
+
+    def describe(self) -> dict:
+        return {"backends": [self.backend.name], "vad_silence_ms": self.config.stt.vad_silence_ms}
+
+    def on_dead(self, job: Job) -> list[Job]:
+        # The utterance is lost, the session is not: listen on after the mic audio that failed.
+        return [Job(stage="stt", sid=job.sid, turn=job.turn + 1, cursor=job.cursor)]
+
+    async def handle(self, ctx: JobContext) -> list[Job]:
+        cfg = self.config.stt
+        meta = await ctx.meta()
+        conv = MicConverter(meta.sample_rate, meta.channels, meta.format, RATE)
+        vad = Vad(rate=RATE, silence_ms=cfg.vad_silence_ms, start_ms=cfg.vad_start_ms)
+        cursor = ctx.job.cursor
+        start_seq, _ = parse_id(cursor)
+        # 16 kHz position of the cursor: mic chunks carry no positions, so we count from the
+        # session's first chunk; the job's cursor position is stored with the job's text field.
+        base = int(ctx.job.text or 0) if ctx.job.text.isdigit() else 0
+        preroll: deque[np.ndarray] = deque()
+        preroll_len = 0
+        preroll_max = cfg.preroll_ms * RATE // 1000
+        stream = None
+        seq = await ctx.progress("transcript")
+        emitted = 0
+        last_partial = ""
+        speech_start = 0
+        mic_seq = start_seq
+        eos_ts = 0.0
+        try:
+            while True:
+                if ctx.stopping.is_set() and stream is None:
+                    raise HandBack(Job(stage="stt", sid=ctx.sid, turn=ctx.turn, cursor=cursor,
+                                       text=str(base + vad.position)))
+                entries = await ctx.read("mic", cursor, block_ms=500, count=64)
+                if not entries:
+                    state = await ctx.redis.hget(ctx.key("meta"), "state")
+                    if state is not None and state.decode() == "closed":
+                        return []
+                    continue
+                final = False
+                for eid, fields in entries:
+                    cursor = eid
+                    mic = MicEntry.from_entry(eid, fields)
+                    mic_seq = mic.seq
+                    if mic.end_of_utterance:
+                        if stream is not None:
+                            final = True
+                            eos_ts = mic.ts
+                            break
+                        continue
+                    samples = conv.push(mic.pcm)
+                    events = vad.push(samples) if len(samples) else []
+                    if stream is None:
+                        preroll.append(samples)
+                        preroll_len += len(samples)
+                        while preroll and preroll_len - len(preroll[0]) >= preroll_max:
+                            preroll_len -= len(preroll.popleft())
+                    partial = None
+                    for ev in events:
+                        if ev.kind == "start" and stream is None:
+                            stream = self.backend.open_stream()
+                            speech_start = base + ev.sample
+                            audio = np.concatenate(list(preroll)) if preroll else samples
+                            preroll.clear()
+                            preroll_len = 0
+                            partial = await asyncio.to_thread(stream.feed, audio)
+                            samples = samples[:0]
+                        elif ev.kind == "end" and stream is not None:
+                            final = True
+                            eos_ts = mic.ts
+                    if stream is not None and len(samples):
+                        partial = await asyncio.to_thread(stream.feed, samples) or partial
+                    if partial and partial != last_partial and not final:
+                        last_partial = partial
+                        emitted += 1
+                        entry = TranscriptEntry(text=partial, final=False,
+                                                start_sample=speech_start,
+                                                end_sample=base + vad.position, mic_seq=mic_seq)
+                        if emitted > seq:
+                            await ctx.emit("transcript", emitted, entry.to_fields())
+                    if final:
+                        break
+                    if stream is not None and (base + vad.position - speech_start
+                                               > cfg.max_utterance_s * RATE):
+                        final = True
+                        eos_ts = mic.ts
+                        break
+                if not final:
+                    continue
+                text = (await asyncio.to_thread(stream.finish)).strip()
+                stream.close()
+                stream = None
+                if not text:
+                    # Noise, a cough: no turn. Keep listening within this job.
+                    ctx.log.info("utterance_empty")
+                    last_partial = ""
+                    continue
+                emitted += 1
+                end_sample = base + vad.position
+                entry = TranscriptEntry(text=text, final=True, start_sample=speech_start,
+                                        end_sample=end_sample, mic_seq=mic_seq,
+                                        end_of_speech_ts=eos_ts or now_ms())
+                await ctx.emit("transcript", emitted, entry.to_fields())
+                ctx.log.info("utterance_final", text=text, start=speech_start, end=end_sample)
+                return [
+                    Job(stage="llm", sid=ctx.sid, turn=ctx.turn, text=text),
+                    Job(stage="stt", sid=ctx.sid, turn=ctx.turn + 1, cursor=cursor,
+                        text=str(end_sample)),
+                ]
+        finally:
+            if stream is not None:
+                stream.close()

@@ -1,0 +1,89 @@
+"""TTS stage: tails the turn's reply fragments and publishes the voice as small PCM chunks."""
+
+from __future__ import annotations
+
+import asyncio
+
+from parley.config import Config
+from schemas.streams import Job, Mark, ReplyEntry, VoiceEntry, parse_id
+from workers.llm.personas import load_personas
+from workers.runtime import JobContext, Stage, Superseded
+from workers.tts.espeak import EspeakSynth
+
+BACKENDS = {"espeak": EspeakSynth}
+REPLY_WAIT_S = 60.0  # no reply fragment for this long: the LLM side is gone, end the turn
+
+
+def make_backend(name: str, config: Config):
+    try:
+        return BACKENDS[name]()
+    except KeyError:
+        raise ValueError(f"unknown tts backend {name!r}; known: {', '.join(BACKENDS)}") from None
+
+
+class TtsStage(Stage):
+    name = "tts"
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.personas = load_personas(config.personas_dir())
+        self.backend = make_backend(config.tts.backends[0], config)
+
+    def describe(self) -> dict:
+        return {"backends": [self.backend.name], "sample_rate": self.backend.sample_rate}
+
+    async def handle(self, ctx: JobContext) -> list[Job]:
+        meta = await ctx.meta()
+        persona = self.personas.get(meta.persona)
+        voice = meta.voice or (persona.voice if persona else "en-us")
+        rate_wpm = persona.voice_rate_wpm if persona else 175
+        pitch = persona.voice_pitch if persona else 50
+        published = await ctx.progress("voice")
+        if published == 0:
+            await ctx.enqueue("lipsync")
+        seq = 0
+        sample = 0
+        segments = 0
+        after = f"{ctx.turn}-0"
+        waited = 0.0
+        while True:
+            entries = await ctx.read("reply", after, block_ms=500)
+            if not entries:
+                waited += 0.5
+                if waited >= REPLY_WAIT_S:
+                    raise TimeoutError(f"no reply text for turn {ctx.turn} in {REPLY_WAIT_S:.0f}s")
+                continue
+            waited = 0.0
+            for eid, fields in entries:
+                after = eid
+                turn, _ = parse_id(eid)
+                if turn > ctx.turn:
+                    raise Superseded(f"reply stream moved on to turn {turn}")
+                reply = ReplyEntry.from_fields(fields)
+                if reply.end:
+                    seq += 1
+                    end = VoiceEntry(segment=segments, sample=sample,
+                                     rate=self.backend.sample_rate, end=True)
+                    await ctx.emit("voice", seq, end.to_fields())
+                    ctx.log.info("voice_done", samples=sample, segments=segments)
+                    return []
+                chunks = await asyncio.to_thread(
+                    lambda text=reply.text: list(self.backend.synthesize(
+                        text, voice=voice, rate_wpm=rate_wpm, pitch=pitch)))
+                segments += 1 if chunks else 0
+                for i, ch in enumerate(chunks):
+                    seq += 1
+                    n = len(ch.pcm)
+                    if seq > published:
+                        marks = [Mark("phoneme", sample + p.sample, p.phoneme)
+                                 for p in ch.phonemes]
+                        marks += [Mark("word", sample + w.sample,
+                                       reply.text[w.text_start:w.text_start + w.text_length])
+                                  for w in ch.words]
+                        entry = VoiceEntry(
+                            segment=reply.segment, sample=sample, rate=self.backend.sample_rate,
+                            pcm=ch.pcm.astype("<i2").tobytes(),
+                            last_in_segment=i == len(chunks) - 1, marks=marks,
+                        )
+                        await ctx.emit("voice", seq, entry.to_fields())
+                    sample += n
