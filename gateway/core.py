@@ -159,10 +159,11 @@ class ConnectionCore:
     # -------------------------------------------------------------- inbound
 
     def receive_text(self, text: str, now: float) -> list[Action]:
-        if len(text) > self.limits.max_frame_bytes:
-            return [self._error(ErrorCode.FRAME_TOO_LARGE,
-                                f"text frame of {len(text)} bytes exceeds the limit of "
-                                f"{self.limits.max_frame_bytes}")]
+        size = len(text) if text.isascii() else len(text.encode())
+        if size > self.limits.max_frame_bytes:
+            return self._refuse(now, ErrorCode.FRAME_TOO_LARGE,
+                                f"text frame of {size} bytes exceeds the limit of "
+                                f"{self.limits.max_frame_bytes}")
         try:
             msg = P.decode_text(text)
         except ProtocolError as exc:
@@ -180,23 +181,24 @@ class ConnectionCore:
 
     def receive_binary(self, data: bytes, now: float) -> list[Action]:
         if len(data) > self.limits.max_frame_bytes:
-            return [self._error(ErrorCode.FRAME_TOO_LARGE,
+            return self._refuse(now, ErrorCode.FRAME_TOO_LARGE,
                                 f"binary frame of {len(data)} bytes exceeds the limit of "
-                                f"{self.limits.max_frame_bytes}")]
+                                f"{self.limits.max_frame_bytes}")
+        if data[:1] != bytes([P.FrameKind.MIC_AUDIO]):
+            return self._refuse(now, ErrorCode.BAD_MESSAGE,
+                                "clients send only mic audio frames (kind 1)")
         try:
             frame = P.decode_binary(data)
         except ProtocolError as exc:
-            return [self._error(exc.code, exc.message)]
-        if not isinstance(frame, P.MicAudio):
-            return [self._error(ErrorCode.BAD_MESSAGE, "clients send only mic audio frames")]
+            return self._refuse(now, exc.code, exc.message)
         state = self.by_channel.get(frame.channel)
         if not self.authenticated:
-            return [self._error(ErrorCode.NOT_AUTHENTICATED, "send hello before audio")]
+            return self._refuse(now, ErrorCode.NOT_AUTHENTICATED, "send hello before audio")
         if state is None:
-            return [self._error(
-                ErrorCode.SESSION_NOT_OPEN,
+            return self._refuse(
+                now, ErrorCode.SESSION_NOT_OPEN,
                 f"audio for channel {frame.channel}, which no open session has; "
-                "open a session and use the channel from its 'opened' reply")]
+                "open a session and use the channel from its 'opened' reply")
         if not self._allow(state, now):
             return self._limited(state, now)
         if len(frame.pcm) % state.frame_bytes:
@@ -216,6 +218,13 @@ class ConnectionCore:
         out.append(AppendMic(state.session, state.sid, frame.seq, frame.pcm))
         return out
 
+    def _refuse(self, now: float, code: str, message: str) -> list[Action]:
+        """An error for a frame that names no session: it costs the connection's bucket, so a
+        stream of bad frames cannot make the server answer each one."""
+        if not self.bucket.take(now):
+            return self._limited(None, now)
+        return [self._error(code, message)]
+
     def _allow(self, state: SessionState | None, now: float) -> bool:
         bucket = state.bucket if state is not None else self.bucket
         return bucket.take(now)
@@ -223,14 +232,13 @@ class ConnectionCore:
     def _limited(self, state: SessionState | None, now: float,
                  what: str = "too many messages") -> list[Action]:
         # One error per second at most: answering every dropped message would amplify a flood.
-        holder = state if state is not None else self
         last = state.limited_at if state is not None else self._limited_at
         if now - last < 1.0:
             return []
         if state is not None:
             state.limited_at = now
         else:
-            holder._limited_at = now
+            self._limited_at = now
         return [self._error(ErrorCode.RATE_LIMITED,
                             f"{what}; messages are being dropped",
                             state.session if state else None)]

@@ -166,12 +166,12 @@ class Connection:
             self.core.drop(a.session)
             raise
         state = self.core.sessions[a.session]
-        self._start_relay(state, {s: "0-0" for s in C.Relay.STREAMS}, min_turn=0)
         self.log.info("session_opened", session=a.sid, npc=req.npc, persona=a.persona,
                       rate=req.sample_rate, channels=req.channels, format=req.format)
         await self.send(P.SessionOpened(session=a.session, channel=a.channel, sid=a.sid,
                                         npc=req.npc, persona=a.persona, voice=a.voice,
                                         reply_sample_rate=22050, next_mic_seq=1))
+        self._start_relay(state, {s: "0-0" for s in C.Relay.STREAMS}, min_turn=0)
 
     async def _resume(self, a: C.ResumeAction) -> None:
         req = a.request
@@ -205,12 +205,12 @@ class Connection:
                       "face": "face"}
         for stream, ch in channel_of.items():
             cursors[stream] = f"{req.turn}-{req.last.get(ch, 0)}" if req.turn else "0-0"
-        self._start_relay(state, cursors, min_turn=req.turn)
         self.log.info("session_resumed", session=req.sid, turn=req.turn, last=req.last)
         await self.send(P.SessionOpened(session=req.session, channel=state.channel, sid=req.sid,
                                         npc=meta.npc, persona=meta.persona, voice=meta.voice,
                                         reply_sample_rate=22050, next_mic_seq=next_mic,
                                         resumed=True))
+        self._start_relay(state, cursors, min_turn=req.turn)
 
     async def _close(self, session: str, sid: str) -> None:
         relay = self.relays.pop(session, None)
@@ -225,7 +225,7 @@ class Connection:
         async with self.redis.pipeline(transaction=False) as p:
             p.hset(self.keys.session(sid, "meta"), mapping={"state": state,
                                                             "state_ts": now_ms()})
-            if state == "closed":
+            if state in ("closed", "detached"):
                 for name in ("meta", "mic", "transcript", "reply", "voice", "face", "events",
                              "ready", "history"):
                     p.expire(self.keys.session(sid, name), ttl)

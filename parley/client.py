@@ -228,7 +228,7 @@ class Client:
             if isinstance(message, bytes):
                 await self._on_binary(P.decode_binary(message), now)
             else:
-                await self._on_text(P.decode_text(message, P.SERVER_MESSAGES), now)
+                await self._on_text(P.decode_text(message, P.SERVER_MESSAGES, strict=False), now)
 
     async def _on_text(self, msg: P.Message, now: float) -> None:
         if isinstance(msg, P.Welcome):

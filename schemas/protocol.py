@@ -262,10 +262,12 @@ def _check_type(name: str, annotation: str, value: Any) -> Any:
     return value
 
 
-def _from_dict(cls: type[Message], data: dict[str, Any]) -> Message:
+def _from_dict(cls: type[Message], data: dict[str, Any], strict: bool = True) -> Message:
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known) - {"type"}
-    if unknown:
+    if unknown and not strict:
+        data = {k: v for k, v in data.items() if k not in unknown}
+    elif unknown:
         raise ProtocolError(
             ErrorCode.BAD_MESSAGE, f"{cls.TYPE}: unknown field(s) {', '.join(sorted(unknown))}"
         )
@@ -283,12 +285,20 @@ def _from_dict(cls: type[Message], data: dict[str, Any]) -> Message:
     return msg
 
 
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+
 def _valid_id(value: str) -> bool:
-    return 0 < len(value) <= MAX_ID_LENGTH and all(c.isalnum() or c in "_.-" for c in value)
+    return 0 < len(value) <= MAX_ID_LENGTH and all(c in _ID_CHARS for c in value)
 
 
-def decode_text(text: str | bytes, registry: dict[str, type[Message]] = CLIENT_MESSAGES) -> Message:
-    """Parse one JSON text frame into its typed message."""
+def decode_text(text: str | bytes, registry: dict[str, type[Message]] = CLIENT_MESSAGES,
+                strict: bool = True) -> Message:
+    """Parse one JSON text frame into its typed message.
+
+    ``strict=False`` drops unknown fields instead of refusing them: a client reading a newer
+    server's messages should not break on a field it does not know.
+    """
     try:
         data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -304,7 +314,7 @@ def decode_text(text: str | bytes, registry: dict[str, type[Message]] = CLIENT_M
             ErrorCode.UNKNOWN_TYPE,
             f"unknown message type {kind!r}; expected one of {', '.join(sorted(registry))}",
         )
-    return _from_dict(cls, data)
+    return _from_dict(cls, data, strict)
 
 
 def encode(msg: Message) -> str:
@@ -421,6 +431,13 @@ assert FACE_RECORD_DTYPE.itemsize == FACE_FRAME.size
 
 
 def decode_binary(data: bytes) -> MicAudio | ReplyAudio | FaceFrames:
+    try:
+        return _decode_binary(data)
+    except (struct.error, ValueError) as exc:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"malformed binary frame: {exc}") from None
+
+
+def _decode_binary(data: bytes) -> MicAudio | ReplyAudio | FaceFrames:
     if len(data) < _COMMON.size:
         raise ProtocolError(ErrorCode.BAD_AUDIO, "binary frame shorter than its 4-byte header")
     kind, flags, channel = _COMMON.unpack_from(data)

@@ -144,3 +144,27 @@ def test_relay_turns_dead_letter_events_into_errors():
     out = relay.feed("events", "1700-0", EventEntry(kind="error", turn=3, code="turn_failed",
                                                     message="tts failed").to_fields())
     assert out[0].code == "turn_failed" and out[0].turn == 3 and out[0].session == "npc-1"
+
+
+def test_malformed_binary_frames_of_any_kind_are_errors_not_crashes():
+    core = C.ConnectionCore(C.Limits(), PERSONAS)
+    opened(core)
+    for raw in (b"\x02\x00\x01\x00", b"\x03\x00\x01\x00" + b"\xff" * 30, b"\x01\x00",
+                b"\x09\x00\x01\x00"):
+        acts = core.receive_binary(raw, 0.0)
+        assert errors(acts) in ([ErrorCode.BAD_MESSAGE], [ErrorCode.BAD_AUDIO]), raw
+    import pytest
+
+    from schemas.protocol import ProtocolError
+    with pytest.raises(ProtocolError):
+        P.decode_binary(bytes([3, 0, 1, 0]) + bytes(16) + bytes([200, 0, 61, 0]))
+
+
+def test_bad_frames_without_a_session_are_answered_at_most_at_the_connection_rate():
+    core = C.ConnectionCore(C.Limits(conn_msgs_per_s=10, conn_msgs_burst=10), PERSONAS)
+    out = []
+    for _ in range(500):
+        out += core.receive_binary(b"\x01\x00\x07\x00\x01\x00\x00\x00", 0.0)
+    codes = errors(out)
+    assert codes.count(ErrorCode.SESSION_NOT_OPEN) == 10
+    assert codes.count(ErrorCode.RATE_LIMITED) == 1

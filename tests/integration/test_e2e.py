@@ -1,0 +1,158 @@
+"""Whole turns through the real fleet: gateway and four worker processes on a private Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from parley.client import Client, say
+from schemas import protocol as P
+from schemas.protocol import ErrorCode
+from tests.conftest import speech
+from workers.llm.personas import load_personas
+
+pytestmark = pytest.mark.slow
+
+
+def check_turn(result, *, min_audio_s: float = 0.5):
+    s = result.summary()
+    assert not result.errors, result.errors
+    assert result.done is not None, "turn_done received"
+    assert s["transcript"], "a final transcript"
+    assert s["reply"], "a reply"
+    assert s["reply_audio_s"] >= min_audio_s
+    assert s["seq_gaps"] == 0 and s["seq_duplicates"] == 0
+    assert s["face_before_ready"] == 0, "no face frame before its segment's ready"
+    expected = result.audio_samples * 60 / result.reply_rate
+    assert abs(result.face_frames - expected) <= 2, (result.face_frames, expected)
+    assert result.done["audio_samples"] == result.audio_samples
+    assert result.done["face_frames"] == result.face_frames
+    lat = s["latency_ms"]
+    # gross bounds only: this machine is shared and noisy
+    assert 0 < lat["first_audio"] < 10_000
+    assert 0 <= lat["first_face"] < 2_000
+    return s
+
+
+async def test_full_turn_from_jfk_flac(gateway_url, jfk_path, tmp_path):
+    result = await say(gateway_url, jfk_path, tmp_path, npc="guard", realtime=False)
+    s = check_turn(result)
+    assert s["reply_sample_rate"] == 22050
+    for name in ("reply.wav", "face.csv", "turn.json"):
+        assert (tmp_path / name).exists()
+    turn = json.loads((tmp_path / "turn.json").read_text())
+    assert {"transcript", "reply", "latency_ms", "seq_gaps", "seq_duplicates"} <= set(turn)
+    rows = (tmp_path / "face.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[:4] == ["Timecode", "BlendShapeCount", "EyeBlinkLeft", "EyeLookDownLeft"]
+    assert len(header) == 2 + 61 and header[-1] == "RightEyeRoll"
+    assert len(rows) - 1 == result.face_frames
+    # the jaw moves while the NPC speaks
+    values = np.concatenate(result.face_values)
+    assert values[:, 17].max() > 0.3  # JawOpen
+
+
+@pytest.mark.parametrize("rate,channels", [(8000, 1), (16000, 1), (48000, 2)])
+async def test_full_turn_at_other_rates(gateway_url, rate, channels):
+    frames = speech("Hello there. Who are you?", rate, channels)
+    client = await Client.connect(gateway_url)
+    try:
+        await client.open("npc-r", "innkeeper", rate, channels)
+        await client.stream("npc-r", frames, rate, realtime=False)
+        result = await client.wait_done("npc-r", 60)
+    finally:
+        await client.close()
+    check_turn(result)
+
+
+async def test_four_sessions_on_one_connection_each_get_their_persona(gateway_url, jfk_path):
+    personas = load_personas(__import__("parley.config").config.Config().personas_dir())
+    npcs = ["guard", "merchant", "innkeeper", "wizard"]
+    frames = speech("Who are you? What is your name?", 16000)
+    client = await Client.connect(gateway_url)
+    try:
+        for i, npc in enumerate(npcs):
+            await client.open(f"s{i}", npc, 16000, 1)
+        await asyncio.gather(*(client.stream(f"s{i}", frames, 16000, realtime=True)
+                               for i in range(len(npcs))))
+        results = await asyncio.gather(*(client.wait_done(f"s{i}", 90)
+                                         for i in range(len(npcs))))
+    finally:
+        await client.close()
+    replies = []
+    for npc, result in zip(npcs, results, strict=True):
+        check_turn(result)
+        p = personas[npc]
+        allowed = {ln.reply for ln in p.lines} | {p.fallback}
+        assert result.reply in allowed, (npc, result.reply)
+        replies.append(result.reply)
+    assert len(set(replies)) == 4
+
+
+async def test_bad_input_gets_errors_while_a_concurrent_session_completes(gateway_url):
+    frames = speech("Hello. Can you open the gate?", 16000)
+    good = await Client.connect(gateway_url)
+    bad = await Client.connect(gateway_url)
+    try:
+        await good.open("ok", "guard", 16000, 1)
+        talk = asyncio.create_task(good.stream("ok", frames, 16000, realtime=True))
+
+        async def expect(code: str, send) -> None:
+            await send()
+            err = await bad.wait_for(f"error:{code}", 5)
+            assert err.code == code and err.message
+
+        # binary audio before any session is open on this connection
+        await expect(ErrorCode.SESSION_NOT_OPEN,
+                     lambda: bad.send(P.MicAudio(1, 1, b"\x00\x00" * 160).encode()))
+        await expect(ErrorCode.BAD_JSON, lambda: bad.ws.send("{this is not json"))
+        await expect(ErrorCode.UNKNOWN_TYPE, lambda: bad.ws.send('{"type": "teleport"}'))
+        await expect(ErrorCode.UNSUPPORTED_FORMAT, lambda: bad.ws.send(json.dumps(
+            {"type": "open", "session": "b1", "npc": "guard", "sample_rate": 16000,
+             "channels": 1, "format": "mp3"})))
+        await expect(ErrorCode.BAD_SAMPLE_RATE, lambda: bad.ws.send(json.dumps(
+            {"type": "open", "session": "b2", "npc": "guard", "sample_rate": 0,
+             "channels": 1, "format": "s16le"})))
+        opened = await bad.open("b3", "merchant", 16000, 1)
+        # audio for a session (channel) that does not exist
+        bad._waiters.pop(f"error:{ErrorCode.SESSION_NOT_OPEN}", None)
+        await expect(ErrorCode.SESSION_NOT_OPEN,
+                     lambda: bad.send(P.MicAudio(opened.channel + 50, 1, b"\x00\x00").encode()))
+        bad._waiters.pop(f"error:{ErrorCode.SESSION_NOT_OPEN}", None)
+        await expect(ErrorCode.SESSION_NOT_OPEN,
+                     lambda: bad.send(P.EndOfUtterance(session="nobody")))
+        await expect(ErrorCode.FRAME_TOO_LARGE,
+                     lambda: bad.send(P.MicAudio(opened.channel, 1, b"\x00" * 200_000).encode()))
+        await expect(ErrorCode.UNKNOWN_SEGMENT,
+                     lambda: bad.send(P.Ready(session="b3", turn=1, segment=42)))
+
+        async def flood():
+            for i in range(2000):
+                await bad.ws.send(P.encode(P.Ping(id=i)))
+
+        await expect(ErrorCode.RATE_LIMITED, flood)
+        # the bad connection is still usable, and its own session still works
+        await asyncio.sleep(1.5)
+        await bad.send(P.Ping(id=99_999))
+        assert isinstance(await bad.wait_for("pong:99999", 5), P.Pong)
+
+        await talk
+        result = await good.wait_done("ok", 60)
+    finally:
+        await good.close()
+        await bad.close()
+    check_turn(result)
+    assert "gate" in result.reply
+
+
+async def test_status_shows_workers_and_queues(fleet):
+    from parley.status import fleet_status
+
+    status = fleet_status(fleet.redis_url)
+    stages = sorted(w["stage"] for w in status["workers"])
+    assert stages == ["lipsync", "llm", "stt", "tts"]
+    assert all(w["pid"] > 0 for w in status["workers"])
+    assert set(status["queues"]) == {"stt", "llm", "tts", "lipsync"}

@@ -1,0 +1,167 @@
+"""The shared worker runtime against a real Redis: concurrency, takeover, heartbeat, dead letters,
+graceful stop. A toy stage stands in for the real ones so each property is seen in isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from parley.config import Config
+from schemas.streams import EventEntry, Job, Keys
+from workers.runtime import HandBack, Stage, Worker
+
+
+class ToyStage(Stage):
+    """Sleeps ``float(job.text)`` seconds, or fails when text is 'poison'."""
+
+    name = "toy"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.ran: list[str] = []
+
+    async def handle(self, ctx):
+        self.ran.append(ctx.job.sid)
+        if ctx.job.text == "poison":
+            raise ValueError("this input always fails")
+        if ctx.job.text == "until-stop":
+            await ctx.stopping.wait()
+            raise HandBack(ctx.job)
+        await asyncio.sleep(float(ctx.job.text or 0))
+        await ctx.redis.rpush(f"done:{ctx.job.sid}", ctx.worker.consumer)
+        return []
+
+
+def config(url: str, **worker) -> Config:
+    cfg = Config.load(env={"PARLEY_REDIS_URL": url})
+    cfg.worker.claim_idle_ms = 500
+    cfg.worker.heartbeat_ms = 100
+    cfg.worker.block_ms = 200
+    for k, v in worker.items():
+        setattr(cfg.worker, k, v)
+    return cfg
+
+
+async def start(cfg: Config, name: str):
+    stage = ToyStage(cfg)
+    w = Worker(stage, cfg, consumer=name)
+    task = asyncio.create_task(w.run())
+    await asyncio.sleep(0.05)
+    return w, stage, task
+
+
+async def enqueue(r, sid: str, text: str, turn: int = 1):
+    await r.xadd(Keys().jobs("toy"), Job(stage="toy", sid=sid, turn=turn, text=text).to_fields())
+
+
+async def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await cond():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def stop(*pairs):
+    for w, _task in pairs:
+        w.request_stop()
+    await asyncio.gather(*(t for _, t in pairs))
+
+
+async def test_jobs_run_concurrently_and_are_acked(redis_server, redis_client):
+    cfg = config(redis_server.url, max_jobs=4)
+    w, _stage, task = await start(cfg, "a")
+    t0 = time.monotonic()
+    for i in range(4):
+        await enqueue(redis_client, f"s{i}", "0.5")
+    assert await wait_for(lambda: _count(redis_client, [f"done:s{i}" for i in range(4)], 4))
+    assert time.monotonic() - t0 < 1.8, "four 0.5 s jobs should overlap"
+    info = await redis_client.xpending(Keys().jobs("toy"), "toy")
+    assert info["pending"] == 0
+    await stop((w, task))
+
+
+async def _count(r, keys, want):
+    n = 0
+    for k in keys:
+        n += await r.llen(k)
+    return n >= want
+
+
+async def test_a_dead_consumers_job_is_taken_over(redis_server, redis_client):
+    cfg = config(redis_server.url)
+    keys = Keys()
+    await redis_client.xgroup_create(keys.jobs("toy"), "toy", id="0", mkstream=True)
+    await enqueue(redis_client, "orphan", "0")
+    # A consumer that reads the job and then dies: it never acks and never heartbeats.
+    got = await redis_client.xreadgroup("toy", "dead-worker", {keys.jobs("toy"): ">"}, count=1)
+    assert got
+    t0 = time.monotonic()
+    w, _stage, task = await start(cfg, "rescuer")
+    assert await wait_for(lambda: _count(redis_client, ["done:orphan"], 1), 5)
+    took = time.monotonic() - t0
+    assert 0.3 < took < 3.0, f"takeover after the idle threshold, took {took:.2f}s"
+    assert await redis_client.lrange("done:orphan", 0, -1) == [b"rescuer"]
+    await stop((w, task))
+
+
+async def test_heartbeat_keeps_a_long_job_with_its_live_worker(redis_server, redis_client):
+    cfg = config(redis_server.url)
+    a, sa, ta = await start(cfg, "busy")
+    await enqueue(redis_client, "long", "2.0")  # four times the claim idle threshold
+    assert await wait_for(lambda: _any(sa.ran))
+    b, sb, tb = await start(cfg, "thief")
+    assert await wait_for(lambda: _count(redis_client, ["done:long"], 1), 6)
+    assert sb.ran == [] and sa.ran == ["long"]
+    assert await redis_client.lrange("done:long", 0, -1) == [b"busy"]
+    await stop((a, ta), (b, tb))
+
+
+async def _any(xs):
+    return bool(xs)
+
+
+async def test_poison_job_goes_to_dead_letters_with_an_error_event(redis_server, redis_client):
+    cfg = config(redis_server.url, max_deliveries=3)
+    w, stage, task = await start(cfg, "a")
+    keys = Keys()
+    await enqueue(redis_client, "bad", "poison", turn=7)
+    await enqueue(redis_client, "good", "0")
+    assert await wait_for(lambda: _xlen(redis_client, keys.dead("toy"), 1))
+    assert stage.ran.count("bad") == 3
+    dead = await redis_client.xrange(keys.dead("toy"))
+    assert b"always fails" in dead[0][1][b"reason"]
+    events = await redis_client.xrange(keys.session("bad", "events"))
+    ev = EventEntry.from_fields(events[0][1])
+    assert (ev.kind, ev.code, ev.turn) == ("error", "turn_failed", 7)
+    assert "always fails" in ev.message
+    assert await wait_for(lambda: _count(redis_client, ["done:good"], 1))
+    await stop((w, task))
+
+
+async def _xlen(r, key, n):
+    return await r.xlen(key) >= n
+
+
+async def test_sigterm_hands_back_in_flight_jobs_at_once(redis_server, redis_client):
+    cfg = config(redis_server.url, drain_timeout_s=0.3)
+    cfg.worker.claim_idle_ms = 60_000  # a takeover by idle time would take a minute
+    a, sa, ta = await start(cfg, "leaving")
+    await enqueue(redis_client, "handoff", "until-stop")
+    assert await wait_for(lambda: _any(sa.ran))
+    a.request_stop()
+    await ta  # returns: the worker exits once the job is handed back
+    b, sb, tb = await start(cfg, "staying")
+    assert await wait_for(lambda: _any(sb.ran), 3), "the handed-back job is picked up at once"
+    info = await redis_client.xpending_range(Keys().jobs("toy"), "toy", "-", "+", 10)
+    assert all(p["consumer"] != b"leaving" for p in info)
+    b.request_stop()
+    await tb
+
+
+@pytest.fixture(autouse=True)
+async def _clean(redis_client):
+    yield
