@@ -17,10 +17,20 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from gateway import core as C
+from gateway.livelink import LiveLinkPlayer, LiveLinkSender, parse_target
 from parley.config import Config
 from parley.redisconn import RETRYABLE, connect
 from schemas import protocol as P
-from schemas.streams import Job, Keys, MicEntry, SessionMeta, mic_id, now_ms, parse_id
+from schemas.streams import (
+    FaceEntry,
+    Job,
+    Keys,
+    MicEntry,
+    SessionMeta,
+    mic_id,
+    now_ms,
+    parse_id,
+)
 from workers.llm.personas import load_personas
 
 
@@ -36,14 +46,21 @@ class Gateway:
             max_frame_bytes=g.max_frame_bytes, max_sessions=g.max_sessions,
             msgs_per_s=g.msgs_per_s, msgs_burst=g.msgs_burst,
             conn_msgs_per_s=g.conn_msgs_per_s, conn_msgs_burst=g.conn_msgs_burst,
-            auth_token=g.auth_token,
+            auth_token=g.auth_token, audio_realtime_factor=g.audio_realtime_factor,
+            audio_burst_s=g.audio_burst_s,
         )
         self.log = structlog.get_logger().bind(component="gateway")
         self.connections: set[Connection] = set()
         self.server = None
+        self.livelink: LiveLinkSender | None = None
 
     async def start(self, host: str | None = None, port: int | None = None):
         g = self.config.gateway
+        if self.config.lipsync.livelink:
+            # The target comes from configuration only: a client must never aim our UDP.
+            target = parse_target(self.config.lipsync.livelink)
+            self.livelink = await LiveLinkSender(target, fps=self.config.lipsync.fps).open()
+            self.log.info("livelink_target", host=target[0], port=target[1])
         self.server = await serve(
             self._handler, host or g.host, g.port if port is None else port,
             max_size=g.ws_max_size, ping_interval=20, ping_timeout=20,
@@ -58,6 +75,8 @@ class Gateway:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        if self.livelink is not None:
+            self.livelink.close()
         await self.redis.aclose()
 
     async def _handler(self, ws: ServerConnection) -> None:
@@ -75,6 +94,9 @@ class Connection:
         self.ws = ws
         self.core = C.ConnectionCore(gw.limits, gw.personas)
         self.relays: dict[str, tuple[C.Relay, asyncio.Task]] = {}
+        # Live Link Face output per (session, turn), paced on the reply audio's clock
+        self.players: dict[tuple[str, int], tuple[LiveLinkPlayer, asyncio.Task]] = {}
+        self.reply_rates: dict[str, int] = {}
         self.redis = gw.redis
         self.keys = gw.keys
         peer = ws.remote_address
@@ -94,7 +116,7 @@ class Connection:
         except ConnectionClosed:
             pass
         finally:
-            for _, task in list(self.relays.values()):
+            for _, task in [*self.relays.values(), *self.players.values()]:
                 task.cancel()
             await asyncio.gather(*(t for _, t in self.relays.values()), return_exceptions=True)
             await self._detach_all()
@@ -132,6 +154,9 @@ class Connection:
             if relay is not None:
                 for out in relay[0].ready(action.turn, action.segment):
                     await self.send(out)
+            if self.gw.livelink is not None:
+                # UE is about to play: the Live Link clock starts now (once per turn).
+                self._player(action.session, action.sid, action.turn).start()
         elif isinstance(action, C.OpenAction):
             await self._open(action)
         elif isinstance(action, C.ResumeAction):
@@ -212,10 +237,38 @@ class Connection:
                                         resumed=True))
         self._start_relay(state, cursors, min_turn=req.turn)
 
+    def _player(self, session: str, sid: str, turn: int) -> LiveLinkPlayer:
+        key = (session, turn)
+        if key not in self.players:
+            player = LiveLinkPlayer(self.gw.livelink, subject=sid,
+                                    rate=self.reply_rates.get(session, 22050))
+            task = asyncio.create_task(player.run())
+            task.add_done_callback(lambda _t, k=key: self.players.pop(k, None))
+            self.players[key] = (player, task)
+        return self.players[key][0]
+
+    def _livelink_feed(self, relay: C.Relay, stream: str, eid: str, fields: dict) -> None:
+        session = relay.state.session
+        if stream == "voice":
+            rate = fields.get(b"rate")
+            if rate:
+                self.reply_rates[session] = int(rate)
+        elif stream == "face":
+            turn, _ = parse_id(eid)
+            face = FaceEntry.from_fields(fields)
+            player = self._player(session, relay.state.sid, turn)
+            if face.end:
+                player.finish()
+            else:
+                player.add(face.samples, face.values)
+
     async def _close(self, session: str, sid: str) -> None:
         relay = self.relays.pop(session, None)
         if relay is not None:
             relay[1].cancel()
+        for key, (_, task) in list(self.players.items()):
+            if key[0] == session:
+                task.cancel()
         await self._mark(sid, "closed")
         await self.send(P.SessionClosed(session=session))
         self.log.info("session_closed", session=sid)
@@ -268,6 +321,8 @@ class Connection:
                     eid = eid.decode() if isinstance(eid, bytes) else eid
                     ids[key] = eid
                     try:
+                        if self.gw.livelink is not None:
+                            self._livelink_feed(relay, stream, eid, fields)
                         outs = relay.feed(stream, eid, fields)
                     except (ValueError, KeyError) as exc:
                         self.log.error("bad_stream_entry", stream=stream, id=eid, error=str(exc))

@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="the live fleet as Redis knows it")
     st.add_argument("--json", action="store_true")
 
+    ex = sub.add_parser("export", help="a stored session's replies as WAV + Live Link Face CSV")
+    ex.add_argument("session", help="stored session id (the sid from `opened`)")
+    ex.add_argument("turn", nargs="?", type=int)
+    ex.add_argument("--out", required=True)
+
     de = sub.add_parser("demo", help="`up` plus `say` on the bundled sample")
     _fleet_args(de)
     de.add_argument("--out", default="out/demo")
@@ -65,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(args, config)
     if args.cmd == "demo":
         return cmd_demo(args, config)
+    if args.cmd == "export":
+        return cmd_export(args, config)
     return 2
 
 
@@ -178,6 +185,20 @@ def cmd_status(args, config: Config) -> int:
         print(f"parley status: cannot read {url}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(status, indent=2) if args.json else render(status))
+    return 0
+
+
+def cmd_export(args, config: Config) -> int:
+    from parley.export import export_turns
+
+    url = _status_url(config)
+    try:
+        paths = export_turns(url, args.session, args.turn, Path(args.out), config.redis.prefix)
+    except (LookupError, ValueError, OSError) as exc:
+        print(f"parley export: {exc}", file=sys.stderr)
+        return 1
+    for p in paths:
+        print(p)
     return 0
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import soundfile as sf
 from websockets.asyncio.client import ClientConnection, connect
 
+from parley.export import write_livelink_csv
 from schemas import protocol as P
-from schemas.arkit import FACE_VALUE_NAMES
 
 
 @dataclass
@@ -28,15 +28,18 @@ class SeqCheck:
     last: dict[tuple[int, str], int] = field(default_factory=dict)
     gaps: int = 0
     duplicates: int = 0
+    where: list[str] = field(default_factory=list)  # "turn/channel: expected N, got M"
 
     def see(self, turn: int, channel: str, seq: int) -> bool:
         key = (turn, channel)
         prev = self.last.get(key, 0)
         if seq <= prev:
             self.duplicates += 1
+            self.where.append(f"{turn}/{channel}: duplicate {seq} after {prev}")
             return False
         if seq > prev + 1:
             self.gaps += seq - prev - 1
+            self.where.append(f"{turn}/{channel}: expected {prev + 1}, got {seq}")
         self.last[key] = seq
         return True
 
@@ -95,6 +98,7 @@ class TurnResult:
             "face_frames": self.face_frames,
             "latency_ms": self.latency_ms(),
             "seq_gaps": self.seq.gaps, "seq_duplicates": self.seq.duplicates,
+            "seq_problems": self.seq.where,
             "face_before_ready": self.face_before_ready,
             "errors": self.errors, "turn_done": self.done,
         }
@@ -103,26 +107,9 @@ class TurnResult:
         out.mkdir(parents=True, exist_ok=True)
         pcm = np.concatenate(self.audio) if self.audio else np.zeros(0, np.int16)
         sf.write(out / "reply.wav", pcm, self.reply_rate or 22050, subtype="PCM_16")
-        write_face_csv(out / "face.csv", self.face_samples, self.face_values,
-                       self.reply_rate or 22050)
+        write_livelink_csv(out / "face.csv", self.face_samples, self.face_values,
+                           self.reply_rate or 22050)
         (out / "turn.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
-
-
-def write_face_csv(path: Path, samples: list[np.ndarray], values: list[np.ndarray],
-                   rate: int, fps: int = 60) -> None:
-    """One row per frame: Live Link Face style timecode, count, 52 shapes, 9 head/eye values."""
-    s = np.concatenate(samples) if samples else np.zeros(0, np.int64)
-    v = np.concatenate(values) if values else np.zeros((0, len(FACE_VALUE_NAMES)), np.float32)
-    lines = ["Timecode,BlendShapeCount," + ",".join(FACE_VALUE_NAMES)]
-    for sample, row in zip(s, v, strict=True):
-        t = int(sample) / rate
-        frame = t * fps
-        hh, mm, ss = int(t // 3600), int(t % 3600 // 60), int(t % 60)
-        ff = int(frame % fps)
-        sub = frame - int(frame)
-        lines.append(f"{hh:02d}:{mm:02d}:{ss:02d}:{ff:02d}.{int(sub * 1000):03d},"
-                     f"{len(row)}," + ",".join(f"{x:.6f}" for x in row))
-    path.write_text("\n".join(lines) + "\n")
 
 
 def load_mic(path: str | Path) -> tuple[np.ndarray, int]:

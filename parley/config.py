@@ -35,7 +35,8 @@ class GatewayConfig:
     msgs_burst: float = 400.0
     conn_msgs_per_s: float = 100.0  # per connection, for messages that name no session
     conn_msgs_burst: float = 200.0
-    hello_timeout_s: float = 10.0
+    audio_realtime_factor: float = 20.0  # sustained mic audio faster than this is refused
+    audio_burst_s: float = 30.0  # ...after this much audio sent at once (one long utterance)
 
 
 @dataclass

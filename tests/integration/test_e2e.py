@@ -24,7 +24,7 @@ def check_turn(result, *, min_audio_s: float = 0.5):
     assert s["transcript"], "a final transcript"
     assert s["reply"], "a reply"
     assert s["reply_audio_s"] >= min_audio_s
-    assert s["seq_gaps"] == 0 and s["seq_duplicates"] == 0
+    assert s["seq_gaps"] == 0 and s["seq_duplicates"] == 0, s["seq_problems"]
     assert s["face_before_ready"] == 0, "no face frame before its segment's ready"
     expected = result.audio_samples * 60 / result.reply_rate
     assert abs(result.face_frames - expected) <= 2, (result.face_frames, expected)
@@ -49,6 +49,9 @@ async def test_full_turn_from_jfk_flac(gateway_url, jfk_path, tmp_path):
     header = rows[0].split(",")
     assert header[:4] == ["Timecode", "BlendShapeCount", "EyeBlinkLeft", "EyeLookDownLeft"]
     assert len(header) == 2 + 61 and header[-1] == "RightEyeRoll"
+    # Live Link Face's CSV order, not the enum's: these two pairs are swapped there
+    assert header.index("JawRight") < header.index("JawLeft")
+    assert header.index("MouthRight") < header.index("MouthLeft")
     assert len(rows) - 1 == result.face_frames
     # the jaw moves while the NPC speaks
     values = np.concatenate(result.face_values)

@@ -168,3 +168,20 @@ def test_bad_frames_without_a_session_are_answered_at_most_at_the_connection_rat
     codes = errors(out)
     assert codes.count(ErrorCode.SESSION_NOT_OPEN) == 10
     assert codes.count(ErrorCode.RATE_LIMITED) == 1
+
+
+def test_a_whole_utterance_pushed_unpaced_is_accepted_but_not_a_runaway_stream():
+    core = C.ConnectionCore(C.Limits(msgs_per_s=50, msgs_burst=100), PERSONAS)
+    op = opened(core, sample_rate=44100, channels=2)
+    chunk = b"\x00" * (882 * 4)  # 20 ms of 44.1 kHz stereo s16le
+    seq = 0
+    # 12 s of audio in one go: far past the message burst, within the audio burst
+    for seq in range(1, 601):
+        acts = core.receive_binary(P.MicAudio(op.channel, seq, chunk).encode(), 0.0)
+        assert isinstance(acts[-1], C.AppendMic), (seq, acts)
+    # a runaway client streaming far faster than real time is stopped
+    refused = 0
+    for seq in range(601, 3001):
+        acts = core.receive_binary(P.MicAudio(op.channel, seq, chunk).encode(), 0.1)
+        refused += not any(isinstance(a, C.AppendMic) for a in acts)
+    assert refused > 0
