@@ -72,7 +72,8 @@ class TtsConfig:
 
 @dataclass
 class LipsyncConfig:
-    backends: list[str] = field(default_factory=lambda: ["audio"])
+    # "phoneme" when the TTS sends phoneme timings, else "audio" (from the PCM alone)
+    backends: list[str] = field(default_factory=lambda: ["phoneme", "audio"])
     fps: int = 60
     lookahead_ms: float = 40.0
     livelink: str = ""  # HOST:PORT for Live Link Face UDP; set by configuration only

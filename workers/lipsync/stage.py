@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import bisect
+import zlib
 
 import numpy as np
 
 from schemas.streams import FaceEntry, Job, VoiceEntry, parse_id
 from workers.lipsync.audio_driven import AudioLipsync, FaceFrame
+from workers.lipsync.idle import IdleFace
+from workers.lipsync.phoneme_driven import PhonemeLipsync
 from workers.runtime import JobContext, Stage, Superseded
 
 VOICE_WAIT_S = 60.0
@@ -20,10 +23,23 @@ class LipsyncStage(Stage):
         cfg = self.config.lipsync
         return {"backends": cfg.backends, "fps": cfg.fps, "lookahead_ms": cfg.lookahead_ms}
 
+    def _mapper(self, voice: VoiceEntry) -> AudioLipsync | PhonemeLipsync:
+        """Phoneme-driven when the TTS reports phoneme timings (espeak does), else from audio."""
+        cfg = self.config.lipsync
+        has_marks = any(m.kind == "phoneme" for m in voice.marks)
+        for name in cfg.backends:
+            if name == "phoneme" and has_marks:
+                return PhonemeLipsync(voice.rate, fps=cfg.fps)
+            if name == "audio":
+                return AudioLipsync(voice.rate, fps=cfg.fps, lookahead_ms=cfg.lookahead_ms)
+        return AudioLipsync(voice.rate, fps=cfg.fps, lookahead_ms=cfg.lookahead_ms)
+
     async def handle(self, ctx: JobContext) -> list[Job]:
         cfg = self.config.lipsync
         published = await ctx.progress("face")
-        lip: AudioLipsync | None = None
+        lip: AudioLipsync | PhonemeLipsync | None = None
+        # Seeded by session and turn, so a takeover re-creates exactly the same blinks.
+        idle = IdleFace(fps=cfg.fps, seed=zlib.crc32(f"{ctx.sid}/{ctx.turn}".encode()))
         seg_starts: list[int] = []  # first sample of each segment, in order
         seg_ids: list[int] = []
         seq = 0
@@ -34,6 +50,7 @@ class LipsyncStage(Stage):
             nonlocal seq
             if not frames:
                 return
+            frames = idle.apply(frames, speaking=1.0)
             samples = np.array([f.sample for f in frames], dtype=np.int64)
             owner = [seg_ids[max(0, bisect.bisect_right(seg_starts, s) - 1)] for s in samples]
             start = 0
@@ -63,8 +80,8 @@ class LipsyncStage(Stage):
                 if turn > ctx.turn:
                     raise Superseded(f"voice stream moved on to turn {turn}")
                 voice = VoiceEntry.from_fields(fields)
-                if lip is None:
-                    lip = AudioLipsync(voice.rate, fps=cfg.fps, lookahead_ms=cfg.lookahead_ms)
+                if lip is None and (voice.pcm or voice.end):
+                    lip = self._mapper(voice)
                 if voice.end:
                     tail = lip.flush()
                     await put(tail)
@@ -81,7 +98,11 @@ class LipsyncStage(Stage):
                     seg_ids.append(voice.segment)
                     seg_starts.append(voice.sample)
                 pcm = np.frombuffer(voice.pcm, dtype="<i2")
-                await put(lip.push(pcm))
+                if isinstance(lip, PhonemeLipsync):
+                    marks = [(m.sample, m.value) for m in voice.marks if m.kind == "phoneme"]
+                    await put(lip.push(pcm, marks))
+                else:
+                    await put(lip.push(pcm))
 
 
 def _count(samples: int, rate: int, fps: int) -> int:
