@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import ClassVar
 
 import numpy as np
 from pocketsphinx import Config, Decoder
@@ -49,7 +50,7 @@ class PocketsphinxBackend:
     # The second passes (fwdflat, bestpath) re-decode the whole utterance after the player
     # stops: on jfk.flac (11 s) finish() took 833 ms with them, 41 ms without, for a transcript
     # of the same (poor) quality. The player is waiting then, so they are off by default.
-    DEFAULTS = {"fwdflat": False, "bestpath": False}
+    DEFAULTS: ClassVar[dict] = {"fwdflat": False, "bestpath": False}
 
     def __init__(self, model_dir: str | None = None, pool_size: int = 4, **decoder_options):
         self.pool_size = pool_size
