@@ -35,10 +35,16 @@ def redis_server():
 
 
 @pytest.fixture
-async def redis_client(redis_server):
+def scratch_url(redis_server) -> str:
+    """Database 1 of the test server: tests that flush it never touch the fleet's database 0."""
+    return redis_server.url.rsplit("/", 1)[0] + "/1"
+
+
+@pytest.fixture
+async def redis_client(scratch_url):
     from parley.redisconn import connect
 
-    r = connect(redis_server.url)
+    r = connect(scratch_url)
     await r.flushdb()
     yield r
     await r.aclose()

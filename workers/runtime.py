@@ -235,7 +235,8 @@ class Worker:
                 got = await self.redis.xrange(self.stream, p["message_id"], p["message_id"])
                 if got:
                     await self._hand_back(Job.from_fields(got[0][0], got[0][1]))
-        except RETRYABLE as exc:
+        except (*RETRYABLE, ResponseError) as exc:
+            # Redis gone or emptied (NOGROUP): nothing of ours is pending there to hand back.
             self.log.warning("drain_redis_unavailable", error=str(exc))
 
     async def _ensure_group(self) -> None:
@@ -298,7 +299,9 @@ class Worker:
             except RETRYABLE as exc:
                 self.log.warning("redis_unavailable", during="reclaim", error=str(exc))
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if "NOGROUP" in str(exc):
+                    await self._retrying(self._ensure_group, "ensure_group")
+                else:
                     self.log.error("reclaim_failed", error=str(exc))
 
     async def _reclaim_once(self) -> None:
@@ -346,7 +349,10 @@ class Worker:
             except RETRYABLE as exc:
                 self.log.warning("redis_unavailable", during="heartbeat", error=str(exc))
             except ResponseError as exc:
-                self.log.error("heartbeat_failed", error=str(exc))
+                if "NOGROUP" in str(exc):  # Redis lost its data: recreate the group
+                    await self._retrying(self._ensure_group, "ensure_group")
+                else:
+                    self.log.error("heartbeat_failed", error=str(exc))
 
     async def _register(self) -> None:
         key = self.keys.worker(self.consumer)

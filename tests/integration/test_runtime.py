@@ -71,8 +71,8 @@ async def stop(*pairs):
     await asyncio.gather(*(t for _, t in pairs))
 
 
-async def test_jobs_run_concurrently_and_are_acked(redis_server, redis_client):
-    cfg = config(redis_server.url, max_jobs=4)
+async def test_jobs_run_concurrently_and_are_acked(scratch_url, redis_client):
+    cfg = config(scratch_url, max_jobs=4)
     w, _stage, task = await start(cfg, "a")
     t0 = time.monotonic()
     for i in range(4):
@@ -91,8 +91,8 @@ async def _count(r, keys, want):
     return n >= want
 
 
-async def test_a_dead_consumers_job_is_taken_over(redis_server, redis_client):
-    cfg = config(redis_server.url)
+async def test_a_dead_consumers_job_is_taken_over(scratch_url, redis_client):
+    cfg = config(scratch_url)
     keys = Keys()
     await redis_client.xgroup_create(keys.jobs("toy"), "toy", id="0", mkstream=True)
     await enqueue(redis_client, "orphan", "0")
@@ -108,8 +108,8 @@ async def test_a_dead_consumers_job_is_taken_over(redis_server, redis_client):
     await stop((w, task))
 
 
-async def test_heartbeat_keeps_a_long_job_with_its_live_worker(redis_server, redis_client):
-    cfg = config(redis_server.url)
+async def test_heartbeat_keeps_a_long_job_with_its_live_worker(scratch_url, redis_client):
+    cfg = config(scratch_url)
     a, sa, ta = await start(cfg, "busy")
     await enqueue(redis_client, "long", "2.0")  # four times the claim idle threshold
     assert await wait_for(lambda: _any(sa.ran))
@@ -124,8 +124,8 @@ async def _any(xs):
     return bool(xs)
 
 
-async def test_poison_job_goes_to_dead_letters_with_an_error_event(redis_server, redis_client):
-    cfg = config(redis_server.url, max_deliveries=3)
+async def test_poison_job_goes_to_dead_letters_with_an_error_event(scratch_url, redis_client):
+    cfg = config(scratch_url, max_deliveries=3)
     w, stage, task = await start(cfg, "a")
     keys = Keys()
     await enqueue(redis_client, "bad", "poison", turn=7)
@@ -146,8 +146,8 @@ async def _xlen(r, key, n):
     return await r.xlen(key) >= n
 
 
-async def test_sigterm_hands_back_in_flight_jobs_at_once(redis_server, redis_client):
-    cfg = config(redis_server.url, drain_timeout_s=0.3)
+async def test_sigterm_hands_back_in_flight_jobs_at_once(scratch_url, redis_client):
+    cfg = config(scratch_url, drain_timeout_s=0.3)
     cfg.worker.claim_idle_ms = 60_000  # a takeover by idle time would take a minute
     a, sa, ta = await start(cfg, "leaving")
     await enqueue(redis_client, "handoff", "until-stop")
