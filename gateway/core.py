@@ -374,6 +374,23 @@ class _TurnState:
     face_end: FaceEntry | None = None
     held: int = 0
     done: bool = False
+    interrupted: bool = False
+    rate: int = 0
+    audio_samples: int = 0  # relayed so far
+    first_audio_at: float | None = None
+    ready_at: float | None = None
+    held_audio: list[bytes] = field(default_factory=list)  # sequential mode only
+
+
+@dataclass
+class InterruptTurn:
+    """Relay's verdict that ``turn`` must stop: the I/O layer cancels it in Redis."""
+
+    turn: int
+    reason: str  # "barge_in" | "client"
+
+
+PLAYBACK_SLACK_S = 0.3  # UE's own buffering beyond the audio's length
 
 
 class Relay:
@@ -381,9 +398,10 @@ class Relay:
 
     STREAMS = ("transcript", "reply", "voice", "face", "events")
 
-    def __init__(self, state: SessionState, min_turn: int = 0):
+    def __init__(self, state: SessionState, min_turn: int = 0, sequential: bool = False):
         self.state = state
         self.min_turn = min_turn
+        self.sequential = sequential
         self.held: dict[tuple[int, int], list[P.FaceFrames]] = {}
         self.turns: dict[int, _TurnState] = {}
         self.face_sent = 0
@@ -391,7 +409,36 @@ class Relay:
     def _turn(self, turn: int) -> _TurnState:
         return self.turns.setdefault(turn, _TurnState())
 
-    def feed(self, stream: str, entry_id: str, fields: dict) -> list[P.Message | bytes]:
+    def playing(self, turn: int, now: float) -> bool:
+        """Is UE (as far as we can tell) still playing ``turn``'s reply?"""
+        ts = self.turns.get(turn)
+        if ts is None or ts.first_audio_at is None or ts.interrupted:
+            return False
+        if ts.voice_end is None or ts.ready_at is None or not ts.rate:
+            return True
+        return now < ts.ready_at + ts.audio_samples / ts.rate + PLAYBACK_SLACK_S
+
+    def current_turn(self) -> int | None:
+        played = [t for t, ts in self.turns.items() if ts.first_audio_at is not None]
+        return max(played) if played else None
+
+    def interrupt(self, turn: int) -> list[P.Message | bytes]:
+        """Stop ``turn``: UE stops playback; what is still held or in flight is dropped."""
+        ts = self._turn(turn)
+        if ts.interrupted or ts.done:
+            return []
+        ts.interrupted = True
+        ts.done = True
+        for key in [k for k in self.held if k[0] == turn]:
+            del self.held[key]
+        ts.held = 0
+        ts.held_audio.clear()
+        return [P.StopPlayback(session=self.state.session, turn=turn),
+                P.TurnDone(session=self.state.session, turn=turn,
+                           audio_samples=ts.audio_samples, face_frames=0, interrupted=True)]
+
+    def feed(self, stream: str, entry_id: str, fields: dict,
+             now: float = 0.0) -> list[P.Message | bytes | InterruptTurn]:
         st = self.state
         if stream == "events":
             ev = EventEntry.from_fields(fields)
@@ -400,8 +447,12 @@ class Relay:
             if ev.kind == "error":
                 return [P.ErrorEvent(code=ev.code or ErrorCode.TURN_FAILED, message=ev.message,
                                      session=st.session, turn=ev.turn)]
+            if ev.kind == "speech_start" and self.playing(ev.turn - 1, now):
+                return [InterruptTurn(ev.turn - 1, "barge_in")]
             return []
         turn, seq = parse_id(entry_id)
+        if turn in self.turns and self.turns[turn].interrupted:
+            return []  # the player cut this turn off: its late output is not wanted
         if stream == "transcript":
             t = TranscriptEntry.from_fields(fields)
             return [P.Transcript(session=st.session, turn=turn, seq=seq, text=t.text,
@@ -413,18 +464,32 @@ class Relay:
                                 text=r.text, final=r.end)]
         if stream == "voice":
             v = VoiceEntry.from_fields(fields)
+            ts = self._turn(turn)
             if v.end:
-                self._turn(turn).voice_end = v
+                ts.voice_end = v
                 return self._maybe_done(turn)
             st.known_segments.add((turn, v.segment))
             flags = P.FLAG_LAST_IN_SEGMENT if v.last_in_segment else 0
-            return [P.ReplyAudio(st.channel, turn, seq, v.segment, v.rate, v.sample, v.pcm,
-                                 flags).encode()]
+            frame = P.ReplyAudio(st.channel, turn, seq, v.segment, v.rate, v.sample, v.pcm,
+                                 flags).encode()
+            ts.rate = v.rate
+            ts.audio_samples = v.sample + v.num_samples
+            if self.sequential:  # whole-file baseline: no audio before the face is complete
+                ts.held_audio.append(frame)
+                return []
+            if ts.first_audio_at is None:
+                ts.first_audio_at = now
+            return [frame]
         if stream == "face":
             f = FaceEntry.from_fields(fields)
             ts = self._turn(turn)
             if f.end:
                 ts.face_end = f
+                if self.sequential and ts.held_audio:
+                    out: list = list(ts.held_audio)
+                    ts.held_audio.clear()
+                    ts.first_audio_at = now
+                    return out + self._maybe_done(turn)
                 return self._maybe_done(turn)
             frame = P.FaceFrames(st.channel, turn, seq, f.segment, f.samples.astype("<u8"),
                                  f.values)
@@ -437,7 +502,10 @@ class Relay:
             return []
         raise ValueError(f"unknown stream {stream}")
 
-    def ready(self, turn: int, segment: int) -> list[P.Message | bytes]:
+    def ready(self, turn: int, segment: int, now: float = 0.0) -> list[P.Message | bytes]:
+        ts = self._turn(turn)
+        if ts.ready_at is None:
+            ts.ready_at = now  # UE starts playing: its audio clock starts here
         out: list[P.Message | bytes] = []
         frames = self.held.pop((turn, segment), [])
         for frame in frames:

@@ -22,11 +22,14 @@ from parley.config import Config
 from parley.redisconn import RETRYABLE, connect
 from schemas import protocol as P
 from schemas.streams import (
+    EventEntry,
     FaceEntry,
     Job,
     Keys,
     MicEntry,
+    ReplyEntry,
     SessionMeta,
+    VoiceEntry,
     mic_id,
     now_ms,
     parse_id,
@@ -97,6 +100,8 @@ class Connection:
         # Live Link Face output per (session, turn), paced on the reply audio's clock
         self.players: dict[tuple[str, int], tuple[LiveLinkPlayer, asyncio.Task]] = {}
         self.reply_rates: dict[str, int] = {}
+        self._marked: set[tuple[str, int, str]] = set()
+        self._bg: set[asyncio.Task] = set()
         self.redis = gw.redis
         self.keys = gw.keys
         peer = ws.remote_address
@@ -148,12 +153,14 @@ class Connection:
                 await self._append_mic(action.sid, MicEntry(seq=action.after_seq,
                                                             end_of_utterance=True))
         elif isinstance(action, C.ReadyAction):
-            await self.redis.sadd(self.keys.session(action.sid, "ready"),
-                                  f"{action.turn}:{action.segment}")
             relay = self.relays.get(action.session)
             if relay is not None:
-                for out in relay[0].ready(action.turn, action.segment):
-                    await self.send(out)
+                self._timing(relay[0].state, action.turn, "ready")
+                # frames first: the face is what UE is waiting for; the bookkeeping can follow
+                for out in relay[0].ready(action.turn, action.segment, time.monotonic()):
+                    await self._send_out(relay[0], action.turn, out)
+            await self.redis.sadd(self.keys.session(action.sid, "ready"),
+                                  f"{action.turn}:{action.segment}")
             if self.gw.livelink is not None:
                 # UE is about to play: the Live Link clock starts now (once per turn).
                 self._player(action.session, action.sid, action.turn).start()
@@ -164,7 +171,15 @@ class Connection:
         elif isinstance(action, C.CloseAction):
             await self._close(action.session, action.sid)
         elif isinstance(action, C.InterruptAction):
-            self.log.info("interrupt", session=action.sid, played=action.played_samples)
+            relay = self.relays.get(action.session)
+            turn = relay[0].current_turn() if relay is not None else None
+            self.log.info("interrupt", session=action.sid, turn=turn,
+                          played=action.played_samples)
+            if relay is None or turn is None:
+                return
+            if action.played_samples is not None:
+                await self._keep_heard(action.sid, turn, action.played_samples)
+            await self._interrupt(relay[0], turn, "client")
 
     async def _append_mic(self, sid: str, entry: MicEntry) -> None:
         try:
@@ -237,6 +252,62 @@ class Connection:
                                         resumed=True))
         self._start_relay(state, cursors, min_turn=req.turn)
 
+    def _timing(self, state: C.SessionState, turn: int, name: str) -> None:
+        """Latency waterfall: first time ``name`` happened in ``turn`` (off the hot path)."""
+        key = (state.sid, turn, name)
+        if key in self._marked:
+            return
+        self._marked.add(key)
+        task = asyncio.create_task(self.redis.hsetnx(self.keys.session(state.sid, "timing"),
+                                                     f"{turn}:{name}", now_ms()))
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _send_out(self, relay: C.Relay, turn: int, out) -> None:
+        if isinstance(out, bytes):
+            await self.send(out)
+            kind = out[0]
+            if kind == P.FrameKind.REPLY_AUDIO:
+                self._timing(relay.state, turn, "gw_first_audio")
+            elif kind == P.FrameKind.FACE_FRAMES:
+                self._timing(relay.state, turn, "gw_first_face")
+            return
+        if isinstance(out, P.TurnDone) and not out.interrupted:
+            raw = await self.redis.hgetall(self.keys.session(relay.state.sid, "timing"))
+            prefix = f"{out.turn}:"
+            out.timings = {k.decode()[len(prefix):]: float(v) for k, v in raw.items()
+                           if k.decode().startswith(prefix)}
+        await self.send(out)
+
+    async def _interrupt(self, relay: C.Relay, turn: int, reason: str) -> None:
+        """Cancel ``turn`` everywhere: workers see the event (or the marker, if they start
+        later) and stop; UE is told to stop playing."""
+        sid = relay.state.sid
+        outs = relay.interrupt(turn)
+        if not outs:
+            return
+        async with self.redis.pipeline(transaction=False) as p:
+            p.set(self.keys.session(sid, "cancel"), turn)
+            p.xadd(self.keys.session(sid, "events"),
+                   EventEntry(kind="interrupt", turn=turn, code=reason).to_fields())
+            p.hsetnx(self.keys.session(sid, "timing"), f"{turn}:interrupt", now_ms())
+            await p.execute()
+        self.log.info("turn_interrupted", session=sid, turn=turn, reason=reason)
+        for out in outs:
+            if reason == "client" and isinstance(out, P.StopPlayback):
+                continue  # UE stopped on its own; it needs no stop
+            await self.send(out)
+
+    async def _keep_heard(self, sid: str, turn: int, played: int) -> None:
+        """History keeps only the words UE played before the cut (TTS word timings)."""
+        span = (f"{turn}-0", f"{turn}-{2**63 - 1}")
+        voice = await self.redis.xrange(self.keys.session(sid, "voice"), *span)
+        reply = await self.redis.xrange(self.keys.session(sid, "reply"), *span)
+        texts = {r.segment: r.text for r in (ReplyEntry.from_fields(f) for _, f in reply)
+                 if not r.end}
+        heard = heard_text(texts, [VoiceEntry.from_fields(f) for _, f in voice], played)
+        await self.redis.hset(self.keys.session(sid, "history"), f"{turn}:heard", heard)
+
     def _player(self, session: str, sid: str, turn: int) -> LiveLinkPlayer:
         key = (session, turn)
         if key not in self.players:
@@ -293,7 +364,8 @@ class Connection:
                 pass
 
     def _start_relay(self, state: C.SessionState, cursors: dict[str, str], min_turn: int) -> None:
-        relay = C.Relay(state, min_turn=min_turn)
+        relay = C.Relay(state, min_turn=min_turn,
+                        sequential=self.gw.config.pipeline.mode == "sequential")
         task = asyncio.create_task(self._relay_loop(relay, cursors))
         self.relays[state.session] = (relay, task)
 
@@ -323,12 +395,32 @@ class Connection:
                     try:
                         if self.gw.livelink is not None:
                             self._livelink_feed(relay, stream, eid, fields)
-                        outs = relay.feed(stream, eid, fields)
+                        outs = relay.feed(stream, eid, fields, time.monotonic())
                     except (ValueError, KeyError) as exc:
                         self.log.error("bad_stream_entry", stream=stream, id=eid, error=str(exc))
                         continue
+                    turn = parse_id(eid)[0] if stream != "events" else 0
                     for out in outs:
-                        await self.send(out)
+                        if isinstance(out, C.InterruptTurn):
+                            await self._interrupt(relay, out.turn, out.reason)
+                        else:
+                            await self._send_out(relay, turn, out)
+
+
+def heard_text(texts: dict[int, str], voice: list[VoiceEntry], played: int) -> str:
+    """The reply as far as the player heard it: whole segments before the cut, and the cut
+    segment up to the end of the last word that had started playing."""
+    cut_segment, cut_end = -1, 0
+    for v in voice:
+        for m in v.marks:
+            if m.kind == "word" and m.sample < played:
+                end = int(m.value.split(":")[1])
+                if (v.segment, end) > (cut_segment, cut_end):
+                    cut_segment, cut_end = v.segment, end
+    parts = [texts[s] for s in sorted(texts) if s < cut_segment]
+    if cut_segment in texts:
+        parts.append(texts[cut_segment][:cut_end])
+    return " ".join(parts).strip()
 
 
 async def run_gateway(config: Config, host: str | None = None, port: int | None = None,

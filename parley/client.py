@@ -59,8 +59,8 @@ class TurnResult:
     errors: list[dict] = field(default_factory=list)
     done: dict | None = None
     seq: SeqCheck = field(default_factory=SeqCheck)
-    segments_audio: set[int] = field(default_factory=set)
-    ready_sent: dict[int, float] = field(default_factory=dict)
+    segments_audio: set[tuple[int, int]] = field(default_factory=set)  # (turn, segment)
+    ready_sent: dict[tuple[int, int], float] = field(default_factory=dict)
     face_before_ready: int = 0
     t_last_mic: float = 0.0
     t_first_audio: float = 0.0
@@ -68,6 +68,9 @@ class TurnResult:
     t_first_face: float = 0.0
     t_final_transcript: float = 0.0
     t_done: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+    played_samples: int | None = None
 
     @property
     def audio_samples(self) -> int:
@@ -88,6 +91,17 @@ class TurnResult:
             "turn_done": d(self.t_last_mic, self.t_done),
         }
 
+    def waterfall_ms(self) -> dict[str, float]:
+        """Each step of the turn in ms after the end of the player's speech (server clocks)."""
+        t = self.timings
+        if "eos" not in t:
+            return {}
+        order = ["eos", "final_transcript", "llm_start", "first_token", "first_fragment",
+                 "tts_first_chunk", "first_face", "gw_first_audio", "ready", "gw_first_face"]
+        steps = {k: round(t[k] - t["eos"], 1) for k in order if k in t}
+        steps.update({k: round(v, 1) for k, v in t.items() if k.endswith("_ms")})
+        return steps
+
     def summary(self) -> dict:
         return {
             "session": self.session, "sid": self.sid, "turn": self.turn,
@@ -101,6 +115,8 @@ class TurnResult:
             "seq_problems": self.seq.where,
             "face_before_ready": self.face_before_ready,
             "errors": self.errors, "turn_done": self.done,
+            "waterfall_ms": self.waterfall_ms(),
+            "interrupted": self.interrupted, "played_samples": self.played_samples,
         }
 
     def write(self, out: Path) -> None:
@@ -132,6 +148,10 @@ class Client:
         self._done: dict[str, asyncio.Event] = {}
         self._reader: asyncio.Task | None = None
         self.welcome: P.Welcome | None = None
+        self.messages: list[P.Message] = []  # every JSON message received, in order
+        self.next_seq: dict[str, int] = {}  # mic chunk numbering runs on across utterances
+        self.done_turns: dict[tuple[str, int], P.TurnDone] = {}
+        self._turn_events: dict[tuple[str, int], asyncio.Event] = {}
 
     @classmethod
     async def connect(cls, url: str, token: str | None = None, **kw) -> Client:
@@ -176,6 +196,7 @@ class Client:
         if isinstance(opened, P.ErrorEvent):
             raise RuntimeError(f"open {session}: {opened.code}: {opened.message}")
         self.opened[session] = opened
+        self.next_seq[session] = opened.next_mic_seq
         self.by_channel[opened.channel] = session
         self.turns[session].sid = opened.sid
         return opened
@@ -189,13 +210,14 @@ class Client:
         if tail_silence_ms:
             pad = np.zeros((rate * tail_silence_ms // 1000, frames.shape[1]), frames.dtype)
             frames = np.concatenate([frames, pad])
-        seq = opened.next_mic_seq
+        seq = self.next_seq[session]
         t0 = time.perf_counter()
         for i, start in enumerate(range(0, len(frames), step)):
             chunk = frames[start:start + step]
             await self.send(P.MicAudio(opened.channel, seq, chunk.astype("<i2").tobytes())
                             .encode())
             seq += 1
+            self.next_seq[session] = seq
             if realtime:
                 due = t0 + (i + 1) * chunk_ms / 1000
                 delay = due - time.perf_counter()
@@ -204,6 +226,20 @@ class Client:
         self.turns[session].t_last_mic = time.perf_counter()
         if end_of_utterance:
             await self.send(P.EndOfUtterance(session=session))
+
+    async def wait_turn(self, session: str, turn: int, timeout: float = 60.0) -> P.TurnDone:
+        """Until turn_done of that very turn (a session has many turns)."""
+        ev = self._turn_events.setdefault((session, turn), asyncio.Event())
+        await asyncio.wait_for(ev.wait(), timeout)
+        return self.done_turns[(session, turn)]
+
+    def played_samples(self, session: str) -> int:
+        """What UE would have played by now: its audio clock starts at the first ready."""
+        tr = self.turns[session]
+        if not tr.t_first_ready or not tr.reply_rate:
+            return 0
+        elapsed = time.perf_counter() - tr.t_first_ready
+        return min(tr.audio_samples, int(elapsed * tr.reply_rate))
 
     async def wait_done(self, session: str, timeout: float = 60.0) -> TurnResult:
         await asyncio.wait_for(self._done[session].wait(), timeout)
@@ -218,6 +254,7 @@ class Client:
                 await self._on_text(P.decode_text(message, P.SERVER_MESSAGES, strict=False), now)
 
     async def _on_text(self, msg: P.Message, now: float) -> None:
+        self.messages.append(msg)
         if isinstance(msg, P.Welcome):
             self._resolve("welcome", msg)
         elif isinstance(msg, P.SessionOpened):
@@ -245,10 +282,20 @@ class Client:
             tr = self.turns[msg.session]
             if tr.seq.see(msg.turn, "reply", msg.seq) and msg.final:
                 tr.reply = msg.text
+        elif isinstance(msg, P.StopPlayback):
+            # As UE does: stop the audio, say how far it got.
+            tr = self.turns[msg.session]
+            tr.interrupted = True
+            tr.played_samples = self.played_samples(msg.session)
+            await self.send(P.Interrupt(session=msg.session, played_samples=tr.played_samples))
         elif isinstance(msg, P.TurnDone):
             tr = self.turns[msg.session]
             tr.done = msg.to_dict()
             tr.t_done = now
+            tr.timings = dict(msg.timings or {})
+            tr.interrupted = tr.interrupted or msg.interrupted
+            self.done_turns[(msg.session, msg.turn)] = msg
+            self._turn_events.setdefault((msg.session, msg.turn), asyncio.Event()).set()
             self._done[msg.session].set()
         elif isinstance(msg, P.Pong):
             self._resolve(f"pong:{msg.id}", msg)
@@ -265,8 +312,8 @@ class Client:
                 tr.t_first_audio = now
             tr.reply_rate = frame.sample_rate
             tr.audio.append(np.frombuffer(frame.pcm, dtype="<i2"))
-            if frame.segment not in tr.segments_audio:
-                tr.segments_audio.add(frame.segment)
+            if (frame.turn, frame.segment) not in tr.segments_audio:
+                tr.segments_audio.add((frame.turn, frame.segment))
                 # UE buffers the first chunk of a segment, then says it is about to play it.
                 asyncio.get_running_loop().call_later(
                     self.ready_delay_s, lambda s=frame.segment, t=frame.turn:
@@ -274,7 +321,7 @@ class Client:
         elif isinstance(frame, P.FaceFrames):
             if not tr.seq.see(frame.turn, "face", frame.seq):
                 return
-            if frame.segment not in tr.ready_sent:
+            if (frame.turn, frame.segment) not in tr.ready_sent:
                 tr.face_before_ready += len(frame.samples)
             if not tr.t_first_face:
                 tr.t_first_face = now
@@ -284,7 +331,7 @@ class Client:
     async def _ready(self, session: str, turn: int, segment: int) -> None:
         tr = self.turns[session]
         now = time.perf_counter()
-        tr.ready_sent[segment] = now
+        tr.ready_sent[(turn, segment)] = now
         if not tr.t_first_ready:
             tr.t_first_ready = now
         await self.send(P.Ready(session=session, turn=turn, segment=segment))

@@ -91,7 +91,7 @@ class Fleet:
         from schemas.streams import Keys
 
         r = syncredis.from_url(self.redis_url)
-        keys = Keys()
+        keys = Keys(self.env.get("PARLEY_REDIS_PREFIX", "parley"))
         deadline = time.monotonic() + timeout
         want = self.workers * len(STAGES)
         while time.monotonic() < deadline:

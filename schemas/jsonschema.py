@@ -60,6 +60,8 @@ MESSAGE_DOCS: dict[str, str] = {
     "transcript": "What the player said: partial hypotheses, then one final per turn.",
     "reply": "The NPC's reply text: one message per segment, then a final one with the full "
              "text.",
+    "stop": "The player barged in: stop playing this turn now and answer with `interrupt` "
+            "carrying played_samples.",
     "turn_done": "Everything of this turn has been sent (all audio, and all face frames of the "
                  "segments UE said ready for).",
     "error": "Something was refused or failed. The connection and all other sessions go on.",
@@ -148,6 +150,8 @@ def _json_type(tp: Any) -> tuple[dict[str, Any], bool]:
         return {"type": _SCALARS[tp]}, False
     if typing.get_origin(tp) is dict and typing.get_args(tp) == (str, int):
         return {"type": "object", "additionalProperties": {"type": "integer"}}, False
+    if typing.get_origin(tp) is dict and typing.get_args(tp) == (str, float):
+        return {"type": "object", "additionalProperties": {"type": "number"}}, False
     raise TypeError(f"unsupported field type {tp!r}")
 
 

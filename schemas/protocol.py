@@ -211,6 +211,20 @@ class TurnDone(Message):
     audio_samples: int = 0
     face_frames: int = 0
     segments: int = 0
+    interrupted: bool = False
+    # Wall-clock ms (epoch) of each step of the turn: eos, final_transcript, first_token,
+    # first_fragment, tts_first_chunk, first_face, gw_first_audio, ready, gw_first_face, ...
+    timings: dict[str, float] | None = None
+
+
+@dataclass
+class StopPlayback(Message):
+    """The player barged in: stop playing ``turn`` now and answer ``interrupt`` with the
+    number of reply samples that were played."""
+
+    TYPE: ClassVar[str] = "stop"
+    session: str = ""
+    turn: int = 0
 
 
 @dataclass
@@ -235,10 +249,11 @@ CLIENT_MESSAGES: dict[str, type[Message]] = {
 SERVER_MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m
     for m in (Welcome, SessionOpened, SessionClosed, Transcript, ReplyText, TurnDone, ErrorEvent,
-              Pong)
+              Pong, StopPlayback)
 }
 
-_FIELD_TYPES = {"int": int, "str": str, "bool": bool, "dict[str, int]": dict}
+_FIELD_TYPES = {"int": int, "str": str, "bool": bool, "dict[str, int]": dict,
+                "dict[str, float]": dict}
 
 
 def _check_type(name: str, annotation: str, value: Any) -> Any:
@@ -254,11 +269,12 @@ def _check_type(name: str, annotation: str, value: Any) -> Any:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {name!r} must be an integer")
     if want is not None and not isinstance(value, want):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {name!r} must be {base}")
+    number = (int, float) if "float" in base else int
     if want is dict and not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+        isinstance(k, str) and isinstance(v, number) and not isinstance(v, bool)
         for k, v in value.items()
     ):
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {name!r} must map names to integers")
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {name!r} must map names to numbers")
     return value
 
 

@@ -229,7 +229,7 @@ class Mark:
 
     kind: str  # "phoneme" | "word"
     sample: int
-    value: str
+    value: str  # phoneme: espeak mnemonic; word: "start:end" character offsets in the segment
 
     def to_list(self) -> list:
         return [self.kind, self.sample, self.value]

@@ -56,6 +56,10 @@ class Superseded(Exception):
     """The session has moved past this job's turn (a later turn already wrote its output)."""
 
 
+class Interrupted(Exception):
+    """The player barged in (or UE sent interrupt): this job's turn is cancelled."""
+
+
 class JobContext:
     """What a stage sees of one job: its session, its output streams and follow-up jobs."""
 
@@ -68,6 +72,8 @@ class JobContext:
         self.log = worker.log.bind(session=job.sid, turn=job.turn, job=job.id)
         self.stopping = worker.stopping
         self._meta: SessionMeta | None = None
+        self._marked: set[str] = set()
+        self.interrupted = False
 
     @property
     def sid(self) -> str:
@@ -120,6 +126,14 @@ class JobContext:
             return []
         return [(i.decode() if isinstance(i, bytes) else i, f) for i, f in res[0][1]]
 
+    async def mark(self, name: str, value: float | None = None) -> None:
+        """Record when this turn first reached ``name`` (latency waterfall; first write wins)."""
+        if name in self._marked:
+            return
+        self._marked.add(name)
+        await self.redis.hsetnx(self.key("timing"), f"{self.job.turn}:{name}",
+                                now_ms() if value is None else round(value, 3))
+
     async def event(self, kind: str, code: str = "", message: str = "") -> None:
         entry = EventEntry(kind=kind, turn=self.job.turn, code=code, message=message)
         await self.redis.xadd(self.key("events"), entry.to_fields(),
@@ -150,6 +164,10 @@ class Stage:
     def on_dead(self, job: Job) -> list[Job]:
         """Jobs to enqueue when ``job`` goes to the dead-letter stream (STT keeps listening)."""
         return []
+
+    # Jobs of an interrupted turn stop; STT's listening job belongs to the *next* turn and is
+    # never interrupted by a barge-in on the current one.
+    interruptible = True
 
     def describe(self) -> dict[str, Any]:
         return {}
@@ -376,19 +394,60 @@ class Worker:
         task = asyncio.create_task(self._run_job(job), name=f"job:{job.id}")
         self.inflight[job.id] = _InFlight(job, task, now_ms())
 
+    async def _watch_interrupts(self, ctx: JobContext, task: asyncio.Task) -> None:
+        """Cancel ``task`` when the session's turn ``ctx.turn`` is interrupted.
+
+        Reads the newest events ID first, then the cancel marker, then blocks on events after
+        that ID: an interrupt written at any moment is seen by one of the two.
+        """
+        r = self.redis
+        events = ctx.key("events")
+        delay = 0.05
+        while True:
+            try:
+                top = await r.xrevrange(events, count=1)
+                after = top[0][0] if top else "0-0"
+                cancelled = await r.get(ctx.key("cancel"))
+                while cancelled is None or int(cancelled) < ctx.turn:
+                    cancelled = None
+                    res = await r.xread({events: after}, block=0)
+                    for _, entries in res or []:
+                        for eid, fields in entries:
+                            after = eid
+                            ev = EventEntry.from_fields(fields)
+                            if ev.kind == "interrupt" and ev.turn >= ctx.turn:
+                                cancelled = ev.turn
+                break
+            except RETRYABLE:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.worker.reconnect_max_s)
+        ctx.interrupted = True
+        task.cancel()
+
     async def _run_job(self, job: Job) -> None:
         log = self.log.bind(session=job.sid, turn=job.turn, job=job.id)
         ctx = JobContext(self, job)
+        watcher = None
+        if self.stage.interruptible:
+            watcher = asyncio.create_task(
+                self._watch_interrupts(ctx, asyncio.current_task()), name=f"watch:{job.id}")
         try:
             follow = await self.stage.handle(ctx)
             await self._complete(job, follow or [])
             self.done += 1
             log.debug("job_done", ms=round(now_ms() - job.ts, 1))
-        except asyncio.CancelledError:
-            if self.stopping.is_set():
+        except (asyncio.CancelledError, Interrupted):
+            if ctx.interrupted:
+                # The turn is over for the player: nothing more of it is wanted. Ack, done.
+                asyncio.current_task().uncancel()
+                await self._safe(ctx.mark(f"stopped_{self.stage.name}"), log)
+                await self._safe(self._complete(job, []), log)
+                log.info("job_interrupted")
+            elif self.stopping.is_set():
                 await self._safe(self._hand_back(job), log)
         except HandBack as hb:
-            await self._safe(self._hand_back(hb.job), log)
+            # requeue what the stage gave (e.g. an advanced cursor), ack the entry we hold
+            await self._safe(self._hand_back(replace(hb.job, id=job.id)), log)
         except Superseded as exc:
             log.info("job_superseded", reason=str(exc))
             await self._safe(self._complete(job, []), log)
@@ -402,6 +461,8 @@ class Worker:
                       exc_info=True)
             await self._safe(self._retry_or_dead(job, exc), log)
         finally:
+            if watcher is not None:
+                watcher.cancel()
             self.inflight.pop(job.id, None)
             self.slots.release()
 

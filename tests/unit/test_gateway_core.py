@@ -185,3 +185,21 @@ def test_a_whole_utterance_pushed_unpaced_is_accepted_but_not_a_runaway_stream()
         acts = core.receive_binary(P.MicAudio(op.channel, seq, chunk).encode(), 0.1)
         refused += not any(isinstance(a, C.AppendMic) for a in acts)
     assert refused > 0
+
+
+def test_heard_text_cuts_the_reply_at_the_last_word_that_started_playing():
+    from gateway.server import heard_text
+    from schemas.streams import Mark
+
+    texts = {0: "Hmm?", 1: "I am Elowen, keeper of stars."}
+    voice = [
+        VoiceEntry(segment=0, sample=0, rate=22050, marks=[Mark("word", 100, "0:4")]),
+        # espeak may report "I am" as one word event: offsets keep the text intact
+        VoiceEntry(segment=1, sample=5000, rate=22050,
+                   marks=[Mark("word", 5100, "0:4"), Mark("word", 9000, "5:12"),
+                          Mark("word", 15000, "13:19")]),
+    ]
+    assert heard_text(texts, voice, 50) == ""
+    assert heard_text(texts, voice, 6000) == "Hmm? I am"
+    assert heard_text(texts, voice, 10_000) == "Hmm? I am Elowen,"
+    assert heard_text(texts, voice, 10**9) == "Hmm? I am Elowen, keeper"

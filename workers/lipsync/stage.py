@@ -64,6 +64,7 @@ class LipsyncStage(Stage):
                             first_index=frames[start].index,
                         )
                         await ctx.emit("face", seq, entry.to_fields())
+                        await ctx.mark("first_face")
                     start = i
 
         while True:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 
-from parley.config import Config
-from schemas.streams import Job, ReplyEntry
+from parley.config import Config, PipelineConfig
+from schemas.streams import Job, ReplyEntry, now_ms
 from workers.llm.fragmenter import Fragmenter
 from workers.llm.personas import Persona, load_personas
 from workers.llm.scripted import ScriptedPersonaBackend
@@ -19,6 +21,17 @@ def make_backend(name: str, config: Config):
         return BACKENDS[name]()
     except KeyError:
         raise ValueError(f"unknown llm backend {name!r}; known: {', '.join(BACKENDS)}") from None
+
+
+async def simulated_gpu_timing(tokens: AsyncIterator[str], cfg: PipelineConfig
+                               ) -> AsyncIterator[str]:
+    """SIMULATED model speed for benchmarks: time to first token, then a steady token rate."""
+    first = True
+    async for token in tokens:
+        await asyncio.sleep((cfg.sim_llm_ttft_ms / 1000) if first
+                            else 1 / cfg.sim_llm_tokens_per_s)
+        first = False
+        yield token
 
 
 class LlmStage(Stage):
@@ -37,11 +50,14 @@ class LlmStage(Stage):
         persona = self.personas.get(meta.persona)
         if persona is None:
             raise LookupError(f"persona {meta.persona!r} is not loaded by this worker")
+        sequential = self.config.pipeline.mode == "sequential"
         published = await ctx.progress("reply")
-        if published == 0:
+        if published == 0 and not sequential:
             # TTS starts now and tails the reply stream: it speaks fragment 1 while we write 2.
             await ctx.enqueue("tts")
         history = await self._history(ctx)
+        await ctx.mark("llm_start")
+        t0 = now_ms()
         frag = Fragmenter()
         seq = 0
         texts: list[str] = []
@@ -52,11 +68,24 @@ class LlmStage(Stage):
             texts.append(text)
             if seq > published:  # a takeover continues after what is already published
                 await ctx.emit("reply", seq, ReplyEntry(segment=seq - 1, text=text).to_fields())
+            if seq == 1:
+                await ctx.mark("first_fragment")
+                await ctx.mark("llm_first_fragment_ms", now_ms() - t0)
 
         backend = self.backends[0]
-        async for token in backend.stream_reply(persona, history, ctx.job.text):
+        tokens = backend.stream_reply(persona, history, ctx.job.text)
+        if self.config.pipeline.profile == "gpu-sim":
+            tokens = simulated_gpu_timing(tokens, self.config.pipeline)
+        whole: list[str] = []
+        async for token in tokens:
+            await ctx.mark("first_token")
+            if sequential:  # the whole-file design: nothing leaves before the reply is complete
+                whole.append(token)
+                continue
             for text in frag.push(token):
                 await put(text)
+        if sequential and whole:
+            await put("".join(whole).strip())
         for text in frag.flush():
             await put(text)
         full = " ".join(texts)
@@ -65,9 +94,19 @@ class LlmStage(Stage):
         await ctx.redis.hset(ctx.key("history"), str(ctx.turn),
                              json.dumps({"player": ctx.job.text, "npc": full}))
         ctx.log.info("reply_done", segments=seq, chars=len(full))
-        return []
+        return [Job(stage="tts", sid=ctx.sid, turn=ctx.turn)] if sequential else []
 
     async def _history(self, ctx: JobContext) -> list[dict]:
-        raw = await ctx.redis.hgetall(ctx.key("history"))
-        turns = sorted((int(k), json.loads(v)) for k, v in raw.items() if int(k) < ctx.turn)
-        return [t for _, t in turns]
+        """Earlier turns, oldest first; where the player cut the NPC off, only what was heard."""
+        raw = {k.decode(): v for k, v in (await ctx.redis.hgetall(ctx.key("history"))).items()}
+        turns = []
+        for key, value in raw.items():
+            if ":" in key or int(key) >= ctx.turn:
+                continue
+            entry = json.loads(value)
+            heard = raw.get(f"{key}:heard")
+            if heard is not None:
+                entry["npc"] = heard.decode()
+                entry["interrupted"] = True
+            turns.append((int(key), entry))
+        return [t for _, t in sorted(turns)]

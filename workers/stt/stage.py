@@ -34,6 +34,7 @@ def make_backend(name: str, config: Config):
 
 class SttStage(Stage):
     name = "stt"
+    interruptible = False  # the listening job is the next turn: it is what barges in
 
     def __init__(self, config: Config):
         super().__init__(config)
@@ -51,6 +52,8 @@ class SttStage(Stage):
 
     async def handle(self, ctx: JobContext) -> list[Job]:
         cfg = self.config.stt
+        sequential = self.config.pipeline.mode == "sequential"
+        held: list[np.ndarray] = []  # sequential mode: the whole utterance, decoded at its end
         meta = await ctx.meta()
         conv = MicConverter(meta.sample_rate, meta.channels, meta.format, RATE)
         vad = Vad(rate=RATE, silence_ms=cfg.vad_silence_ms, start_ms=cfg.vad_start_ms)
@@ -106,13 +109,23 @@ class SttStage(Stage):
                             audio = np.concatenate(list(preroll)) if preroll else samples
                             preroll.clear()
                             preroll_len = 0
-                            partial = await asyncio.to_thread(stream.feed, audio)
+                            if sequential:
+                                held.append(audio)
+                            else:
+                                partial = await asyncio.to_thread(stream.feed, audio)
                             samples = samples[:0]
+                            # The gateway decides whether this is a barge-in on a reply that
+                            # is still playing: only it knows what UE is playing.
+                            await ctx.event("speech_start")
+                            await ctx.mark("speech_start")
                         elif ev.kind == "end" and stream is not None:
                             final = True
                             eos_ts = mic.ts
                     if stream is not None and len(samples):
-                        partial = await asyncio.to_thread(stream.feed, samples) or partial
+                        if sequential:
+                            held.append(samples)
+                        else:
+                            partial = await asyncio.to_thread(stream.feed, samples) or partial
                     if partial and partial != last_partial and not final:
                         last_partial = partial
                         emitted += 1
@@ -130,20 +143,32 @@ class SttStage(Stage):
                         break
                 if not final:
                     continue
+                eos_ts = eos_ts or now_ms()
+                t0 = now_ms()
+                if held:
+                    await asyncio.to_thread(stream.feed, np.concatenate(held))
+                    held.clear()
                 text = (await asyncio.to_thread(stream.finish)).strip()
+                if self.config.pipeline.profile == "gpu-sim":
+                    await asyncio.sleep(self.config.pipeline.sim_stt_final_ms / 1000)
+                finish_ms = now_ms() - t0
                 stream.close()
                 stream = None
                 if not text:
                     # Noise, a cough: no turn. Keep listening within this job.
                     ctx.log.info("utterance_empty")
                     last_partial = ""
+                    eos_ts = 0.0
                     continue
                 emitted += 1
                 end_sample = base + vad.position
                 entry = TranscriptEntry(text=text, final=True, start_sample=speech_start,
                                         end_sample=end_sample, mic_seq=mic_seq,
-                                        end_of_speech_ts=eos_ts or now_ms())
+                                        end_of_speech_ts=eos_ts)
                 await ctx.emit("transcript", emitted, entry.to_fields())
+                await ctx.mark("eos", eos_ts)
+                await ctx.mark("final_transcript")
+                await ctx.mark("stt_finish_ms", finish_ms)
                 ctx.log.info("utterance_final", text=text, start=speech_start, end=end_sample)
                 return [
                     Job(stage="llm", sid=ctx.sid, turn=ctx.turn, text=text),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from parley.config import Config
-from schemas.streams import Job, Mark, ReplyEntry, VoiceEntry, parse_id
+from schemas.streams import Job, Mark, ReplyEntry, VoiceEntry, now_ms, parse_id
 from workers.llm.personas import load_personas
 from workers.runtime import JobContext, Stage, Superseded
 from workers.tts.espeak import EspeakSynth
@@ -38,8 +38,11 @@ class TtsStage(Stage):
         voice = meta.voice or (persona.voice if persona else "en-us")
         rate_wpm = persona.voice_rate_wpm if persona else 175
         pitch = persona.voice_pitch if persona else 50
+        pipe = self.config.pipeline
+        sequential = pipe.mode == "sequential"
+        simulated = pipe.profile == "gpu-sim"
         published = await ctx.progress("voice")
-        if published == 0:
+        if published == 0 and not sequential:
             await ctx.enqueue("lipsync")
         seq = 0
         sample = 0
@@ -66,19 +69,27 @@ class TtsStage(Stage):
                                      rate=self.backend.sample_rate, end=True)
                     await ctx.emit("voice", seq, end.to_fields())
                     ctx.log.info("voice_done", samples=sample, segments=segments)
-                    return []
+                    return [Job(stage="lipsync", sid=ctx.sid, turn=ctx.turn)] if sequential else []
+                t0 = now_ms()
                 chunks = await asyncio.to_thread(
                     lambda text=reply.text: list(self.backend.synthesize(
                         text, voice=voice, rate_wpm=rate_wpm, pitch=pitch)))
+                await ctx.mark("tts_first_synth_ms", now_ms() - t0)
+                if simulated:  # SIMULATED GPU model: time to first chunk
+                    await asyncio.sleep(pipe.sim_tts_first_chunk_ms / 1000)
                 segments += 1 if chunks else 0
                 for i, ch in enumerate(chunks):
                     seq += 1
                     n = len(ch.pcm)
+                    if simulated and i:  # ...then a steady real-time factor
+                        await asyncio.sleep(pipe.sim_tts_rtf * n / self.backend.sample_rate)
                     if seq > published:
                         marks = [Mark("phoneme", sample + p.sample, p.phoneme)
                                  for p in ch.phonemes]
+                        # word marks carry character offsets into the segment's text, so the
+                        # gateway can cut the reply exactly where the player stopped hearing it
                         marks += [Mark("word", sample + w.sample,
-                                       reply.text[w.text_start:w.text_start + w.text_length])
+                                       f"{w.text_start}:{w.text_start + w.text_length}")
                                   for w in ch.words]
                         entry = VoiceEntry(
                             segment=reply.segment, sample=sample, rate=self.backend.sample_rate,
@@ -86,4 +97,5 @@ class TtsStage(Stage):
                             last_in_segment=i == len(chunks) - 1, marks=marks,
                         )
                         await ctx.emit("voice", seq, entry.to_fields())
+                        await ctx.mark("tts_first_chunk")
                     sample += n
