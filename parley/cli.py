@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="the live fleet as Redis knows it")
     st.add_argument("--json", action="store_true")
 
+    be = sub.add_parser("bench", help="benchmarks: latency, lipsync, chaos")
+    be.add_argument("which", choices=["latency", "lipsync", "chaos"])
+    be.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
+
     ex = sub.add_parser("export", help="a stored session's replies as WAV + Live Link Face CSV")
     ex.add_argument("session", help="stored session id (the sid from `opened`)")
     ex.add_argument("turn", nargs="?", type=int)
@@ -72,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_demo(args, config)
     if args.cmd == "export":
         return cmd_export(args, config)
+    if args.cmd == "bench":
+        import importlib
+
+        module = importlib.import_module(f"benchmarks.{args.which}")
+        return module.main(args.rest) or 0
     return 2
 
 

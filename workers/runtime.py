@@ -127,12 +127,22 @@ class JobContext:
         return [(i.decode() if isinstance(i, bytes) else i, f) for i, f in res[0][1]]
 
     async def mark(self, name: str, value: float | None = None) -> None:
-        """Record when this turn first reached ``name`` (latency waterfall; first write wins)."""
+        """Record when this turn first reached ``name`` (latency waterfall; first write wins).
+
+        Written in the background: a Redis round trip (~0.2 ms) per mark on the critical path
+        added up to ~1.5 ms of a turn's time to first audio.
+        """
         if name in self._marked:
             return
         self._marked.add(name)
-        await self.redis.hsetnx(self.key("timing"), f"{self.job.turn}:{name}",
-                                now_ms() if value is None else round(value, 3))
+        self.background(self.redis.hsetnx(self.key("timing"), f"{self.job.turn}:{name}",
+                                          now_ms() if value is None else round(value, 3)))
+
+    def background(self, coro) -> None:
+        """Run ``coro`` without waiting for it (bookkeeping off the critical path)."""
+        task = asyncio.create_task(coro)
+        self.worker.background.add(task)
+        task.add_done_callback(self.worker._background_done)
 
     async def event(self, kind: str, code: str = "", message: str = "") -> None:
         entry = EventEntry(kind=kind, turn=self.job.turn, code=code, message=message)
@@ -200,6 +210,12 @@ class Worker:
         self.failed = 0
         self._heartbeat = self.redis.register_script(_HEARTBEAT_LUA)
         self.started = now_ms()
+        self.background: set[asyncio.Task] = set()
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.warning("background_write_failed", error=str(task.exception()))
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -33,7 +33,7 @@ class TtsStage(Stage):
         return {"backends": [self.backend.name], "sample_rate": self.backend.sample_rate}
 
     async def handle(self, ctx: JobContext) -> list[Job]:
-        meta = await ctx.meta()
+        meta, published = await asyncio.gather(ctx.meta(), ctx.progress("voice"))
         persona = self.personas.get(meta.persona)
         voice = meta.voice or (persona.voice if persona else "en-us")
         rate_wpm = persona.voice_rate_wpm if persona else 175
@@ -41,8 +41,12 @@ class TtsStage(Stage):
         pipe = self.config.pipeline
         sequential = pipe.mode == "sequential"
         simulated = pipe.profile == "gpu-sim"
-        published = await ctx.progress("voice")
         if published == 0 and not sequential:
+            # lipsync is not on the way to the first audio: enqueue it without waiting
+            ctx.background(ctx.enqueue("lipsync"))
+        elif not sequential:
+            # A takeover cannot know whether the dead worker's enqueue landed; a second
+            # lipsync job is harmless (it finds the face stream's progress and continues).
             await ctx.enqueue("lipsync")
         seq = 0
         sample = 0
