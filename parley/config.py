@@ -61,8 +61,15 @@ class SttConfig:
 
 @dataclass
 class LlmConfig:
+    # tried in order: when one fails before its first token, the next answers
     backends: list[str] = field(default_factory=lambda: ["scripted"])
     personas_dir: str = ""  # empty: the bundled personas/
+    openai_url: str = ""  # e.g. http://127.0.0.1:8000/v1 (vLLM), http://127.0.0.1:11434/v1
+    openai_model: str = ""
+    openai_api_key: str = ""
+    connect_timeout_s: float = 1.0
+    first_token_timeout_s: float = 5.0
+    max_tokens: int = 200
 
 
 @dataclass

@@ -13,14 +13,42 @@ from workers.llm.personas import Persona, load_personas
 from workers.llm.scripted import ScriptedPersonaBackend
 from workers.runtime import JobContext, Stage
 
-BACKENDS = {"scripted": ScriptedPersonaBackend}
+BACKENDS = ("scripted", "openai")
 
 
 def make_backend(name: str, config: Config):
-    try:
-        return BACKENDS[name]()
-    except KeyError:
-        raise ValueError(f"unknown llm backend {name!r}; known: {', '.join(BACKENDS)}") from None
+    cfg = config.llm
+    if name == "scripted":
+        return ScriptedPersonaBackend()
+    if name == "openai":
+        from workers.llm.openai_compat import OpenAICompatBackend
+
+        return OpenAICompatBackend(cfg.openai_url, cfg.openai_model, cfg.openai_api_key,
+                                   connect_timeout_s=cfg.connect_timeout_s,
+                                   first_token_timeout_s=cfg.first_token_timeout_s,
+                                   max_tokens=cfg.max_tokens)
+    raise ValueError(f"unknown llm backend {name!r}; known: {', '.join(BACKENDS)}")
+
+
+async def with_fallback(backends, persona, history, heard, log) -> AsyncIterator[str]:
+    """Tokens from the first backend that answers; one that fails before its first token
+    hands over to the next. After the first token a failure ends the reply where it is: a
+    different model cannot continue another's sentence."""
+    for i, backend in enumerate(backends):
+        started = False
+        try:
+            async for token in backend.stream_reply(persona, history, heard):
+                started = True
+                yield token
+            return
+        except Exception as exc:  # any backend failure: try the next one
+            last = i == len(backends) - 1
+            log.warning("llm_backend_failed", backend=backend.name, error=str(exc),
+                        started=started, fallback=None if last else backends[i + 1].name)
+            if started or last:
+                if not started:
+                    raise
+                return
 
 
 async def simulated_gpu_timing(tokens: AsyncIterator[str], cfg: PipelineConfig
@@ -72,8 +100,7 @@ class LlmStage(Stage):
                 await ctx.mark("first_fragment")
                 await ctx.mark("llm_first_fragment_ms", now_ms() - t0)
 
-        backend = self.backends[0]
-        tokens = backend.stream_reply(persona, history, ctx.job.text)
+        tokens = with_fallback(self.backends, persona, history, ctx.job.text, ctx.log)
         if self.config.pipeline.profile == "gpu-sim":
             tokens = simulated_gpu_timing(tokens, self.config.pipeline)
         whole: list[str] = []

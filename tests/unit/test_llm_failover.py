@@ -1,0 +1,54 @@
+"""Backend failover: a backend that really fails hands the turn to the next in the chain."""
+
+import time
+from pathlib import Path
+
+import pytest
+import structlog
+
+from parley.config import Config
+from parley.redis_server import free_port
+from workers.llm.openai_compat import BackendError, OpenAICompatBackend, chat_messages
+from workers.llm.personas import load_personas
+from workers.llm.scripted import ScriptedPersonaBackend
+from workers.llm.stage import make_backend, with_fallback
+
+PERSONA = load_personas(Path(__file__).resolve().parents[2] / "personas")["guard"]
+
+
+def dead_url() -> str:
+    return f"http://127.0.0.1:{free_port()}/v1"  # a port nothing listens on
+
+
+async def test_unreachable_server_falls_back_to_the_scripted_persona():
+    chain = [OpenAICompatBackend(dead_url(), "any-model"), ScriptedPersonaBackend()]
+    t0 = time.monotonic()
+    tokens = [t async for t in with_fallback(chain, PERSONA, [], "who are you",
+                                             structlog.get_logger())]
+    assert "".join(tokens) == ScriptedPersonaBackend().choose(PERSONA, "who are you")
+    assert time.monotonic() - t0 < 2.0, "a refused connection must fail fast"
+
+
+async def test_the_last_backend_failing_is_an_error_not_silence():
+    chain = [OpenAICompatBackend(dead_url(), "m")]
+    with pytest.raises(BackendError, match="ConnectError"):
+        [t async for t in with_fallback(chain, PERSONA, [], "hi", structlog.get_logger())]
+
+
+def test_chain_is_built_from_configuration():
+    cfg = Config.load(env={"PARLEY_LLM_BACKENDS": "openai,scripted",
+                           "PARLEY_LLM_OPENAI_URL": "http://h:1/v1",
+                           "PARLEY_LLM_OPENAI_MODEL": "m"})
+    names = [make_backend(n, cfg).name for n in cfg.llm.backends]
+    assert names == ["openai", "scripted"]
+    with pytest.raises(ValueError, match="openai_url"):
+        make_backend("openai", Config.load(env={}))
+    with pytest.raises(ValueError, match="unknown llm backend"):
+        make_backend("gpt-9", cfg)
+
+
+def test_messages_carry_persona_and_history():
+    msgs = chat_messages(PERSONA, [{"player": "hi", "npc": "Halt."}], "who are you")
+    assert msgs[0]["role"] == "system" and "Brannoc" in msgs[0]["content"]
+    assert [m["role"] for m in msgs[1:]] == ["user", "assistant", "user"]
+    assert msgs[-1]["content"] == "who are you"
