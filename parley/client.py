@@ -162,6 +162,35 @@ class Client:
         client.welcome = await client.wait_for("welcome")
         return client
 
+    async def reconnect(self, url: str, token: str | None = None) -> None:
+        """After the link (or the gateway) died: a new connection, then `resume` for every
+        session with the last sequence number seen per channel, so nothing is missed and
+        nothing comes twice."""
+        if self._reader:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self.ws = await connect(url, max_size=16 * 1024 * 1024, compression=None)
+        self._reader = asyncio.create_task(self._read_loop())
+        self._waiters.pop("welcome", None)
+        await self.send(P.Hello(client="parley-say", token=token))
+        await self.wait_for("welcome")
+        for session, opened in list(self.opened.items()):
+            tr = self.turns[session]
+            turn = max([t for t, _ in tr.seq.last] or [0])
+            last = {ch: seq for (t, ch), seq in tr.seq.last.items() if t == turn}
+            self._waiters.pop(f"opened:{session}", None)
+            await self.send(P.Resume(session=session, sid=opened.sid, turn=turn, last=last,
+                                     mic_seq=self.next_seq.get(session)))
+            again = await self.wait_for(f"opened:{session}")
+            if isinstance(again, P.ErrorEvent):
+                raise RuntimeError(f"resume {session}: {again.code}: {again.message}")
+            self.by_channel.pop(opened.channel, None)
+            self.opened[session] = again
+            self.by_channel[again.channel] = session
+            # a ready the dead gateway never stored would hold the face back: send them again
+            for (t, segment) in list(tr.ready_sent):
+                await self.send(P.Ready(session=session, turn=t, segment=segment))
+
     async def close(self) -> None:
         await self.ws.close()
         if self._reader:
@@ -246,7 +275,15 @@ class Client:
         return self.turns[session]
 
     async def _read_loop(self) -> None:
-        async for message in self.ws:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            await self._read(self.ws)
+        except ConnectionClosed:
+            pass  # reconnect() starts a new reader
+
+    async def _read(self, ws) -> None:
+        async for message in ws:
             now = time.perf_counter()
             if isinstance(message, bytes):
                 await self._on_binary(P.decode_binary(message), now)
