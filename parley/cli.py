@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         module = importlib.import_module(f"benchmarks.{args.which}")
+        if args.which == "lipsync":  # takes sentences, not options
+            return module.main(args.rest or None) or 0
         return module.main(args.rest) or 0
     return 2
 

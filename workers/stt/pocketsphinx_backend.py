@@ -4,19 +4,20 @@ Measurements (2-core CPU shared with other jobs, so timings vary +-30 %; RTF = C
 per audio second; WER on jfk.flac at three levels/noise plus 10 espeak-ng sentences of mixed
 voices and levels, fed in 20 ms chunks):
 
-* Speed. pocketsphinx defaults decode jfk.flac (11 s) at ~0.55 RTF (6.0 s) and then spend
-  ~0.6 s in end_utt() on the fwdflat/bestpath passes, after the player stopped talking.
-  Without those passes and with ``maxhmmpf`` 30000 -> 10000 (no WER change), feeding runs at
-  ~0.2 RTF (2.2-2.9 s for jfk.flac) and finish() takes tens of ms. Narrower
-  ``beam``/``pbeam``/``wbeam`` (1e-40/1e-40/1e-25), ``maxhmmpf`` 5000 or 3000, ``topn`` 2 or
-  ``ds`` 2 save another 20-40 % but add 0.1-0.3 WER on clear speech, so they stay default.
+* Speed, jfk.flac (11 s), fresh front end, best of 4 interleaved runs: pocketsphinx defaults
+  feed 3.7 s (0.34 RTF) then spend 0.71 s in end_utt() on the fwdflat/bestpath passes, after
+  the player stopped talking (under load we also saw 6.0 s + 0.6 s). Without those passes:
+  3.9 s + 32 ms. Also with ``maxhmmpf`` 30000 -> 10000 (no WER change): 2.5 s (0.23 RTF)
+  + 22 ms, so 4.4 s -> 2.5 s overall. Narrower ``beam``/``pbeam``/``wbeam``
+  (1e-40/1e-40/1e-25), ``maxhmmpf`` 5000 or 3000, ``topn`` 2 or ``ds`` 2 save another 20-40 %
+  but add 0.1-0.3 WER on clear speech, so they stay at their defaults.
 * Accuracy is dominated by cepstral mean normalization, not by the search. Live CMN starts
   from ``cmninit`` (40,3,-1 by default) blended with a 500-frame prior, so within a short
   utterance it barely moves off that guess: WER 0.95 (jfk) / 0.78 (espeak). Each stream
   therefore decodes its first ``cmn_warmup_ms`` (1.5 s), solves for the speaker's own mean
   over those frames, and restarts the utterance from the buffered audio with it. That costs
   one extra 1.5 s decode while the player is still talking and nothing at finish():
-  WER 0.45 / 0.48 (0.74 / 0.70 with the warm-up off). Warm-ups of 1 s (mostly preroll and
+  WER 0.47 / 0.48 (0.76 / 0.78 with the warm-up off). Warm-ups of 1 s (mostly preroll and
   onset) and 2-2.5 s (short utterances never reach them) measured worse; carrying a speaker's
   adapted mean into their next utterance, or re-decoding sub-1.5 s utterances at finish(),
   changed nothing measurable, so neither is done.

@@ -1,0 +1,56 @@
+"""Live Link Face output from a real gateway: UDP packets on the audio's schedule, after ready."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from gateway.livelink import decode_packet
+from gateway.server import Gateway
+from parley.client import Client
+from parley.config import Config
+from tests.conftest import speech
+
+pytestmark = pytest.mark.slow
+
+
+async def test_gateway_sends_live_link_face_packets_after_ready(fleet):
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setblocking(False)
+    cfg = Config.load(env={"PARLEY_REDIS_URL": fleet.redis_url,
+                           "PARLEY_LIPSYNC_LIVELINK": f"127.0.0.1:{rx.getsockname()[1]}"})
+    gw = Gateway(cfg)
+    await gw.start("127.0.0.1", 0)  # a second gateway on the same fleet: workers are shared
+    client = await Client.connect(f"ws://127.0.0.1:{gw.port}")
+    packets = []
+    try:
+        opened = await client.open("ll", "guard", 16000, 1)
+        await client.stream("ll", speech("Hello, who are you?", 16000), 16000, realtime=False)
+        result = await client.wait_done("ll", 60)
+        t_ready = result.t_first_ready
+        deadline = time.monotonic() + result.audio_samples / result.reply_rate + 2
+        while time.monotonic() < deadline:
+            try:
+                data = rx.recv(4096)
+                packets.append((time.perf_counter(), decode_packet(data)))
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+    finally:
+        await client.close()
+        await gw.stop()
+        rx.close()
+    assert packets, "no Live Link packets"
+    first_t, first = packets[0]
+    assert first.subject == opened.sid and len(first.values) == 61
+    assert first_t >= t_ready, "no face on the wire before UE said ready"
+    # paced on the audio clock: the frames span about the reply's duration, not a burst
+    duration = result.audio_samples / result.reply_rate
+    span = packets[-1][0] - first_t
+    assert span > 0.6 * duration, (span, duration)
+    assert len(packets) >= 0.8 * result.face_frames
+    frames = [p.frame_number for _, p in packets]
+    assert frames == sorted(frames)

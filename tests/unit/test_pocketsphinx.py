@@ -1,0 +1,151 @@
+"""The pooled pocketsphinx recognizer, on espeak-ng speech and jfk.flac."""
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+from tests.unit.speech_fixture import synthesize
+from workers.stt.audio import MicConverter
+from workers.stt.pocketsphinx_backend import PocketsphinxBackend, RecognizerStream
+from workers.stt.vad import Vad
+
+R = 16000
+JFK = Path(__file__).resolve().parents[2] / "parley" / "samples" / "jfk.flac"
+
+
+@pytest.fixture(scope="module")
+def backend():
+    b = PocketsphinxBackend()
+    b.warm()
+    return b
+
+
+def utterance(text, pad_s=0.3):
+    """espeak-ng speech at 16 kHz with the silence a VAD preroll would include."""
+    pcm, rate = synthesize(text)
+    x = soxr.resample(pcm.astype(np.float32) / 32768, rate, R)
+    pad = np.zeros(int(pad_s * R), np.float32)
+    return np.concatenate([pad, x, pad])
+
+
+@pytest.fixture(scope="module")
+def hello():
+    return utterance("hello how are you today")
+
+
+def decode(backend, x, chunk=320):
+    stream = backend.open_stream()
+    partials = [p for i in range(0, len(x), chunk) if (p := stream.feed(x[i:i + chunk]))]
+    text = stream.finish()
+    stream.close()
+    return text, partials
+
+
+def test_recognizes_a_sentence_and_streams_partials(backend, hello):
+    text, partials = decode(backend, hello)
+    assert len({"hello", "how", "are", "you", "today"} & set(text.split())) >= 2, text
+    assert text == text.lower()
+    assert partials, "partial hypotheses while the player speaks"
+    assert len(partials) <= len(hello) / (0.3 * R) + 1  # rate-limited to ~every 300 ms
+    assert len(set(partials)) == len(partials)  # only reported when changed
+
+
+def test_another_sentence(backend):
+    text, _ = decode(backend, utterance("i would like to buy a sword"))
+    assert len({"would", "like", "buy", "sword"} & set(text.split())) >= 2, text
+
+
+def test_pooled_decoder_is_reused_fast_and_gives_the_same_result(backend, hello):
+    first, _ = decode(backend, hello)
+    t = time.perf_counter()
+    stream = backend.open_stream()
+    opened = time.perf_counter() - t
+    assert opened < 0.05, f"open_stream took {opened * 1000:.0f} ms: decoder not pooled"
+    stream.close()
+    # Each stream starts from a fresh front end, so history does not change transcripts.
+    again, _ = decode(backend, hello)
+    assert again == first
+
+
+def test_whole_utterance_in_one_feed_matches_streaming(backend, hello):
+    streamed, _ = decode(backend, hello)
+    whole, _ = decode(backend, hello, chunk=len(hello))
+    assert whole == streamed
+
+
+def test_silence_gives_empty_transcript(backend):
+    assert decode(backend, np.zeros(R // 2, np.float32))[0] == ""
+    stream = backend.open_stream()
+    assert stream.finish() == ""  # nothing fed at all
+    stream.close()
+
+
+def test_stream_lifecycle(backend, hello):
+    stream: RecognizerStream = backend.open_stream()
+    assert stream.feed(np.zeros(0, np.float32)) is None
+    stream.feed(hello[:R])
+    text = stream.finish()
+    assert stream.finish() == text  # idempotent
+    with pytest.raises(RuntimeError):
+        stream.feed(hello[:320])
+    stream.close()
+    stream.close()  # idempotent
+    # Closed without finish(): the decoder still goes back to the pool in a usable state.
+    abandoned = backend.open_stream()
+    abandoned.feed(hello[: R // 2])
+    abandoned.close()
+    assert decode(backend, hello)[0]
+
+
+def test_pool_keeps_at_most_pool_size_idle_decoders(backend):
+    small = PocketsphinxBackend(pool_size=1)
+    a, b = small.open_stream(), small.open_stream()
+    a.close()
+    b.close()
+    assert len(small._idle) == 1
+
+
+def test_streams_in_threads(backend, hello):
+    other = utterance("please open the door")
+    expected = [decode(backend, hello)[0], decode(backend, other)[0]]
+    results = [None, None]
+
+    def run(i, x):
+        results[i] = decode(backend, x, chunk=1600)[0]
+
+    threads = [threading.Thread(target=run, args=(i, x)) for i, x in enumerate([hello, other])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == expected
+
+
+def test_jfk_through_converter_vad_and_recognizer(backend):
+    raw, rate = sf.read(JFK, dtype="int16")  # 44.1 kHz stereo
+    conv = MicConverter(rate, raw.shape[1], "s16le")
+    data = raw.tobytes()
+    step = rate * raw.shape[1] * 2 // 50  # 20 ms of client audio
+    vad, stream, preroll, text = Vad(silence_ms=800), None, [], None
+    for i in range(0, len(data) + step, step):
+        x = conv.push(data[i:i + step]) if i < len(data) else conv.flush()
+        for ev in vad.push(x):
+            if ev.kind == "start" and stream is None:
+                stream = backend.open_stream()
+                stream.feed(np.concatenate(preroll[-15:] + [x]))
+                x = x[:0]
+            elif ev.kind == "end" and text is None:
+                text = stream.finish()
+        if stream is None:
+            preroll.append(x)
+        elif text is None and len(x):
+            stream.feed(x)
+    text = text if text is not None else stream.finish()
+    stream.close()
+    words = set(text.split())
+    assert {"fellow", "country"} <= words, text
