@@ -13,7 +13,9 @@ RETRYABLE = (ConnectionError, TimeoutError, BusyLoadingError, OSError)
 
 
 def connect(url: str, *, max_connections: int = 256) -> aioredis.Redis:
-    """A client for ``url``; redis://, rediss://, unix:// or redis+sentinel://h:p,h:p/master/db.
+    """A client for ``url``: redis://, rediss://, unix://, redis+sentinel://h:p,h:p/master/db,
+    or redis+cluster://h:p (a Redis Cluster; every session's keys share one hash slot and the
+    job streams share ``{jobs}``, so multi-key commands and transactions stay in one slot).
 
     Commands retry a few times with exponential backoff on connection loss, so a Redis restart
     shows up as a pause, not as an exception in every caller.
@@ -27,6 +29,13 @@ def connect(url: str, *, max_connections: int = 256) -> aioredis.Redis:
         max_connections=max_connections,
     )
     parsed = urlparse(url)
+    if parsed.scheme in ("redis+cluster", "rediss+cluster"):
+        from redis.asyncio.cluster import RedisCluster
+
+        plain = url.replace("+cluster", "", 1)
+        return RedisCluster.from_url(plain, retry=retry, health_check_interval=10,
+                                     socket_connect_timeout=2.0,
+                                     max_connections=max_connections)
     if parsed.scheme.startswith("redis+sentinel"):
         hosts = [h.rsplit(":", 1) for h in parsed.netloc.split("@")[-1].split(",")]
         parts = [p for p in parsed.path.split("/") if p]
