@@ -325,6 +325,9 @@ class LiveLinkPlayer:
         self.clock = clock
         self.schedule = LiveLinkSchedule(rate, fps=sender.fps, max_late_s=max_late_s)
         self._wake = asyncio.Event()
+        # Frame numbers are turn-relative; the owner sets this when playback starts so a
+        # subject's frame times run on one timeline across idle and speech.
+        self.frame_offset = 0
 
     def add(self, samples: Sequence[int] | np.ndarray, values: np.ndarray) -> None:
         self.schedule.add(samples, values)
@@ -343,7 +346,8 @@ class LiveLinkPlayer:
         sent = 0
         while True:
             for f in self.schedule.due(self.clock()):
-                self.sender.send(self.subject, f.frame_number, f.values.tolist(), f.subframe)
+                self.sender.send(self.subject, f.frame_number + self.frame_offset,
+                                 f.values.tolist(), f.subframe)
                 sent += 1
             if self.schedule.exhausted:
                 return sent

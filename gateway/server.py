@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 
 import structlog
 from redis.exceptions import ResponseError
@@ -101,6 +102,7 @@ class Connection:
         self.players: dict[tuple[str, int], tuple[LiveLinkPlayer, asyncio.Task]] = {}
         self.reply_rates: dict[str, int] = {}
         self._marked: set[tuple[str, int, str]] = set()
+        self.session_t0: dict[str, float] = {}  # Live Link timeline of each session
         self._bg: set[asyncio.Task] = set()
         self.redis = gw.redis
         self.keys = gw.keys
@@ -163,7 +165,12 @@ class Connection:
                                   f"{action.turn}:{action.segment}")
             if self.gw.livelink is not None:
                 # UE is about to play: the Live Link clock starts now (once per turn).
-                self._player(action.session, action.sid, action.turn).start()
+                player = self._player(action.session, action.sid, action.turn)
+                if not player.schedule.started:
+                    now = time.monotonic()
+                    t0 = self.session_t0.setdefault(action.session, now)
+                    player.frame_offset = round((now - t0) * self.gw.config.lipsync.fps)
+                    player.start(now)
         elif isinstance(action, C.OpenAction):
             await self._open(action)
         elif isinstance(action, C.ResumeAction):
@@ -308,6 +315,24 @@ class Connection:
         heard = heard_text(texts, [VoiceEntry.from_fields(f) for _, f in voice], played)
         await self.redis.hset(self.keys.session(sid, "history"), f"{turn}:heard", heard)
 
+    async def _livelink_idle(self, session: str, sid: str) -> None:
+        """Between replies the MetaHuman keeps living: blinks, gaze, slight head motion at the
+        configured fps, paused while a reply of this session is playing (its frames carry the
+        same idle layer under the speech)."""
+        from workers.lipsync.idle import IdleFace
+
+        fps = self.gw.config.lipsync.fps
+        idle = IdleFace(fps=fps, seed=zlib.crc32(sid.encode()))
+        frame = 0
+        t0 = self.session_t0.setdefault(session, time.monotonic())
+        while True:
+            frame += 1
+            await asyncio.sleep(max(0.0, t0 + frame / fps - time.monotonic()))
+            values = idle.next(1)[0]  # the idle clock runs on, so blinks stay natural
+            if any(k[0] == session for k in self.players):
+                continue
+            self.gw.livelink.send(sid, frame, values)
+
     def _player(self, session: str, sid: str, turn: int) -> LiveLinkPlayer:
         key = (session, turn)
         if key not in self.players:
@@ -368,6 +393,9 @@ class Connection:
                         sequential=self.gw.config.pipeline.mode == "sequential")
         task = asyncio.create_task(self._relay_loop(relay, cursors))
         self.relays[state.session] = (relay, task)
+        if self.gw.livelink is not None:
+            idle = asyncio.create_task(self._livelink_idle(state.session, state.sid))
+            task.add_done_callback(lambda _t: idle.cancel())
 
     async def _relay_loop(self, relay: C.Relay, cursors: dict[str, str]) -> None:
         sid = relay.state.sid
