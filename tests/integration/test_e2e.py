@@ -58,6 +58,35 @@ async def test_full_turn_from_jfk_flac(gateway_url, jfk_path, tmp_path):
     assert values[:, 17].max() > 0.3  # JawOpen
 
 
+async def test_timing_marks_lie_inside_their_segment(fleet, gateway_url, tmp_path):
+    import redis
+
+    from schemas.streams import Keys, VoiceEntry
+
+    frames = speech("Who are you? What is your name?", 16000)
+    client = await Client.connect(gateway_url)
+    try:
+        opened = await client.open("marks", "innkeeper", 16000, 1)
+        await client.stream("marks", frames, 16000, realtime=False)
+        await client.wait_done("marks", 60)
+    finally:
+        await client.close()
+    r = redis.from_url(fleet.redis_url)
+    voice = [VoiceEntry.from_fields(f)
+             for _, f in r.xrange(Keys().session(opened.sid, "voice"), "1-0", "1-99999")]
+    r.close()
+    span: dict[int, list[int]] = {}
+    for v in voice:
+        if not v.end:
+            lo, hi = span.setdefault(v.segment, [v.sample, v.sample])
+            span[v.segment] = [min(lo, v.sample), max(hi, v.sample + v.num_samples)]
+    marks = [(v.segment, m) for v in voice for m in v.marks]
+    assert len(marks) > 10
+    for seg, m in marks:
+        lo, hi = span[seg]
+        assert lo <= m.sample <= hi, (seg, m, lo, hi)
+
+
 @pytest.mark.parametrize("rate,channels", [(8000, 1), (16000, 1), (48000, 2)])
 async def test_full_turn_at_other_rates(gateway_url, rate, channels):
     frames = speech("Hello there. Who are you?", rate, channels)

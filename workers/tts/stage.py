@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
+
 from parley.config import Config
 from schemas.streams import Job, Mark, ReplyEntry, VoiceEntry, now_ms, parse_id
 from workers.llm.personas import load_personas
 from workers.runtime import JobContext, Stage, Superseded
-from workers.tts.espeak import EspeakSynth
+from workers.tts.espeak import EspeakSynth, SynthChunk
 
 BACKENDS = {"espeak": EspeakSynth}
 REPLY_WAIT_S = 60.0  # no reply fragment for this long: the LLM side is gone, end the turn
@@ -21,6 +23,24 @@ def make_backend(name: str, config: Config):
         raise ValueError(f"unknown tts backend {name!r}; known: {', '.join(BACKENDS)}") from None
 
 
+def _drop_samples(chunks: list, skip: int) -> list:
+    """The chunks after the first ``skip`` samples (marks before the cut are dropped)."""
+    out = []
+    for ch in chunks:
+        n = len(ch.pcm)
+        if skip >= n:
+            skip -= n
+            continue
+        if skip:
+            cut = ch.sample + skip
+            ch = SynthChunk(pcm=ch.pcm[skip:], sample=cut,
+                            phonemes=[p for p in ch.phonemes if p.sample >= cut],
+                            words=[w for w in ch.words if w.sample >= cut])
+            skip = 0
+        out.append(ch)
+    return out
+
+
 class TtsStage(Stage):
     name = "tts"
 
@@ -31,6 +51,22 @@ class TtsStage(Stage):
 
     def describe(self) -> dict:
         return {"backends": [self.backend.name], "sample_rate": self.backend.sample_rate}
+
+    async def _published(self, ctx: JobContext) -> tuple[int, int, set[int], dict[int, int]]:
+        """What this turn's voice stream already holds: last seq, end sample, finished
+        segments, and samples published of the one that was cut off."""
+        entries = await ctx.redis.xrange(ctx.key("voice"), f"{ctx.turn}-0",
+                                         f"{ctx.turn}-{2**63 - 1}")
+        seq, sample, done, partial = 0, 0, set(), {}
+        for eid, fields in entries:
+            v = VoiceEntry.from_fields(fields)
+            seq = parse_id(eid)[1]
+            sample = v.sample + v.num_samples
+            partial[v.segment] = partial.get(v.segment, 0) + v.num_samples
+            if v.last_in_segment:
+                done.add(v.segment)
+                partial.pop(v.segment, None)
+        return seq, sample, done, partial
 
     async def handle(self, ctx: JobContext) -> list[Job]:
         meta, published = await asyncio.gather(ctx.meta(), ctx.progress("voice"))
@@ -53,6 +89,13 @@ class TtsStage(Stage):
         segments = 0
         after = f"{ctx.turn}-0"
         waited = 0.0
+        # A takeover continues from what the dead worker published, by *samples*: espeak's
+        # output for the same text varies by up to ~10 ms between calls, so re-cutting chunks
+        # and skipping by count would misplace every later position.
+        done_segments: set[int] = set()
+        partial: dict[int, int] = {}  # segment -> samples already published
+        if published:
+            seq, sample, done_segments, partial = await self._published(ctx)
         while True:
             entries = await ctx.read("reply", after, block_ms=500)
             if not entries:
@@ -74,10 +117,19 @@ class TtsStage(Stage):
                     await ctx.emit("voice", seq, end.to_fields())
                     ctx.log.info("voice_done", samples=sample, segments=segments)
                     return [Job(stage="lipsync", sid=ctx.sid, turn=ctx.turn)] if sequential else []
+                if reply.segment in done_segments:
+                    segments += 1
+                    continue
                 t0 = now_ms()
                 chunks = await asyncio.to_thread(
                     lambda text=reply.text: list(self.backend.synthesize(
                         text, voice=voice, rate_wpm=rate_wpm, pitch=pitch)))
+                skip = partial.pop(reply.segment, 0)
+                if skip:
+                    chunks = _drop_samples(chunks, skip)
+                    if not chunks:  # this run came out shorter: just close the segment
+                        chunks = [SynthChunk(pcm=np.zeros(0, np.int16), sample=skip,
+                                             phonemes=[], words=[])]
                 await ctx.mark("tts_first_synth_ms", now_ms() - t0)
                 if simulated:  # SIMULATED GPU model: time to first chunk
                     await asyncio.sleep(pipe.sim_tts_first_chunk_ms / 1000)
@@ -87,19 +139,20 @@ class TtsStage(Stage):
                     n = len(ch.pcm)
                     if simulated and i:  # ...then a steady real-time factor
                         await asyncio.sleep(pipe.sim_tts_rtf * n / self.backend.sample_rate)
-                    if seq > published:
-                        marks = [Mark("phoneme", sample + p.sample, p.phoneme)
-                                 for p in ch.phonemes]
-                        # word marks carry character offsets into the segment's text, so the
-                        # gateway can cut the reply exactly where the player stopped hearing it
-                        marks += [Mark("word", sample + w.sample,
-                                       f"{w.text_start}:{w.text_start + w.text_length}")
-                                  for w in ch.words]
-                        entry = VoiceEntry(
-                            segment=reply.segment, sample=sample, rate=self.backend.sample_rate,
-                            pcm=ch.pcm.astype("<i2").tobytes(),
-                            last_in_segment=i == len(chunks) - 1, marks=marks,
-                        )
-                        await ctx.emit("voice", seq, entry.to_fields())
-                        await ctx.mark("tts_first_chunk")
+                    # marks are positions in the fragment's audio; ch.sample is where this chunk
+                    # starts in it, ``sample`` where it starts in the turn's reply
+                    shift = sample - ch.sample
+                    marks = [Mark("phoneme", shift + p.sample, p.phoneme) for p in ch.phonemes]
+                    # word marks carry character offsets into the segment's text, so the
+                    # gateway can cut the reply exactly where the player stopped hearing it
+                    marks += [Mark("word", shift + w.sample,
+                                   f"{w.text_start}:{w.text_start + w.text_length}")
+                              for w in ch.words]
+                    entry = VoiceEntry(
+                        segment=reply.segment, sample=sample, rate=self.backend.sample_rate,
+                        pcm=ch.pcm.astype("<i2").tobytes(),
+                        last_in_segment=i == len(chunks) - 1, marks=marks,
+                    )
+                    await ctx.emit("voice", seq, entry.to_fields())
+                    await ctx.mark("tts_first_chunk")
                     sample += n
