@@ -1,13 +1,19 @@
 """Synthesize test speech with espeak-ng through ctypes (no TTS module dependency).
 
-The STT tests need real speech without shipping audio files or waiting on the TTS
-worker, so this calls libespeak-ng directly. espeak-ng keeps global state, so calls
-are serialized and the library is initialized once per process.
+The STT tests need real speech without shipping audio files or depending on the TTS
+worker, so this calls libespeak-ng directly. espeak-ng keeps all its state (callback,
+voice) in process globals, and the TTS worker's own binding sets its callback once; if
+both shared one library instance, whichever ran second would steal the other's audio.
+So this loads a private copy of the library file, which the dynamic loader maps as a
+separate instance with separate globals, initializes it once, and serializes calls.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
+import shutil
+import tempfile
 import threading
 
 import espeakng_loader
@@ -39,7 +45,14 @@ _callback = _CALLBACK(_on_audio)
 def _init() -> ctypes.CDLL:
     global _lib, _rate
     if _lib is None:
-        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        src = espeakng_loader.get_library_path()
+        tmp = tempfile.mkdtemp(prefix="parley-espeak-")
+        copy = shutil.copy(src, os.path.join(tmp, "stt-tests-" + os.path.basename(src)))
+        try:
+            lib = ctypes.CDLL(copy)
+        finally:
+            # Once mapped the file is no longer needed (POSIX keeps the mapping alive).
+            shutil.rmtree(tmp, ignore_errors=True)
         lib.espeak_Initialize.restype = ctypes.c_int
         lib.espeak_Initialize.argtypes = [
             ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int

@@ -10,7 +10,7 @@ LAYOUTS = [(1, "s16le"), (2, "s16le"), (1, "f32le"), (2, "f32le")]
 
 
 def sine(freq, rate, seconds, channels=1, amp=0.5):
-    t = np.arange(int(round(rate * seconds))) / rate
+    t = np.arange(round(rate * seconds)) / rate
     x = amp * np.sin(2 * np.pi * freq * t)
     return np.repeat(x[:, None], channels, axis=1)
 

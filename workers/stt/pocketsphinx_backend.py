@@ -77,6 +77,10 @@ def _hyp_text(decoder: Decoder) -> str:
 
 
 class RecognizerStream(Protocol):
+    """One utterance. feed(): 16 kHz mono float32 in, a changed partial hypothesis (at most
+    about every 300 ms of audio) or None out. finish(): the final transcript, lowercase words,
+    possibly "". close(): give resources back to the backend (idempotent)."""
+
     def feed(self, samples: np.ndarray) -> str | None: ...
 
     def finish(self) -> str: ...
