@@ -52,7 +52,14 @@ class WorkerConfig:
 
 @dataclass
 class SttConfig:
+    # tried in order at start: the first that loads serves (pocketsphinx needs no download)
     backends: list[str] = field(default_factory=lambda: ["pocketsphinx"])
+    model: str = ""  # faster-whisper / whisperx: local CTranslate2 dir or a model name
+    device: str = "auto"
+    compute_type: str = "int8"
+    language: str = "en"
+    beam_size: int = 1
+    batch_size: int = 8  # whisperx: utterances of different sessions decoded together
     vad_silence_ms: int = 500  # silence that ends the player's utterance
     vad_start_ms: int = 60
     preroll_ms: int = 300  # audio before the VAD start that is fed to the recognizer
@@ -70,6 +77,12 @@ class LlmConfig:
     connect_timeout_s: float = 1.0
     first_token_timeout_s: float = 5.0
     max_tokens: int = 200
+    temperature: float = 0.7
+    seed: int = 0
+    vllm_model: str = ""  # local model dir (or a name when the hub is reachable)
+    vllm_tensor_parallel_size: int = 1
+    vllm_gpu_memory_utilization: float = 0.85
+    vllm_max_model_len: int = 4096
 
 
 @dataclass

@@ -13,13 +13,20 @@ from workers.llm.personas import Persona, load_personas
 from workers.llm.scripted import ScriptedPersonaBackend
 from workers.runtime import JobContext, Stage
 
-BACKENDS = ("scripted", "openai")
+BACKENDS = ("scripted", "openai", "vllm")
 
 
 def make_backend(name: str, config: Config):
     cfg = config.llm
     if name == "scripted":
         return ScriptedPersonaBackend()
+    if name == "vllm":
+        from workers.llm.vllm_backend import VllmBackend
+
+        return VllmBackend(cfg.vllm_model, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                           max_model_len=cfg.vllm_max_model_len, seed=cfg.seed,
+                           max_tokens=cfg.max_tokens, temperature=cfg.temperature)
     if name == "openai":
         from workers.llm.openai_compat import OpenAICompatBackend
 
@@ -72,6 +79,16 @@ class LlmStage(Stage):
 
     def describe(self) -> dict:
         return {"backends": [b.name for b in self.backends], "personas": sorted(self.personas)}
+
+    async def start(self, worker) -> None:
+        # vLLM builds its engine here, before the first job: a model load must not count
+        # against a player's turn
+        for backend in self.backends:
+            warm = getattr(backend, "warm", None)
+            if warm is not None:
+                result = warm()
+                if asyncio.iscoroutine(result):
+                    await result
 
     async def handle(self, ctx: JobContext) -> list[Job]:
         # one round trip, not three: each is ~0.2 ms on the way to the first audio

@@ -26,10 +26,26 @@ BACKENDS = {"pocketsphinx": PocketsphinxBackend}
 
 
 def make_backend(name: str, config: Config):
+    cfg = config.stt
+    if name == "faster-whisper":
+        from workers.stt.faster_whisper_backend import FasterWhisperBackend
+
+        return FasterWhisperBackend(cfg.model, device=cfg.device, compute_type=cfg.compute_type,
+                                    beam_size=cfg.beam_size, language=cfg.language)
+    if name == "whisperx":
+        from workers.stt.whisperx_backend import WhisperXBackend
+
+        device = "cuda" if cfg.device == "auto" else cfg.device
+        compute = "float16" if cfg.compute_type == "int8" and device == "cuda" else \
+            cfg.compute_type
+        return WhisperXBackend(cfg.model, device=device, compute_type=compute,
+                               batch_size=cfg.batch_size, language=cfg.language,
+                               beam_size=cfg.beam_size)
     try:
         cls = BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown stt backend {name!r}; known: {', '.join(BACKENDS)}") from None
+        known = ", ".join([*BACKENDS, "faster-whisper", "whisperx"])
+        raise ValueError(f"unknown stt backend {name!r}; known: {known}") from None
     if name == "pocketsphinx" and config.pipeline.mode == "sequential":
         # The sequential baseline decodes after the player stops; the CMN warm-up would decode
         # its first 1.5 s twice right then. Without it the baseline is not made slower.
@@ -43,13 +59,27 @@ class SttStage(Stage):
 
     def __init__(self, config: Config):
         super().__init__(config)
-        self.backend = make_backend(config.stt.backends[0], config)
+        self.backend = None
 
     async def start(self, worker) -> None:
-        await asyncio.to_thread(self.backend.warm)
+        """The first backend of the chain that loads and warms up serves; a model that is
+        missing or a package not installed falls through to the next, loudly."""
+        errors = []
+        for name in self.config.stt.backends:
+            try:
+                backend = make_backend(name, self.config)
+                await asyncio.to_thread(backend.warm)
+                self.backend = backend
+                break
+            except Exception as exc:  # a backend that cannot load: try the next
+                errors.append(f"{name}: {exc}")
+                worker.log.warning("stt_backend_unavailable", backend=name, error=str(exc))
+        if self.backend is None:
+            raise RuntimeError("no stt backend could load: " + "; ".join(errors))
 
     def describe(self) -> dict:
-        return {"backends": [self.backend.name], "vad_silence_ms": self.config.stt.vad_silence_ms}
+        return {"backend": self.backend.name if self.backend else None,
+                "chain": self.config.stt.backends, "vad_silence_ms": self.config.stt.vad_silence_ms}
 
     def on_dead(self, job: Job) -> list[Job]:
         # The utterance is lost, the session is not: listen on after the mic audio that failed.
