@@ -2,7 +2,9 @@
 # Sets up a bare Debian/Ubuntu machine for Parley: redis-server and Python venv support from
 # Debian packages when missing, then a project venv (.venv) with Parley and its test tools.
 # Safe to run again: it only installs what is missing.
+# Usage: bootstrap.sh [EXTRAS]   e.g. "dev,test-backends" (default: none, the offline install)
 set -euo pipefail
+extras="${1:-}"
 cd "$(dirname "$0")/.."
 
 need_apt=()
@@ -24,10 +26,10 @@ if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv"
   python3 -m venv .venv
 fi
-stamp=.venv/.parley-installed
+stamp=".venv/.parley-installed-${extras:-base}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "bootstrap: installing parley into .venv"
+  echo "bootstrap: installing parley${extras:+[$extras]} into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
   touch "$stamp"
 fi
