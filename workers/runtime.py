@@ -126,6 +126,30 @@ class JobContext:
             return []
         return [(i.decode() if isinstance(i, bytes) else i, f) for i, f in res[0][1]]
 
+    async def tail_turn(self, stream: str, wait_s: float = 60.0):
+        """This turn's entries of ``stream`` as they arrive, in order.
+
+        Raises Superseded once a later turn writes there, and TimeoutError when nothing comes
+        for ``wait_s`` (the stage upstream is gone for good).
+        """
+        after = f"{self.job.turn}-0"
+        waited = 0.0
+        while True:
+            entries = await self.read(stream, after, block_ms=500)
+            if not entries:
+                waited += 0.5
+                if waited >= wait_s:
+                    raise TimeoutError(f"nothing on {stream} for turn {self.job.turn} "
+                                       f"in {wait_s:.0f}s")
+                continue
+            waited = 0.0
+            for eid, fields in entries:
+                after = eid
+                turn, _ = parse_id(eid)
+                if turn > self.job.turn:
+                    raise Superseded(f"{stream} stream moved on to turn {turn}")
+                yield eid, fields
+
     async def mark(self, name: str, value: float | None = None) -> None:
         """Record when this turn first reached ``name`` (latency waterfall; first write wins).
 

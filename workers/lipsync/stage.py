@@ -7,11 +7,11 @@ import zlib
 
 import numpy as np
 
-from schemas.streams import FaceEntry, Job, VoiceEntry, parse_id
+from schemas.streams import FaceEntry, Job, VoiceEntry
 from workers.lipsync.audio_driven import AudioLipsync, FaceFrame
 from workers.lipsync.idle import IdleFace
 from workers.lipsync.phoneme_driven import PhonemeLipsync
-from workers.runtime import JobContext, Stage, Superseded
+from workers.runtime import JobContext, Stage
 
 VOICE_WAIT_S = 60.0
 
@@ -43,8 +43,6 @@ class LipsyncStage(Stage):
         seg_starts: list[int] = []  # first sample of each segment, in order
         seg_ids: list[int] = []
         seq = 0
-        after = f"{ctx.turn}-0"
-        waited = 0.0
 
         async def put(frames: list[FaceFrame]) -> None:
             nonlocal seq
@@ -67,43 +65,31 @@ class LipsyncStage(Stage):
                         await ctx.mark("first_face")
                     start = i
 
-        while True:
-            entries = await ctx.read("voice", after, block_ms=500)
-            if not entries:
-                waited += 0.5
-                if waited >= VOICE_WAIT_S:
-                    raise TimeoutError(f"no voice for turn {ctx.turn} in {VOICE_WAIT_S:.0f}s")
-                continue
-            waited = 0.0
-            for eid, fields in entries:
-                after = eid
-                turn, _ = parse_id(eid)
-                if turn > ctx.turn:
-                    raise Superseded(f"voice stream moved on to turn {turn}")
-                voice = VoiceEntry.from_fields(fields)
-                if lip is None and (voice.pcm or voice.end):
-                    lip = self._mapper(voice)
-                if voice.end:
-                    tail = lip.flush()
-                    await put(tail)
-                    total = tail[-1].index + 1 if tail else _count(voice.sample, voice.rate,
-                                                                   cfg.fps)
-                    seq += 1
-                    end = FaceEntry(segment=voice.segment, samples=np.zeros(0, np.int64),
-                                    values=np.zeros((0, 61), np.float32), first_index=total,
-                                    end=True)
-                    await ctx.emit("face", seq, end.to_fields())
-                    ctx.log.info("face_done", frames=total)
-                    return []
-                if not seg_ids or seg_ids[-1] != voice.segment:
-                    seg_ids.append(voice.segment)
-                    seg_starts.append(voice.sample)
-                pcm = np.frombuffer(voice.pcm, dtype="<i2")
-                if isinstance(lip, PhonemeLipsync):
-                    marks = [(m.sample, m.value) for m in voice.marks if m.kind == "phoneme"]
-                    await put(lip.push(pcm, marks))
-                else:
-                    await put(lip.push(pcm))
+        async for _eid, fields in ctx.tail_turn("voice", VOICE_WAIT_S):
+            voice = VoiceEntry.from_fields(fields)
+            if lip is None and (voice.pcm or voice.end):
+                lip = self._mapper(voice)
+            if voice.end:
+                tail = lip.flush()
+                await put(tail)
+                total = tail[-1].index + 1 if tail else _count(voice.sample, voice.rate,
+                                                               cfg.fps)
+                seq += 1
+                end = FaceEntry(segment=voice.segment, samples=np.zeros(0, np.int64),
+                                values=np.zeros((0, 61), np.float32), first_index=total,
+                                end=True)
+                await ctx.emit("face", seq, end.to_fields())
+                ctx.log.info("face_done", frames=total)
+                return []
+            if not seg_ids or seg_ids[-1] != voice.segment:
+                seg_ids.append(voice.segment)
+                seg_starts.append(voice.sample)
+            pcm = np.frombuffer(voice.pcm, dtype="<i2")
+            if isinstance(lip, PhonemeLipsync):
+                marks = [(m.sample, m.value) for m in voice.marks if m.kind == "phoneme"]
+                await put(lip.push(pcm, marks))
+            else:
+                await put(lip.push(pcm))
 
 
 def _count(samples: int, rate: int, fps: int) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 from parley.config import Config
 from schemas.streams import Job, Mark, ReplyEntry, VoiceEntry, now_ms, parse_id
 from workers.llm.personas import load_personas
-from workers.runtime import JobContext, Stage, Superseded
+from workers.runtime import JobContext, Stage
 from workers.tts.espeak import EspeakSynth, SynthChunk
 
 BACKENDS = {"espeak": EspeakSynth}
@@ -87,8 +87,6 @@ class TtsStage(Stage):
         seq = 0
         sample = 0
         segments = 0
-        after = f"{ctx.turn}-0"
-        waited = 0.0
         # A takeover continues from what the dead worker published, by *samples*: espeak's
         # output for the same text varies by up to ~10 ms between calls, so re-cutting chunks
         # and skipping by count would misplace every later position.
@@ -96,63 +94,51 @@ class TtsStage(Stage):
         partial: dict[int, int] = {}  # segment -> samples already published
         if published:
             seq, sample, done_segments, partial = await self._published(ctx)
-        while True:
-            entries = await ctx.read("reply", after, block_ms=500)
-            if not entries:
-                waited += 0.5
-                if waited >= REPLY_WAIT_S:
-                    raise TimeoutError(f"no reply text for turn {ctx.turn} in {REPLY_WAIT_S:.0f}s")
+        async for _eid, fields in ctx.tail_turn("reply", REPLY_WAIT_S):
+            reply = ReplyEntry.from_fields(fields)
+            if reply.end:
+                seq += 1
+                end = VoiceEntry(segment=segments, sample=sample,
+                                 rate=self.backend.sample_rate, end=True)
+                await ctx.emit("voice", seq, end.to_fields())
+                ctx.log.info("voice_done", samples=sample, segments=segments)
+                return [Job(stage="lipsync", sid=ctx.sid, turn=ctx.turn)] if sequential else []
+            if reply.segment in done_segments:
+                segments += 1
                 continue
-            waited = 0.0
-            for eid, fields in entries:
-                after = eid
-                turn, _ = parse_id(eid)
-                if turn > ctx.turn:
-                    raise Superseded(f"reply stream moved on to turn {turn}")
-                reply = ReplyEntry.from_fields(fields)
-                if reply.end:
-                    seq += 1
-                    end = VoiceEntry(segment=segments, sample=sample,
-                                     rate=self.backend.sample_rate, end=True)
-                    await ctx.emit("voice", seq, end.to_fields())
-                    ctx.log.info("voice_done", samples=sample, segments=segments)
-                    return [Job(stage="lipsync", sid=ctx.sid, turn=ctx.turn)] if sequential else []
-                if reply.segment in done_segments:
-                    segments += 1
-                    continue
-                t0 = now_ms()
-                chunks = await asyncio.to_thread(
-                    lambda text=reply.text: list(self.backend.synthesize(
-                        text, voice=voice, rate_wpm=rate_wpm, pitch=pitch)))
-                skip = partial.pop(reply.segment, 0)
-                if skip:
-                    chunks = _drop_samples(chunks, skip)
-                    if not chunks:  # this run came out shorter: just close the segment
-                        chunks = [SynthChunk(pcm=np.zeros(0, np.int16), sample=skip,
-                                             phonemes=[], words=[])]
-                await ctx.mark("tts_first_synth_ms", now_ms() - t0)
-                if simulated:  # SIMULATED GPU model: time to first chunk
-                    await asyncio.sleep(pipe.sim_tts_first_chunk_ms / 1000)
-                segments += 1 if chunks else 0
-                for i, ch in enumerate(chunks):
-                    seq += 1
-                    n = len(ch.pcm)
-                    if simulated and i:  # ...then a steady real-time factor
-                        await asyncio.sleep(pipe.sim_tts_rtf * n / self.backend.sample_rate)
-                    # marks are positions in the fragment's audio; ch.sample is where this chunk
-                    # starts in it, ``sample`` where it starts in the turn's reply
-                    shift = sample - ch.sample
-                    marks = [Mark("phoneme", shift + p.sample, p.phoneme) for p in ch.phonemes]
-                    # word marks carry character offsets into the segment's text, so the
-                    # gateway can cut the reply exactly where the player stopped hearing it
-                    marks += [Mark("word", shift + w.sample,
-                                   f"{w.text_start}:{w.text_start + w.text_length}")
-                              for w in ch.words]
-                    entry = VoiceEntry(
-                        segment=reply.segment, sample=sample, rate=self.backend.sample_rate,
-                        pcm=ch.pcm.astype("<i2").tobytes(),
-                        last_in_segment=i == len(chunks) - 1, marks=marks,
-                    )
-                    await ctx.emit("voice", seq, entry.to_fields())
-                    await ctx.mark("tts_first_chunk")
-                    sample += n
+            t0 = now_ms()
+            chunks = await asyncio.to_thread(
+                lambda text=reply.text: list(self.backend.synthesize(
+                    text, voice=voice, rate_wpm=rate_wpm, pitch=pitch)))
+            skip = partial.pop(reply.segment, 0)
+            if skip:
+                chunks = _drop_samples(chunks, skip)
+                if not chunks:  # this run came out shorter: just close the segment
+                    chunks = [SynthChunk(pcm=np.zeros(0, np.int16), sample=skip,
+                                         phonemes=[], words=[])]
+            await ctx.mark("tts_first_synth_ms", now_ms() - t0)
+            if simulated:  # SIMULATED GPU model: time to first chunk
+                await asyncio.sleep(pipe.sim_tts_first_chunk_ms / 1000)
+            segments += 1 if chunks else 0
+            for i, ch in enumerate(chunks):
+                seq += 1
+                n = len(ch.pcm)
+                if simulated and i:  # ...then a steady real-time factor
+                    await asyncio.sleep(pipe.sim_tts_rtf * n / self.backend.sample_rate)
+                # marks are positions in the fragment's audio; ch.sample is where this chunk
+                # starts in it, ``sample`` where it starts in the turn's reply
+                shift = sample - ch.sample
+                marks = [Mark("phoneme", shift + p.sample, p.phoneme) for p in ch.phonemes]
+                # word marks carry character offsets into the segment's text, so the
+                # gateway can cut the reply exactly where the player stopped hearing it
+                marks += [Mark("word", shift + w.sample,
+                               f"{w.text_start}:{w.text_start + w.text_length}")
+                          for w in ch.words]
+                entry = VoiceEntry(
+                    segment=reply.segment, sample=sample, rate=self.backend.sample_rate,
+                    pcm=ch.pcm.astype("<i2").tobytes(),
+                    last_in_segment=i == len(chunks) - 1, marks=marks,
+                )
+                await ctx.emit("voice", seq, entry.to_fields())
+                await ctx.mark("tts_first_chunk")
+                sample += n
