@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="the live fleet as Redis knows it")
     st.add_argument("--json", action="store_true")
 
-    be = sub.add_parser("bench", help="benchmarks: latency, lipsync, chaos")
-    be.add_argument("which", choices=["latency", "lipsync", "chaos"])
+    bk = sub.add_parser("backends", help="every backend per stage: can it load here, and why not")
+    bk.add_argument("--json", action="store_true")
+
+    be = sub.add_parser("bench", help="benchmarks: latency, lipsync, chaos, batching")
+    be.add_argument("which", choices=["latency", "lipsync", "chaos", "batching"])
     be.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
 
     ex = sub.add_parser("export", help="a stored session's replies as WAV + Live Link Face CSV")
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_demo(args, config)
     if args.cmd == "export":
         return cmd_export(args, config)
+    if args.cmd == "backends":
+        from parley.backends import cmd_backends
+
+        return cmd_backends(args)
     if args.cmd == "bench":
         import importlib
 

@@ -88,6 +88,11 @@ class LlmConfig:
 @dataclass
 class TtsConfig:
     backends: list[str] = field(default_factory=lambda: ["espeak"])
+    coqui_model: str = ""  # local model dir (config.json + weights) or a coqui model name
+    coqui_device: str = "cpu"
+    coqui_speaker: str = ""  # default speaker of a multi-speaker model
+    coqui_language: str = ""
+    coqui_voices: list[str] = field(default_factory=list)  # "persona_voice=speaker" pairs
 
 
 @dataclass

@@ -17,10 +17,15 @@ REPLY_WAIT_S = 60.0  # no reply fragment for this long: the LLM side is gone, en
 
 
 def make_backend(name: str, config: Config):
+    if name == "coqui":
+        from workers.tts.coqui_backend import CoquiBackend
+
+        return CoquiBackend.from_config(config)
     try:
         return BACKENDS[name]()
     except KeyError:
-        raise ValueError(f"unknown tts backend {name!r}; known: {', '.join(BACKENDS)}") from None
+        known = ", ".join([*BACKENDS, "coqui"])
+        raise ValueError(f"unknown tts backend {name!r}; known: {known}") from None
 
 
 def _drop_samples(chunks: list, skip: int) -> list:
