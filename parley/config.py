@@ -102,6 +102,14 @@ class LipsyncConfig:
     fps: int = 60
     lookahead_ms: float = 40.0
     livelink: str = ""  # HOST:PORT for Live Link Face UDP; set by configuration only
+    # "transformer": a NeuroSync-architecture model; weights are the user's (CC BY-NC if
+    # NeuroSync's published ones: see docs/backends/lipsync-transformer.md)
+    transformer_checkpoint: str = ""
+    transformer_device: str = "auto"
+    transformer_dtype: str = "auto"
+    transformer_heads: int = 16
+    transformer_max_batch: int = 16
+    transformer_batch_window_ms: float = 5.0
 
 
 @dataclass

@@ -195,6 +195,9 @@ class Stage:
         """Do the job; return follow-up jobs, enqueued in the same transaction as the ack."""
         raise NotImplementedError
 
+    async def stop(self) -> None:
+        """Release backends (threads, GPU memory) after the last job is done or handed back."""
+
     def on_dead(self, job: Job) -> list[Job]:
         """Jobs to enqueue when ``job`` goes to the dead-letter stream (STT keeps listening)."""
         return []
@@ -267,6 +270,7 @@ class Worker:
             t.cancel()
         await asyncio.gather(*loops[:2], return_exceptions=True)
         await self._drain()
+        await self.stage.stop()
         loops[2].cancel()
         await asyncio.gather(loops[2], return_exceptions=True)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import zlib
 
@@ -19,6 +20,27 @@ VOICE_WAIT_S = 60.0
 class LipsyncStage(Stage):
     name = "lipsync"
 
+    def __init__(self, config):
+        super().__init__(config)
+        self.batcher = None  # transformer: one model per worker, batched across sessions
+
+    async def start(self, worker) -> None:
+        cfg = self.config.lipsync
+        if "transformer" in cfg.backends and cfg.fps == 60:
+            if not cfg.transformer_checkpoint:
+                raise ValueError("lipsync backend 'transformer' needs "
+                                 "lipsync.transformer_checkpoint (its weights are yours)")
+            from workers.batching import MicroBatcher
+            from workers.lipsync.transformer_backend import TransformerRunner
+
+            runner = await asyncio.to_thread(
+                TransformerRunner.shared, checkpoint=cfg.transformer_checkpoint,
+                device=cfg.transformer_device, heads=cfg.transformer_heads,
+                dtype=cfg.transformer_dtype)
+            self.runner = runner
+            self.batcher = MicroBatcher(runner.infer_windows, max_batch=cfg.transformer_max_batch,
+                                        window_ms=cfg.transformer_batch_window_ms)
+
     def describe(self) -> dict:
         cfg = self.config.lipsync
         return {"backends": cfg.backends, "fps": cfg.fps, "lookahead_ms": cfg.lookahead_ms}
@@ -28,6 +50,11 @@ class LipsyncStage(Stage):
         cfg = self.config.lipsync
         has_marks = any(m.kind == "phoneme" for m in voice.marks)
         for name in cfg.backends:
+            if name == "transformer" and self.batcher is not None:
+                from workers.lipsync.transformer_backend import TransformerLipsync
+
+                return TransformerLipsync(cfg.transformer_checkpoint, voice.rate, fps=cfg.fps,
+                                          runner=self.runner)
             if name == "phoneme" and has_marks:
                 return PhonemeLipsync(voice.rate, fps=cfg.fps)
             if name == "audio":
@@ -70,7 +97,8 @@ class LipsyncStage(Stage):
             if lip is None and (voice.pcm or voice.end):
                 lip = self._mapper(voice)
             if voice.end:
-                tail = lip.flush()
+                tail = (await self._run_windows(lip, lip.feed_end()) if self._batched(lip)
+                        else lip.flush())
                 await put(tail)
                 total = tail[-1].index + 1 if tail else _count(voice.sample, voice.rate,
                                                                cfg.fps)
@@ -85,11 +113,29 @@ class LipsyncStage(Stage):
                 seg_ids.append(voice.segment)
                 seg_starts.append(voice.sample)
             pcm = np.frombuffer(voice.pcm, dtype="<i2")
-            if isinstance(lip, PhonemeLipsync):
+            if self._batched(lip):
+                # the forward pass blocks for a while: it runs in the batcher's thread, together
+                # with other sessions' windows
+                await put(await self._run_windows(lip, lip.feed(pcm)))
+            elif isinstance(lip, PhonemeLipsync):
                 marks = [(m.sample, m.value) for m in voice.marks if m.kind == "phoneme"]
                 await put(lip.push(pcm, marks))
             else:
                 await put(lip.push(pcm))
+
+
+    async def stop(self) -> None:
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.close)
+
+    def _batched(self, lip) -> bool:
+        return self.batcher is not None and hasattr(lip, "deliver")
+
+    async def _run_windows(self, lip, windows) -> list[FaceFrame]:
+        if not windows:
+            return lip.deliver([])
+        outs = await asyncio.gather(*(self.batcher.asubmit(w) for w in windows))
+        return lip.deliver(list(outs))
 
 
 def _count(samples: int, rate: int, fps: int) -> int:
