@@ -201,7 +201,7 @@ class Connection:
         req = a.request
         meta = SessionMeta(sid=a.sid, session=a.session, npc=req.npc, persona=a.persona,
                            voice=a.voice, sample_rate=req.sample_rate, channels=req.channels,
-                           format=req.format)
+                           format=req.format, endpoint=req.endpoint or "vad")
         job = Job(stage="stt", sid=a.sid, turn=1, cursor="0-0")
         try:
             async with self.redis.pipeline(transaction=False) as p:

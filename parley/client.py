@@ -216,11 +216,13 @@ class Client:
             fut.set_result(value)
 
     async def open(self, session: str, npc: str, rate: int, channels: int,
-                   fmt: str = "s16le", persona: str | None = None) -> P.SessionOpened:
+                   fmt: str = "s16le", persona: str | None = None,
+                   endpoint: str | None = None) -> P.SessionOpened:
         self.turns[session] = TurnResult(session=session)
         self._done[session] = asyncio.Event()
         await self.send(P.OpenSession(session=session, npc=npc, sample_rate=rate,
-                                      channels=channels, format=fmt, persona=persona))
+                                      channels=channels, format=fmt, persona=persona,
+                                      endpoint=endpoint))
         opened = await self.wait_for(f"opened:{session}")
         if isinstance(opened, P.ErrorEvent):
             raise RuntimeError(f"open {session}: {opened.code}: {opened.message}")
@@ -380,7 +382,8 @@ async def say(url: str, wav: str | Path, out: str | Path | None, npc: str = "gua
     frames, rate = load_mic(wav)
     client = await Client.connect(url, token=token)
     try:
-        await client.open(session, npc, rate, frames.shape[1])
+        # a recorded question is one turn, however long its pauses: the file's end ends it
+        await client.open(session, npc, rate, frames.shape[1], endpoint="client")
         await client.stream(session, frames, rate, realtime=realtime)
         result = await client.wait_done(session, timeout)
     finally:

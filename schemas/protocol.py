@@ -97,6 +97,9 @@ class OpenSession(Message):
     channels: int = 1
     format: str = "s16le"
     persona: str | None = None  # defaults to the npc id
+    # "vad": the server's VAD ends an utterance after a silence (default); "client": only
+    # end_of_utterance does (push-to-talk, or a recorded question sent as one turn)
+    endpoint: str | None = None
 
 
 @dataclass
@@ -355,6 +358,10 @@ def validate_open(msg: OpenSession) -> None:
             f"sample_rate must be 1..{MAX_INPUT_RATE} Hz, got {msg.sample_rate}",
             session=msg.session,
         )
+    if msg.endpoint not in (None, "vad", "client"):
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"endpoint must be 'vad' or 'client', got {msg.endpoint!r}", session=msg.session)
     if not 1 <= msg.channels <= MAX_CHANNELS:
         raise ProtocolError(
             ErrorCode.BAD_CHANNELS,

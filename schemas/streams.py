@@ -133,6 +133,7 @@ class SessionMeta:
     format: str
     created: float = field(default_factory=now_ms)
     state: str = "open"
+    endpoint: str = "vad"  # "vad" | "client": who ends an utterance
 
     def to_fields(self) -> dict[str, str]:
         return {k: str(v) for k, v in self.__dict__.items()}
@@ -144,6 +145,7 @@ class SessionMeta:
             sid=g["sid"], session=g["session"], npc=g["npc"], persona=g["persona"],
             voice=g["voice"], sample_rate=int(g["sample_rate"]), channels=int(g["channels"]),
             format=g["format"], created=float(g.get("created", 0)), state=g.get("state", "open"),
+            endpoint=g.get("endpoint", "vad"),
         )
 
 

@@ -41,6 +41,8 @@ async def test_full_turn_from_jfk_flac(gateway_url, jfk_path, tmp_path):
     result = await say(gateway_url, jfk_path, tmp_path, npc="guard", realtime=False)
     s = check_turn(result)
     assert s["reply_sample_rate"] == 22050
+    # jfk.flac has long pauses; `say` opens with endpoint "client", so it stays one turn
+    assert result.turn == 1 and not result.interrupted
     for name in ("reply.wav", "face.csv", "turn.json"):
         assert (tmp_path / name).exists()
     turn = json.loads((tmp_path / "turn.json").read_text())

@@ -54,6 +54,7 @@ def test_bad_text_is_refused_with_a_code(text, code):
     ({"channels": 0}, ErrorCode.BAD_CHANNELS),
     ({"channels": 9}, ErrorCode.BAD_CHANNELS),
     ({"npc": ""}, ErrorCode.BAD_MESSAGE),
+    ({"endpoint": "whenever"}, ErrorCode.BAD_MESSAGE),
 ])
 def test_open_validation(kw, code):
     args = dict(session="a", npc="guard", sample_rate=16000, channels=1, format="s16le")

@@ -90,6 +90,7 @@ class SttStage(Stage):
         sequential = self.config.pipeline.mode == "sequential"
         held: list[np.ndarray] = []  # sequential mode: the whole utterance, decoded at its end
         meta = await ctx.meta()
+        client_ends = meta.endpoint == "client"
         conv = MicConverter(meta.sample_rate, meta.channels, meta.format, RATE)
         vad = Vad(rate=RATE, silence_ms=cfg.vad_silence_ms, start_ms=cfg.vad_start_ms)
         cursor = ctx.job.cursor
@@ -153,7 +154,7 @@ class SttStage(Stage):
                             # is still playing: only it knows what UE is playing.
                             await ctx.event("speech_start")
                             await ctx.mark("speech_start")
-                        elif ev.kind == "end" and stream is not None:
+                        elif ev.kind == "end" and stream is not None and not client_ends:
                             final = True
                             eos_ts = mic.ts
                     if stream is not None and len(samples):
