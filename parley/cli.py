@@ -153,6 +153,9 @@ def cmd_worker(args, config: Config) -> int:
     from workers.stages import make_stage
 
     configure(f"worker-{args.stage}")
+    # SIGTERM while a model is still loading: nothing is held yet, so leave cleanly (exit 0);
+    # the worker's own handlers (drain, hand back) replace this once it runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     stage = make_stage(args.stage, config)
     asyncio.run(run_worker(stage, config))
     return 0

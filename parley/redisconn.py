@@ -26,6 +26,11 @@ def connect(url: str, *, max_connections: int = 256) -> aioredis.Redis:
         retry_on_error=[ConnectionError, TimeoutError, BusyLoadingError],
         health_check_interval=10,
         socket_connect_timeout=2.0,
+        # No socket timeout: with one, redis-py wraps every command in asyncio.wait_for, which
+        # on Python 3.11 can swallow a task's cancellation (91 of 150 cancels lost in a
+        # measurement), so SIGTERM sometimes hung a process. Blocking reads carry their own
+        # BLOCK limits and dead links are found by the health check.
+        socket_timeout=None,
         max_connections=max_connections,
     )
     parsed = urlparse(url)

@@ -39,6 +39,10 @@ class Keys:
     def dead(self, stage: str) -> str:
         return f"{self.prefix}:{{jobs}}:dead:{stage}"
 
+    def started(self, stage: str, sid: str, turn: int) -> str:
+        """Guard: ``stage``'s job for this turn has been enqueued (same slot as the jobs)."""
+        return f"{self.prefix}:{{jobs}}:started:{stage}:{sid}:{turn}"
+
     def group(self, stage: str) -> str:
         return stage
 

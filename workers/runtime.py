@@ -41,6 +41,33 @@ return lost
 """
 
 
+# Enqueue a job once per (stage, session, turn): the guard key and the job stream share the
+# {jobs} slot, so the check and the XADD are one atomic step even on Redis Cluster.
+_ENQUEUE_ONCE_LUA = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
+  return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+end
+return false
+"""
+
+# Ack a job and enqueue its follow-ups only while this consumer still owns it: a worker that
+# stalled past claim_idle_ms and lost the job to a takeover must not complete it as well.
+_COMPLETE_LUA = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not p[1] or p[1][2] ~= ARGV[2] then
+  return 0
+end
+local i = 4
+for k = 2, #KEYS do
+  local n = tonumber(ARGV[i])
+  redis.call('XADD', KEYS[k], '*', unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+
 class HandBack(Exception):
     """Raised by a stage to give its job back to the stage's queue (e.g. when stopping).
 
@@ -173,11 +200,18 @@ class JobContext:
         await self.redis.xadd(self.key("events"), entry.to_fields(),
                               maxlen=self.config.redis.stream_maxlen, approximate=True)
 
-    async def enqueue(self, stage: str, turn: int | None = None, **fields: Any) -> None:
-        """Start a downstream job now (streaming: before this job's output is complete)."""
+    async def enqueue(self, stage: str, turn: int | None = None, **fields: Any) -> bool:
+        """Start a downstream job now (streaming: before this job's output is complete), once
+        per turn: a takeover that cannot know whether the dead worker's enqueue landed simply
+        asks again. Returns False when it had already been started."""
         job = Job(stage=stage, sid=self.job.sid, turn=self.job.turn if turn is None else turn,
                   **fields)
-        await self.redis.xadd(self.keys.jobs(stage), job.to_fields())
+        guard = self.keys.started(stage, job.sid, job.turn)
+        flat = [x for kv in job.to_fields().items() for x in kv]
+        added = await self.worker._enqueue_once(
+            keys=[self.keys.jobs(stage), guard],
+            args=[self.config.redis.session_ttl_s, *flat])
+        return added is not None
 
 
 class Stage:
@@ -215,6 +249,7 @@ class _InFlight:
     job: Job
     task: asyncio.Task
     since: float
+    completing: bool = False
 
 
 class Worker:
@@ -236,6 +271,8 @@ class Worker:
         self.done = 0
         self.failed = 0
         self._heartbeat = self.redis.register_script(_HEARTBEAT_LUA)
+        self._enqueue_once = self.redis.register_script(_ENQUEUE_ONCE_LUA)
+        self._complete_script = self.redis.register_script(_COMPLETE_LUA)
         self.started = now_ms()
         self.background: set[asyncio.Task] = set()
 
@@ -402,7 +439,7 @@ class Worker:
                     for raw in lost:
                         lid = raw.decode() if isinstance(raw, bytes) else raw
                         f = self.inflight.get(lid)
-                        if f is not None:
+                        if f is not None and not f.completing:
                             # Another worker took it (we stalled past claim_idle_ms): its output
                             # is idempotent, so stop ours rather than race it.
                             self.log.warning("job_lost_to_takeover", job=lid, session=f.job.sid)
@@ -517,11 +554,19 @@ class Worker:
             log.warning("redis_unavailable", during="finish", error=str(exc))
 
     async def _complete(self, job: Job, follow: list[Job]) -> None:
-        async with self.redis.pipeline(transaction=True) as p:
-            for f in follow:
-                p.xadd(self.keys.jobs(f.stage), f.to_fields())
-            p.xack(self.stream, self.group, job.id)
-            await p.execute()
+        f = self.inflight.get(job.id)
+        if f is not None:
+            f.completing = True  # the heartbeat must not read our own ack as a takeover
+        keys = [self.stream]
+        args: list[Any] = [self.group, self.consumer, job.id]
+        for nxt in follow:
+            flat = [x for kv in nxt.to_fields().items() for x in kv]
+            keys.append(self.keys.jobs(nxt.stage))
+            args += [len(flat), *flat]
+        owned = await self._complete_script(keys=keys, args=args)
+        if not owned:
+            self.log.warning("job_completed_elsewhere", session=job.sid, turn=job.turn,
+                             job=job.id)
 
     async def _hand_back(self, job: Job) -> None:
         """Requeue a copy and ack the original in one transaction: another worker (or this one,

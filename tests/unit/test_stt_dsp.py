@@ -121,7 +121,7 @@ def test_pocketsphinx_recognizes_speech_streams_partials_and_reuses_decoders():
     assert {"how", "are", "you"} & set(text.split()), text
     t = time.perf_counter()
     again = backend.open_stream()  # from the pool: no model load
-    assert time.perf_counter() - t < 0.1
+    assert time.perf_counter() - t < 0.25  # gross bound: a new decoder costs ~330 ms
     again.feed(np.zeros(16000, np.float32))
     assert again.finish() == ""
     again.close()

@@ -98,8 +98,9 @@ class LlmStage(Stage):
         if persona is None:
             raise LookupError(f"persona {meta.persona!r} is not loaded by this worker")
         sequential = self.config.pipeline.mode == "sequential"
-        if published == 0 and not sequential:
+        if not sequential:
             # TTS starts now and tails the reply stream: it speaks fragment 1 while we write 2.
+            # Once per turn: a takeover asks again and the guard in Redis answers.
             await ctx.enqueue("tts")
         await ctx.mark("llm_start")
         t0 = now_ms()

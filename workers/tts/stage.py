@@ -82,13 +82,10 @@ class TtsStage(Stage):
         pipe = self.config.pipeline
         sequential = pipe.mode == "sequential"
         simulated = pipe.profile == "gpu-sim"
-        if published == 0 and not sequential:
-            # lipsync is not on the way to the first audio: enqueue it without waiting
+        if not sequential:
+            # lipsync is not on the way to the first audio: enqueue it without waiting (once
+            # per turn: a takeover asks again and the guard in Redis answers)
             ctx.background(ctx.enqueue("lipsync"))
-        elif not sequential:
-            # A takeover cannot know whether the dead worker's enqueue landed; a second
-            # lipsync job is harmless (it finds the face stream's progress and continues).
-            await ctx.enqueue("lipsync")
         seq = 0
         sample = 0
         segments = 0
