@@ -86,20 +86,8 @@ def synthesize(text: str, rate: int = RATE) -> np.ndarray:
 # --------------------------------------------------------------------------- the client side
 
 
-class RecordingClient(Client):
-    """The reference client, also keeping each reply-audio chunk's place on the timeline."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.chunks: dict[str, list[tuple[int, int, int, int]]] = {}  # (turn, seq, sample, n)
-
-    async def _on_binary(self, frame, now: float) -> None:
-        if isinstance(frame, P.ReplyAudio):
-            session = self.by_channel.get(frame.channel)
-            if session is not None:
-                self.chunks.setdefault(session, []).append(
-                    (frame.turn, frame.seq, frame.sample, len(frame.pcm) // 2))
-        await super()._on_binary(frame, now)
+# The reference client records each reply-audio chunk's place (Client.chunks).
+RecordingClient = Client
 
 
 @dataclass

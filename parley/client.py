@@ -150,6 +150,8 @@ class Client:
         self.welcome: P.Welcome | None = None
         self.messages: list[P.Message] = []  # every JSON message received, in order
         self.next_seq: dict[str, int] = {}  # mic chunk numbering runs on across utterances
+        # every reply-audio chunk's place on the timeline: (turn, seq, sample, samples)
+        self.chunks: dict[str, list[tuple[int, int, int, int]]] = {}
         self.done_turns: dict[tuple[str, int], P.TurnDone] = {}
         self._turn_events: dict[tuple[str, int], asyncio.Event] = {}
 
@@ -345,6 +347,8 @@ class Client:
             return
         tr = self.turns[session]
         if isinstance(frame, P.ReplyAudio):
+            self.chunks.setdefault(session, []).append(
+                (frame.turn, frame.seq, frame.sample, len(frame.pcm) // 2))
             if not tr.seq.see(frame.turn, "audio", frame.seq):
                 return
             if not tr.t_first_audio:

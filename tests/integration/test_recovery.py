@@ -389,20 +389,8 @@ class Caught:
 # --------------------------------------------------------------------------- the player side
 
 
-class RecordingClient(Client):
-    """The reference client, also keeping each reply-audio chunk's position on the timeline."""
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.chunks: dict[str, list[tuple[int, int, int, int]]] = {}  # (turn, seq, sample, n)
-
-    async def _on_binary(self, frame, now: float) -> None:
-        if isinstance(frame, P.ReplyAudio):
-            session = self.by_channel.get(frame.channel)
-            if session is not None:
-                self.chunks.setdefault(session, []).append(
-                    (frame.turn, frame.seq, frame.sample, len(frame.pcm) // 2))
-        await super()._on_binary(frame, now)
+# The reference client records each reply-audio chunk's place (Client.chunks).
+RecordingClient = Client
 
 
 async def say_turn(client: Client, session: str, frames: np.ndarray, realtime: bool) -> None:
