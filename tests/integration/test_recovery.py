@@ -547,14 +547,27 @@ async def test_worker_killed_mid_job_is_taken_over(rig, frames, baseline, how):
     stage = how.split("-")[0]
     await asyncio.to_thread(full_strength, rig)
     client = await RecordingClient.connect(rig.url)
-    session = f"kill-{how}"
-    try:
+    # Catching a short job mid-flight depends on the OS stopping the process in time; on a
+    # loaded machine a whole short reply can fit in one slice. Try again on a fresh session.
+    misses = []
+    for attempt in range(3):
+        session = f"kill-{how}-{attempt}"
         sid = (await client.open(session, "guard", RATE, 1)).sid
-        with Frozen(rig, stage, how) as frozen:
-            catching = asyncio.create_task(asyncio.to_thread(frozen.catch, sid, 1))
-            await say_turn(client, session, frames, realtime=False)
-            caught = await catching
-            os.kill(caught.proc.pid, signal.SIGKILL)
+        try:
+            with Frozen(rig, stage, how) as frozen:
+                catching = asyncio.create_task(asyncio.to_thread(frozen.catch, sid, 1))
+                await say_turn(client, session, frames, realtime=False)
+                caught = await catching
+                os.kill(caught.proc.pid, signal.SIGKILL)
+            break
+        except Missed as exc:
+            misses.append(str(exc))
+            await client.wait_done(session, 60)
+            await asyncio.to_thread(full_strength, rig)
+    else:
+        await client.close()
+        pytest.skip(f"could not catch {how} mid-job in 3 tries: {misses}")
+    try:
         took, by = await asyncio.to_thread(watch_takeover, rig.r, stage, caught.job,
                                            caught.consumer)
         result = await client.wait_done(session, 60)
