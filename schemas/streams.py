@@ -218,15 +218,20 @@ class ReplyEntry:
     text: str
     end: bool = False
     ts: float = field(default_factory=now_ms)
+    backend: str = ""  # on the end marker: the LLM backend that answered ("" on fragments)
 
     def to_fields(self) -> dict[str, str]:
-        return {"segment": str(self.segment), "text": self.text, "end": "1" if self.end else "0",
-                "ts": str(self.ts)}
+        fields = {"segment": str(self.segment), "text": self.text,
+                  "end": "1" if self.end else "0", "ts": str(self.ts)}
+        if self.backend:
+            fields["backend"] = self.backend
+        return fields
 
     @classmethod
     def from_fields(cls, d: dict) -> ReplyEntry:
         return cls(segment=_i(_get(d, "segment")), text=_s(_get(d, "text")),
-                   end=_s(_get(d, "end")) == "1", ts=_f(_get(d, "ts")))
+                   end=_s(_get(d, "end")) == "1", ts=_f(_get(d, "ts")),
+                   backend=_s(_get(d, "backend") or ""))
 
 
 @dataclass

@@ -43,6 +43,9 @@ def test_codecs_round_trip_through_redis_bytes():
 
     r = ReplyEntry(segment=2, text="Halt.", end=False)
     assert ReplyEntry.from_fields(bytes_fields(r.to_fields())) == r
+    done = ReplyEntry(segment=3, text="Halt. Who goes there?", end=True, backend="openai")
+    assert ReplyEntry.from_fields(bytes_fields(done.to_fields())) == done
+    assert "backend" not in r.to_fields()  # fragments stay as small as before
 
     v = VoiceEntry(segment=1, sample=2205, rate=22050, pcm=b"\x01\x00" * 8, last_in_segment=True,
                    marks=[Mark("phoneme", 2210, "h"), Mark("word", 2205, "Halt")])

@@ -33,18 +33,23 @@ def make_backend(name: str, config: Config):
         return OpenAICompatBackend(cfg.openai_url, cfg.openai_model, cfg.openai_api_key,
                                    connect_timeout_s=cfg.connect_timeout_s,
                                    first_token_timeout_s=cfg.first_token_timeout_s,
-                                   max_tokens=cfg.max_tokens)
+                                   max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                   seed=cfg.seed)
     raise ValueError(f"unknown llm backend {name!r}; known: {', '.join(BACKENDS)}")
 
 
-async def with_fallback(backends, persona, history, heard, log) -> AsyncIterator[str]:
+async def with_fallback(backends, persona, history, heard, log,
+                        answered: list[str] | None = None) -> AsyncIterator[str]:
     """Tokens from the first backend that answers; one that fails before its first token
     hands over to the next. After the first token a failure ends the reply where it is: a
-    different model cannot continue another's sentence."""
+    different model cannot continue another's sentence. The name of the backend that answered
+    is appended to ``answered``."""
     for i, backend in enumerate(backends):
         started = False
         try:
             async for token in backend.stream_reply(persona, history, heard):
+                if not started and answered is not None:
+                    answered.append(backend.name)
                 started = True
                 yield token
             return
@@ -118,7 +123,8 @@ class LlmStage(Stage):
                 await ctx.mark("first_fragment")
                 await ctx.mark("llm_first_fragment_ms", now_ms() - t0)
 
-        tokens = with_fallback(self.backends, persona, history, ctx.job.text, ctx.log)
+        answered: list[str] = []
+        tokens = with_fallback(self.backends, persona, history, ctx.job.text, ctx.log, answered)
         if self.config.pipeline.profile == "gpu-sim":
             tokens = simulated_gpu_timing(tokens, self.config.pipeline)
         whole: list[str] = []
@@ -134,11 +140,15 @@ class LlmStage(Stage):
         for text in frag.flush():
             await put(text)
         full = " ".join(texts)
-        await ctx.emit("reply", seq + 1, ReplyEntry(segment=seq, text=full, end=True).to_fields())
+        # which backend answered is kept with the turn: replaying a conversation must show
+        # whether the model or a fallback spoke
+        backend = answered[0] if answered else ""
+        await ctx.emit("reply", seq + 1, ReplyEntry(segment=seq, text=full, end=True,
+                                                    backend=backend).to_fields())
         # Keyed by turn so a re-run writes the same field, never a second copy.
         await ctx.redis.hset(ctx.key("history"), str(ctx.turn),
                              json.dumps({"player": ctx.job.text, "npc": full}))
-        ctx.log.info("reply_done", segments=seq, chars=len(full))
+        ctx.log.info("reply_done", segments=seq, chars=len(full), backend=backend)
         return [Job(stage="tts", sid=ctx.sid, turn=ctx.turn)] if sequential else []
 
     async def _history(self, ctx: JobContext) -> list[dict]:
