@@ -1,7 +1,9 @@
-"""Coqui TTS backend: the glue around the model, without the TTS package.
+"""Coqui TTS backend: the glue around the model, then the real coqui-tts code path.
 
-A fake engine stands in for the loaded model; the last test runs a real one where ``TTS``
-imports and ``PARLEY_COQUI_MODEL`` names a model (directory or Coqui model name).
+A fake engine stands in for the loaded model in most tests. Where ``TTS`` imports
+(scripts/test-coqui-cpu.sh makes such an environment), tiny random VITS models built here are
+loaded through the backend's own ``_CoquiEngine`` and synthesize for real; the last test runs
+a user's model named in ``PARLEY_COQUI_MODEL`` (directory or Coqui model name).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -358,18 +361,148 @@ def test_from_config_reads_tts_coqui_settings():
         CoquiBackend.from_config(SimpleNamespace(tts=SimpleNamespace()))
 
 
-# -- a real model, where the package imports ---------------------------------------------------
+# -- the real coqui-tts code path, on tiny random models ---------------------------------------
+
+
+def _import_tts():
+    # TTS raises a plain ImportError when torch/torchaudio/torchcodec are missing
+    return pytest.importorskip("TTS", exc_type=ImportError)
+
+
+def _build_tiny_vits(directory, sample_rate, speakers=()):
+    """A VITS with ~1.3M random weights, saved as Coqui's trainer does (config.json + model.pth).
+
+    Characters instead of phonemes, so no espeak is needed; random weights give noise of
+    the right length and format, which is all these tests check."""
+    import torch
+    from TTS.tts.configs.vits_config import VitsConfig
+    from TTS.tts.models.vits import Vits, VitsArgs
+
+    args = VitsArgs(
+        hidden_channels=16, hidden_channels_ffn_text_encoder=32, num_layers_text_encoder=1,
+        num_layers_posterior_encoder=1, num_layers_flow=1, upsample_initial_channel_decoder=16,
+        resblock_kernel_sizes_decoder=[3], resblock_dilation_sizes_decoder=[[1, 3, 5]],
+        upsample_rates_decoder=[8, 8, 4], upsample_kernel_sizes_decoder=[16, 16, 8],  # 256 = hop
+        init_discriminator=False, use_speaker_embedding=bool(speakers),
+        speaker_embedding_channels=8)
+    config = VitsConfig(model_args=args, use_phonemes=False, text_cleaner="english_cleaners",
+                        use_speaker_embedding=bool(speakers), speakers=list(speakers))
+    config.audio.sample_rate = sample_rate  # not 22050, so a rate from elsewhere would show
+    torch.manual_seed(0)
+    model = Vits(config)
+    directory.mkdir(parents=True)
+    torch.save({"model": model.state_dict()}, directory / "model.pth")
+    model.config.save_json(str(directory / "config.json"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_vits(tmp_path_factory):
+    _import_tts()
+    root = tmp_path_factory.mktemp("coqui")
+    return {"single": _build_tiny_vits(root / "single", 16000),
+            "multi": _build_tiny_vits(root / "multi", 24000, speakers=TINY_SPEAKERS)}
+
+
+TINY_SPEAKERS = ["p225", "p226", "brannoc"]
+
+
+def _load(model_dir, **kwargs):
+    t0 = time.perf_counter()
+    b = CoquiBackend(str(model_dir), **kwargs)
+    print(f"\ncoqui {model_dir.name}: loaded in {time.perf_counter() - t0:.2f} s")
+    return b
+
+
+def _spy(backend):
+    """Records what the real engine is asked for and the length of what it returns."""
+    calls, real = [], backend.engine.synthesize
+
+    def synthesize(text, speaker, speaker_wav, language, speed):
+        wav = real(text, speaker, speaker_wav, language, speed)
+        calls.append((text, speaker, speed, len(wav)))
+        return wav
+
+    backend.engine.synthesize = synthesize
+    return calls
+
+
+def _timed(backend, text, **kwargs):
+    t0 = time.perf_counter()
+    chunks = list(backend.synthesize(text, **kwargs))
+    took = time.perf_counter() - t0
+    audio = sum(len(c.pcm) for c in chunks) / backend.sample_rate
+    print(f"coqui: {audio:.2f} s of audio in {took:.2f} s, real-time factor {took / audio:.2f}")
+    return chunks
+
+
+def _check_chunks(chunks, sample_rate, total):
+    step = sample_rate * 50 // 1000
+    assert sum(len(c.pcm) for c in chunks) == total
+    assert all(c.pcm.dtype == np.int16 and c.pcm.ndim == 1 for c in chunks)
+    assert all(len(c.pcm) == step for c in chunks[:-1]) and 0 < len(chunks[-1].pcm) <= step
+    assert [c.sample for c in chunks] == list(range(0, total, step))
+    assert all(not c.phonemes and not c.words for c in chunks)
+
+
+def test_tiny_vits_loads_and_speaks_per_sentence(tiny_vits):
+    from TTS.api import TTS
+    from TTS.utils.synthesizer import PAD_SILENCE_SAMPLES
+
+    from workers.tts.coqui_backend import _CoquiEngine
+
+    b = _load(tiny_vits["single"])
+    assert isinstance(b.engine, _CoquiEngine) and isinstance(b.engine.api, TTS)
+    assert b.sample_rate == b.spec.sample_rate == 16000  # from config.json, as loaded
+    assert b.speakers() == [] and b.language is None
+    assert not (b.engine.streams or b.engine.clones or b.engine.has_speed)
+    assert b.resolve_voice("en-gb-scotland") == (None, None)  # single speaker: voice ignored
+    calls = _spy(b)
+    chunks = _timed(b, "Halt. State your business.", voice="en-gb-scotland", rate_wpm=300)
+    assert [c[:3] for c in calls] == [("Halt.", None, None), ("State your business.", None, None)]
+    _check_chunks(chunks, 16000, total=sum(c[3] for c in calls))
+    pcm = _pcm(chunks)
+    assert len(pcm) > 0.1 * b.sample_rate and np.abs(pcm.astype(np.int32)).max() > 0
+    # Coqui's per-call pause is cut: the first sentence's audio is not followed by its zeros
+    first = pcm[:calls[0][3]]
+    assert len(first) < PAD_SILENCE_SAMPLES or np.any(first[-PAD_SILENCE_SAMPLES:])
+
+
+def test_tiny_multi_speaker_vits_lists_and_uses_its_speakers(tiny_vits):
+    import torch
+
+    b = _load(tiny_vits["multi"], voices={"en-gb-scotland": "P226"})
+    assert b.sample_rate == 24000
+    assert b.speakers() == TINY_SPEAKERS and b.speaker == "p225"  # the first is the default
+    assert b.resolve_voice("") == ("p225", None)
+    assert b.resolve_voice("Brannoc") == ("brannoc", None)
+    assert b.resolve_voice("en-gb-scotland") == ("p226", None)
+    with pytest.raises(ValueError, match=r"no speaker 'en-us'.*p225, p226, brannoc"):
+        b.resolve_voice("en-us")
+    calls = _spy(b)
+    chunks = _timed(b, "Who goes there? Speak up!", voice="en-gb-scotland")
+    assert [c[:2] for c in calls] == [("Who goes there?", "p226"), ("Speak up!", "p226")]
+    _check_chunks(chunks, 24000, total=sum(c[3] for c in calls))
+
+    def speak(voice):  # same noise for both, so only the speaker differs
+        torch.manual_seed(1)
+        return _pcm(list(b.synthesize("Halt.", voice=voice)))
+
+    assert not np.array_equal(speak("p225"), speak("brannoc"))  # the speaker reaches the model
+    assert b.speakers() == TINY_SPEAKERS and not b._lock.locked()
+
+
+# -- a user's model, where the package imports ---------------------------------------------------
 
 
 def test_real_model_synthesizes():
-    # TTS raises a plain ImportError when torch/torchaudio are missing (as in the CPU dev env)
-    pytest.importorskip("TTS", exc_type=ImportError)
+    _import_tts()
     model = os.environ.get("PARLEY_COQUI_MODEL")
     if not model:
         pytest.skip("set PARLEY_COQUI_MODEL to a model directory or a Coqui model name")
     b = CoquiBackend(model, device=os.environ.get("PARLEY_COQUI_DEVICE", "cpu"),
                      speaker=os.environ.get("PARLEY_COQUI_SPEAKER") or None)
-    chunks = list(b.synthesize("Halt. State your business.", voice=""))
+    chunks = _timed(b, "Halt. State your business.", voice="")
     pcm = _pcm(chunks)
     assert len(pcm) > 0.3 * b.sample_rate  # at least 0.3 s of audio for two sentences
     assert np.abs(pcm.astype(np.int32)).max() > 300  # not silence

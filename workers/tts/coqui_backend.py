@@ -25,14 +25,12 @@ One synthesis runs at a time per backend (a lock): XTTS keeps per-call state on 
 (the GPT prefix embedding), so interleaved calls would corrupt each other, and a GPU runs
 them one after another anyway. Run more worker processes for more parallel voices.
 
-Testing: the ``TTS`` package cannot be imported in the CPU dev environment (it requires
-torchaudio, which has no CPU build for the torch there), so everything around the model call
-(model directory resolution, sample rate from config, speaker/language mapping, error
-messages, float -> int16 chunking, sentence streaming) is covered by
-``tests/backends/test_tts_coqui.py`` with a fake engine. ``_CoquiEngine``, the thin wrapper
-that loads and calls the model, is the only part those tests do not run; a test guarded by
-``pytest.importorskip("TTS")`` runs it where the package imports and a model is given in
-``PARLEY_COQUI_MODEL``.
+Testing: ``tests/backends/test_tts_coqui.py`` covers everything around the model call (model
+directory resolution, sample rate from config, speaker/language mapping, error messages,
+float -> int16 chunking, sentence streaming) with a fake engine, and, where ``TTS`` imports,
+runs ``_CoquiEngine`` on tiny random VITS models (single- and multi-speaker) that it builds
+itself; ``scripts/test-coqui-cpu.sh`` makes an environment where it does. XTTS streaming and
+cloning run only against a real model named in ``PARLEY_COQUI_MODEL``.
 """
 
 from __future__ import annotations
@@ -347,12 +345,14 @@ class CoquiBackend:
 
 
 class _CoquiEngine:
-    """The loaded Coqui model. The only code the CPU test suite cannot run (see above)."""
+    """The loaded Coqui model: ``TTS.api.TTS`` and the parts of its model the backend uses."""
 
     def __init__(self, spec: ModelSpec, device: str) -> None:
+        # TTS raises ImportError without torch, torchaudio or (from torch 2.9) torchcodec
         try:
             from TTS.api import TTS
-        except ImportError as exc:  # TTS raises ImportError when torch/torchaudio are missing
+            from TTS.utils import synthesizer
+        except ImportError as exc:
             raise ImportError(f"the coqui TTS backend cannot import TTS ({exc}). "
                               f"Install it with {_INSTALL}") from exc
         if spec.local:
@@ -371,17 +371,24 @@ class _CoquiEngine:
         self.api = api
         self.model = synth.tts_model
         self.sample_rate = int(synth.output_sample_rate)
-        self.speakers = list(api.speakers or [])
+        self.speakers = list(api.speakers or [])  # api.speakers is None for one speaker
         self.languages = list(api.languages or []) if api.is_multi_lingual else []
         self.streams = hasattr(self.model, "inference_stream")
         self.clones = bool(getattr(self.model.config, "supports_cloning", False))
-        self.has_speed = self.streams  # XTTS; other models' synthesize() reject speed=
+        self.has_speed = self.streams  # XTTS; the others drop speed= silently
+        # Synthesizer.tts appends this many zeros after every call (0.45 s at 22050 Hz), a
+        # pause meant for whole texts; the TTS stage joins fragments itself, so it is cut off.
+        self._pad = int(getattr(synthesizer, "PAD_SILENCE_SAMPLES", 0))
         self._latents: dict[str, tuple[Any, Any]] = {}
 
     def synthesize(self, text, speaker, speaker_wav, language, speed):
         extra = {"speed": speed} if speed is not None else {}
-        return self.api.tts(text=text, speaker=speaker, language=language,
-                            speaker_wav=speaker_wav, split_sentences=False, **extra)
+        wav = self.api.tts(text=text, speaker=speaker, language=language,
+                           speaker_wav=speaker_wav, split_sentences=False, **extra)
+        pad = self._pad
+        if pad and len(wav) >= pad and not np.any(np.asarray(wav[-pad:])):
+            wav = wav[:-pad]
+        return wav
 
     def _conditioning(self, speaker, speaker_wav):
         key = speaker_wav or speaker
