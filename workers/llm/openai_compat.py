@@ -51,6 +51,11 @@ class OpenAICompatBackend:
             self._client = httpx.AsyncClient(timeout=self.timeout)
         return self._client
 
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
     async def stream_reply(self, persona: Persona, history: list[dict],
                            heard: str) -> AsyncIterator[str]:
         body = {"model": self.model, "messages": chat_messages(persona, history, heard),

