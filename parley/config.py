@@ -60,6 +60,7 @@ class SttConfig:
     language: str = "en"
     beam_size: int = 1
     batch_size: int = 8  # whisperx: utterances of different sessions decoded together
+    cpu_threads: int = 0  # faster-whisper / whisperx on a CPU: CTranslate2 threads (0: its default)
     vad_silence_ms: int = 500  # silence that ends the player's utterance
     vad_start_ms: int = 60
     preroll_ms: int = 300  # audio before the VAD start that is fed to the recognizer

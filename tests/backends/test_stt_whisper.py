@@ -5,9 +5,11 @@ tokenizer made here from the 256 byte-level symbols plus Whisper's special token
 vocab files can be downloaded), converted to CTranslate2 int8 and decoded through
 FasterWhisperBackend. Random weights give nonsense text; the point is that the whole path runs.
 
-whisperX cannot be installed here: its tests cover the cross-session batching glue (through the
-real workers.batching.MicroBatcher), window splitting and result parsing with a stand-in for the
-batched model call (FakeWhisperXModel, a test double).
+whisperX: the cross-session batching glue (through the real workers.batching.MicroBatcher),
+window splitting and result parsing are tested everywhere with a stand-in for the batched model
+call (FakeWhisperXModel, a test double). The real whisperX path (whisperx.load_model on the same
+tiny CTranslate2 model, its batched decode) runs only where whisperX imports: its torch 2.8
+stack is kept out of the project venv, in the one scripts/test-whisperx-cpu.sh builds.
 """
 
 from __future__ import annotations
@@ -320,3 +322,93 @@ def test_warm_loads_once_in_the_batcher_thread(whisperx_backend):
     backend = whisperx_backend(ThreadRecordingModel())
     backend.warm()
     assert threads and threads[0] != threading.current_thread().name
+
+
+# --- whisperX, for real (only where whisperX is installed) ---------------------------------
+
+@pytest.fixture
+def real_whisperx(tiny_whisper_dir, monkeypatch):
+    """The backend on the tiny model through whisperX's own loading, with a spy (not a stand-in:
+    it calls the original) on whisperX's batched decode recording each batch's feature shape."""
+    pytest.importorskip("whisperx")
+    asr = pytest.importorskip("whisperx.asr")  # torch, faster-whisper, pyannote.audio
+    batches: list[tuple[int, ...]] = []
+    original = asr.WhisperModel.generate_segment_batched
+
+    def spy(self, features, *args, **kwargs):
+        batches.append(tuple(features.shape))
+        return original(self, features, *args, **kwargs)
+
+    monkeypatch.setattr(asr.WhisperModel, "generate_segment_batched", spy)
+    backend = WhisperXBackend(str(tiny_whisper_dir), device="cpu", compute_type="int8",
+                              batch_size=8, window_ms=250.0, cpu_threads=2)
+    yield backend, batches, asr
+    backend.close()
+
+
+def test_real_whisperx_decodes_sessions_in_one_batch(real_whisperx):
+    backend, batches, asr = real_whisperx
+    t0 = time.perf_counter()
+    backend.warm()  # whisperx.load_model + a decode of 0.5 s of silence
+    warm_s = time.perf_counter() - t0
+    pipeline = backend._model_call.pipeline
+    assert isinstance(pipeline, asr.FasterWhisperPipeline)
+    assert isinstance(pipeline.model, asr.WhisperModel)
+    assert type(pipeline.vad_model).__name__ == "_UnusedVad", "no whisperX VAD was loaded"
+    assert batches == [(1, 80, 3000)], "warm-up: one 30 s log-mel window"
+    batches.clear()
+
+    # Four sessions finish together; the 35 s one is cut in two windows: 5 windows in all.
+    seconds = [1.0, 2.5, 0.6, 35.0]
+    barrier = threading.Barrier(len(seconds))
+
+    def session(i):
+        with backend.open_stream() as stream:
+            for piece in np.array_split(_audio(seconds[i], seed=i), 10):
+                assert stream.feed(piece) is None
+            barrier.wait()
+            t = time.perf_counter()
+            text = stream.finish()
+            return text, time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(seconds)) as pool:
+        results = list(pool.map(session, range(len(seconds))))
+    total_s = time.perf_counter() - t0
+    texts = [t for t, _ in results]
+    print(f"whisperX on CPU: warm {warm_s:.2f} s; {len(seconds)} sessions "
+          f"({sum(seconds):.1f} s audio) in {total_s:.2f} s, batches {batches}, finish() "
+          f"{', '.join(f'{s:.2f}' for _, s in results)} s; texts "
+          f"{[t[:24] for t in texts]}")
+    assert sum(b[0] for b in batches) == 5, batches
+    assert all(b[1:] == (80, 3000) for b in batches), "30 s log-mel windows"
+    assert max(b[0] for b in batches) > 1 and len(batches) < len(seconds), \
+        f"sessions shared a batched decode: {batches}"
+    for text in texts:  # random weights: nonsense, but one line of what the model can emit
+        assert isinstance(text, str) and re.fullmatch(r"[a-z ]*", text), text[:80]
+    assert texts[3], "the long utterance's windows were decoded"
+    assert total_s < 60, "a tiny model decodes five windows in well under that"
+
+
+def test_real_whisperx_texts_match_its_own_pipeline(real_whisperx):
+    """Parley's direct use (preprocess + generate_segment_batched) gives the texts whisperX's
+    own pipeline call (the one transcribe() makes after its VAD) gives for the same windows."""
+    backend, batches, _ = real_whisperx
+    audios = [_audio(1.5, seed=7), _audio(0.8, seed=8)]
+    ours = backend._decode_batch(audios)
+    pipeline = backend._model_call.pipeline
+    theirs = list(pipeline(({"inputs": a} for a in audios), batch_size=len(audios),
+                           num_workers=0))
+    assert len(batches) == 2 and batches[0][0] == batches[1][0] == 2, batches
+    assert ours == [transcript_from_result({"segments": [{"text": segment_text(o)}]})
+                    for o in theirs]
+
+
+def test_real_whisperx_unloadable_model_says_why():
+    pytest.importorskip("whisperx.asr")
+    missing = WhisperXBackend("/nonexistent/whisper-ct2", device="cpu", compute_type="int8")
+    try:
+        with pytest.raises(RuntimeError, match=r"whisperx: could not load model "):
+            missing.warm()
+    finally:
+        missing.close()

@@ -25,22 +25,33 @@ RATE = 16000
 BACKENDS = {"pocketsphinx": PocketsphinxBackend}
 
 
+def _cuda_or_cpu() -> str:
+    """whisperX has no "auto" device: ask CTranslate2 (whisperX's engine) for a GPU."""
+    try:
+        import ctranslate2
+    except ImportError:  # whisperX itself will say what is missing
+        return "cuda"
+    return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+
+
 def make_backend(name: str, config: Config):
     cfg = config.stt
     if name == "faster-whisper":
         from workers.stt.faster_whisper_backend import FasterWhisperBackend
 
         return FasterWhisperBackend(cfg.model, device=cfg.device, compute_type=cfg.compute_type,
-                                    beam_size=cfg.beam_size, language=cfg.language)
+                                    beam_size=cfg.beam_size, language=cfg.language,
+                                    cpu_threads=cfg.cpu_threads)
     if name == "whisperx":
         from workers.stt.whisperx_backend import WhisperXBackend
 
-        device = "cuda" if cfg.device == "auto" else cfg.device
+        device = _cuda_or_cpu() if cfg.device == "auto" else cfg.device
+        # int8 is the CPU default; on a GPU whisperX is meant to run float16
         compute = "float16" if cfg.compute_type == "int8" and device == "cuda" else \
             cfg.compute_type
         return WhisperXBackend(cfg.model, device=device, compute_type=compute,
                                batch_size=cfg.batch_size, language=cfg.language,
-                               beam_size=cfg.beam_size)
+                               beam_size=cfg.beam_size, cpu_threads=cfg.cpu_threads)
     try:
         cls = BACKENDS[name]
     except KeyError:

@@ -1,7 +1,10 @@
-"""Whisper through whisperX's batched faster-whisper pipeline, batched ACROSS sessions (GPU).
+"""Whisper through whisperX's batched faster-whisper pipeline, batched ACROSS sessions (GPU;
+also runs on CPU).
 
 Install with ``pip install -e ".[stt-whisperx]"`` in its own environment (whisperX and vLLM pin
-different torch versions). The import is lazy: this module loads without whisperX and only
+different torch versions). whisperX 3.8 pins torch~=2.8.0 with torchaudio, torchvision and
+pyannote.audio 4, and PyPI's Linux x86_64 torch 2.8.0 is the CUDA 12.8 build: about 4 GB of
+wheels even for CPU use. The import is lazy: this module loads without whisperX and only
 constructing the backend fails.
 
 whisperX batches the VAD chunks of one long recording. A worker here holds many short
@@ -24,9 +27,11 @@ latency stays near a single decode instead of queueing behind the other sessions
   that, so the same reader handles ``FasterWhisperPipeline.transcribe()`` output.
 
 What runs where: argument checks, the batching glue, window splitting and result parsing are
-tested on CPU (tests/backends/test_stt_whisper.py) with a stand-in for the model call. The one
-untested part is ``_WhisperXModel`` (loading whisperX and its batched decode), which needs
-whisperX, and in practice a GPU.
+tested on CPU (tests/backends/test_stt_whisper.py) with a stand-in for the model call. The real
+``_WhisperXModel`` (whisperX 3.8.6 loading a local CTranslate2 model and its batched decode) is
+tested on CPU with a tiny random Whisper in the whisperX environment that
+``scripts/test-whisperx-cpu.sh`` builds; it is skipped where whisperX is not installed. Real
+checkpoints on a GPU are not tested.
 """
 
 from __future__ import annotations
@@ -72,8 +77,8 @@ def split_windows(audio: np.ndarray, window: int = WINDOW) -> list[tuple[int, np
 
 
 def segment_text(out: Any) -> str:
-    """Text of one window from the batched decode: a string (whisperX's
-    ``generate_segment_batched``) or a ``{"text": ...}`` mapping (its pipeline's output)."""
+    """Text of one window: a string (one item of ``generate_segment_batched``'s ``"text"``
+    list) or a ``{"text": ...}`` mapping (an item of its pipeline's output)."""
     if isinstance(out, Mapping):
         out = out.get("text", "")
     if isinstance(out, (list, tuple)):  # the pipeline's text for batch_size 1 is [text]
@@ -93,31 +98,37 @@ def transcript_from_result(result: Mapping) -> str:
 
 
 class _UnusedVad:
-    """Handed to whisperx.load_model() so that it loads no VAD model (pyannote's is a download):
-    Parley's own VAD segments the audio, and only transcribe() would call this."""
+    """Handed to whisperx.load_model() so that it loads no VAD model (its default, pyannote's,
+    ships in the wheel but costs load time and memory; silero's comes from torch.hub, the
+    network): Parley's own VAD segments the audio, and only transcribe() would call this."""
 
     def __call__(self, *args, **kwargs):
         raise RuntimeError("whisperX VAD is not used by Parley: utterances come pre-segmented")
 
 
 class _WhisperXModel:
-    """The model call: whisperX's pipeline, fed log-mel windows directly. NOT TESTED HERE
-    (needs whisperX): loading, and one batched encoder + generate over up to batch_size
-    windows of at most 30 s. Returns one text per window."""
+    """The model call: whisperX's pipeline, fed log-mel windows directly. Loading, and one
+    batched encoder + generate over up to batch_size windows of at most 30 s. Returns one
+    text per window."""
 
     def __init__(self, whisperx, model: str, device: str, compute_type: str, language: str,
-                 beam_size: int):
+                 beam_size: int, cpu_threads: int):
+        # threads: CTranslate2's intra-op threads on CPU (whisperX's own default is 4).
         self.pipeline = whisperx.load_model(
             model, device, compute_type=compute_type, language=language,
-            asr_options={"beam_size": beam_size}, vad_model=_UnusedVad())
+            asr_options={"beam_size": beam_size}, vad_model=_UnusedVad(), threads=cpu_threads)
 
     def __call__(self, windows: list[np.ndarray]) -> list[str]:
         p = self.pipeline
         # The pipeline's preprocess: log-mel with the model's mel count, padded to 30 s.
         feats = [p.preprocess({"inputs": w})["inputs"] for w in windows]
         batch = np.stack([f.numpy() if hasattr(f, "numpy") else np.asarray(f) for f in feats])
-        return list(p.model.generate_segment_batched(batch.astype(np.float32), p.tokenizer,
-                                                     p.options))
+        out = p.model.generate_segment_batched(batch.astype(np.float32), p.tokenizer, p.options)
+        # whisperX 3.x returns the whole batch as {"text": [str per row], "avg_logprob": [...]};
+        # list() of that mapping would be its two keys, not the texts.
+        if not isinstance(out, Mapping) or not isinstance(out.get("text"), list):
+            raise TypeError(f"unexpected generate_segment_batched output: {out!r:.120}")
+        return out["text"]
 
 
 class WhisperXStream:
@@ -164,6 +175,7 @@ class WhisperXStream:
 class WhisperXBackend:
     """``batch_size``: most windows per batched decode (GPU memory bound: each is a 30 s mel).
     ``window_ms``: how long the batcher waits for more finish() calls after the first.
+    ``cpu_threads``: CTranslate2 threads when ``device="cpu"`` (0: CTranslate2's default).
 
     ``model_call`` and ``batcher`` are seams for tests and benchmarks: a stand-in for the
     batched model call (then whisperX is not imported), and the micro-batcher class."""
@@ -172,7 +184,8 @@ class WhisperXBackend:
 
     def __init__(self, model: str, device: str = "cuda", compute_type: str = "float16",
                  batch_size: int = 8, language: str = "en", beam_size: int = 1,
-                 window_ms: float = 5.0, *, model_call: ModelCall | None = None,
+                 window_ms: float = 5.0, cpu_threads: int = 0, *,
+                 model_call: ModelCall | None = None,
                  batcher: Callable[..., Any] | None = None):
         if not model:
             raise ValueError("whisperx: model (a name or a directory) is not set")
@@ -190,6 +203,8 @@ class WhisperXBackend:
             raise ValueError(f"whisperx: beam_size must be >= 1, got {beam_size}")
         if window_ms < 0:
             raise ValueError(f"whisperx: window_ms must be >= 0, got {window_ms}")
+        if cpu_threads < 0:
+            raise ValueError(f"whisperx: cpu_threads must be >= 0, got {cpu_threads}")
         self._whisperx = _import_whisperx() if model_call is None else None
         self.model = model
         self.device = device
@@ -197,6 +212,7 @@ class WhisperXBackend:
         self.batch_size = batch_size
         self.language = language
         self.beam_size = beam_size
+        self.cpu_threads = cpu_threads
         self._model_call = model_call
         self._lock = threading.Lock()
         if batcher is None:
@@ -210,7 +226,7 @@ class WhisperXBackend:
                 try:
                     self._model_call = _WhisperXModel(self._whisperx, self.model, self.device,
                                                       self.compute_type, self.language,
-                                                      self.beam_size)
+                                                      self.beam_size, self.cpu_threads)
                 except Exception as exc:
                     raise RuntimeError(
                         f"whisperx: could not load model {self.model!r} on {self.device} "
