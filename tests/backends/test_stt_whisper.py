@@ -9,7 +9,7 @@ whisperX: the cross-session batching glue (through the real workers.batching.Mic
 window splitting and result parsing are tested everywhere with a stand-in for the batched model
 call (FakeWhisperXModel, a test double). The real whisperX path (whisperx.load_model on the same
 tiny CTranslate2 model, its batched decode) runs only where whisperX imports: its torch 2.8
-stack is kept out of the project venv, in the one scripts/test-whisperx-cpu.sh builds.
+stack is kept out of the project venv, in the one scripts/backend-env.sh whisperx builds.
 """
 
 from __future__ import annotations

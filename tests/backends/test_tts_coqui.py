@@ -1,7 +1,7 @@
 """Coqui TTS backend: the glue around the model, then the real coqui-tts code path.
 
 A fake engine stands in for the loaded model in most tests. Where ``TTS`` imports
-(scripts/test-coqui-cpu.sh makes such an environment), tiny random VITS models built here are
+(scripts/backend-env.sh coqui makes such an environment), tiny random VITS models built here are
 loaded through the backend's own ``_CoquiEngine`` and synthesize for real; the last test runs
 a user's model named in ``PARLEY_COQUI_MODEL`` (directory or Coqui model name).
 """
@@ -369,39 +369,16 @@ def _import_tts():
     return pytest.importorskip("TTS", exc_type=ImportError)
 
 
-def _build_tiny_vits(directory, sample_rate, speakers=()):
-    """A VITS with ~1.3M random weights, saved as Coqui's trainer does (config.json + model.pth).
-
-    Characters instead of phonemes, so no espeak is needed; random weights give noise of
-    the right length and format, which is all these tests check."""
-    import torch
-    from TTS.tts.configs.vits_config import VitsConfig
-    from TTS.tts.models.vits import Vits, VitsArgs
-
-    args = VitsArgs(
-        hidden_channels=16, hidden_channels_ffn_text_encoder=32, num_layers_text_encoder=1,
-        num_layers_posterior_encoder=1, num_layers_flow=1, upsample_initial_channel_decoder=16,
-        resblock_kernel_sizes_decoder=[3], resblock_dilation_sizes_decoder=[[1, 3, 5]],
-        upsample_rates_decoder=[8, 8, 4], upsample_kernel_sizes_decoder=[16, 16, 8],  # 256 = hop
-        init_discriminator=False, use_speaker_embedding=bool(speakers),
-        speaker_embedding_channels=8)
-    config = VitsConfig(model_args=args, use_phonemes=False, text_cleaner="english_cleaners",
-                        use_speaker_embedding=bool(speakers), speakers=list(speakers))
-    config.audio.sample_rate = sample_rate  # not 22050, so a rate from elsewhere would show
-    torch.manual_seed(0)
-    model = Vits(config)
-    directory.mkdir(parents=True)
-    torch.save({"model": model.state_dict()}, directory / "model.pth")
-    model.config.save_json(str(directory / "config.json"))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def tiny_vits(tmp_path_factory):
     _import_tts()
     root = tmp_path_factory.mktemp("coqui")
-    return {"single": _build_tiny_vits(root / "single", 16000),
-            "multi": _build_tiny_vits(root / "multi", 24000, speakers=TINY_SPEAKERS)}
+    from benchmarks.random_models import build_vits
+
+    # 16 and 24 kHz, not coqui's 22050 default, so a rate taken from anywhere but the config
+    # would show
+    return {"single": build_vits(root / "single", "tiny", 16000),
+            "multi": build_vits(root / "multi", "tiny", 24000, speakers=TINY_SPEAKERS)}
 
 
 TINY_SPEAKERS = ["p225", "p226", "brannoc"]
