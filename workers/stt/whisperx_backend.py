@@ -30,7 +30,7 @@ What runs where: argument checks, the batching glue, window splitting and result
 tested on CPU (tests/backends/test_stt_whisper.py) with a stand-in for the model call. The real
 ``_WhisperXModel`` (whisperX 3.8.6 loading a local CTranslate2 model and its batched decode) is
 tested on CPU with a tiny random Whisper in the whisperX environment that
-``scripts/test-whisperx-cpu.sh`` builds; it is skipped where whisperX is not installed. Real
+``scripts/backend-env.sh whisperx`` builds; it is skipped where whisperX is not installed. Real
 checkpoints on a GPU are not tested.
 """
 

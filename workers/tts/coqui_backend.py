@@ -29,7 +29,7 @@ Testing: ``tests/backends/test_tts_coqui.py`` covers everything around the model
 directory resolution, sample rate from config, speaker/language mapping, error messages,
 float -> int16 chunking, sentence streaming) with a fake engine, and, where ``TTS`` imports,
 runs ``_CoquiEngine`` on tiny random VITS models (single- and multi-speaker) that it builds
-itself; ``scripts/test-coqui-cpu.sh`` makes an environment where it does. XTTS streaming and
+itself; ``scripts/backend-env.sh coqui`` makes an environment where it does. XTTS streaming and
 cloning run only against a real model named in ``PARLEY_COQUI_MODEL``.
 """
 
