@@ -31,8 +31,8 @@ to 10x between runs), each part in the environment that has its package
 (``scripts/backend-env.sh``): tiny Whisper built in 5-7 s, the 11 s utterance decoded by
 faster-whisper in 0.4-1.2 s (int8, 64 tokens at most); whisperX through the backend's
 cross-session batcher: one session 98 ms, 4 finishing together 352 ms (113 and 125 s of speech
-per second: on a CPU the batch saves little); vLLM (CPU build, tiny Llama) loaded in 31 s, first token 12 ms, 224
-tokens/s for one reply and 841 for 4 together; coqui tiny VITS first chunk 28 ms, real-time
+per second: on a CPU the batch saves little); vLLM (CPU build, tiny Llama) loaded in 31 s,
+first token 12 ms, 224 tokens/s for one reply and 841 for 4 together; coqui tiny VITS first chunk 28 ms, real-time
 factor 0.036; reduced lipsync transformer 137 ms per window at batch 1, 26 streams at 60 fps
 at batch 4.
 """
