@@ -26,15 +26,14 @@ longer than one hop of audio cannot keep a stream real-time however many it serv
 Every part is guarded: a missing package, model or device prints ``skipped: why`` and the
 rest goes on. Exit code 1 only when a part failed after it started (a real error).
 
-Measured with ``--cpu`` on the 2-core dev machine, shared with other jobs (numbers moved up
-to 10x between runs), each part in the environment that has its package
-(``scripts/backend-env.sh``): tiny Whisper built in 5-7 s, the 11 s utterance decoded by
-faster-whisper in 0.4-1.2 s (int8, 64 tokens at most); whisperX through the backend's
-cross-session batcher: one session 98 ms, 4 finishing together 352 ms (113 and 125 s of speech
-per second: on a CPU the batch saves little); vLLM (CPU build, tiny Llama) loaded in 31 s,
-first token 12 ms, 224 tokens/s for one reply and 841 for 4 together; coqui tiny VITS first chunk 28 ms, real-time
-factor 0.036; reduced lipsync transformer 137 ms per window at batch 1, 26 streams at 60 fps
-at batch 4.
+Measured with ``--cpu`` on the 2-core dev machine, shared with other jobs (numbers moved up to
+10x between runs), each part in the environment that has its package (``scripts/backend-
+env.sh``): tiny Whisper built in 5-7 s, the 11 s utterance decoded by faster-whisper in 0.4-1.2
+s (int8, 64 tokens at most); whisperX through the backend's cross-session batcher: one session
+98 ms, 4 finishing together 352 ms (113 and 125 s of speech per second: on a CPU the batch
+saves little); vLLM (CPU build, tiny Llama) loaded in 31 s, first token 12 ms, 224 tokens/s for
+one reply and 841 for 4 together; coqui tiny VITS first chunk 28 ms, real-time factor 0.036;
+reduced lipsync transformer 137 ms per window at batch 1, 26 streams at 60 fps at batch 4.
 """
 
 from __future__ import annotations
