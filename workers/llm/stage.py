@@ -23,10 +23,16 @@ def make_backend(name: str, config: Config):
     if name == "vllm":
         from workers.llm.vllm_backend import VllmBackend
 
+        engine_args: dict = {}
+        if cfg.vllm_enforce_eager:
+            engine_args["enforce_eager"] = True
+        if cfg.vllm_kv_cache_gib > 0:
+            engine_args["kv_cache_memory_bytes"] = int(cfg.vllm_kv_cache_gib * (1 << 30))
         return VllmBackend(cfg.vllm_model, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                            max_model_len=cfg.vllm_max_model_len, seed=cfg.seed,
-                           max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+                           max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                           engine_args=engine_args)
     if name == "openai":
         from workers.llm.openai_compat import OpenAICompatBackend
 
