@@ -45,6 +45,9 @@ class WorkerConfig:
     block_ms: int = 1000  # XREADGROUP block
     claim_idle_ms: int = 1000  # a job idle this long is taken over by another worker
     heartbeat_ms: int = 250  # refreshes the claims of live jobs; must be well under claim_idle_ms
+    # A worker whose liveness sidecar still reports it alive keeps a job this long without
+    # progress (its event loop starved by model work) before the job is taken over anyway.
+    stall_ms: int = 30_000
     max_deliveries: int = 3  # then the job goes to the dead-letter stream
     drain_timeout_s: float = 5.0  # on SIGTERM: finish in-flight jobs for this long, then hand back
     reconnect_max_s: float = 2.0

@@ -53,6 +53,10 @@ class Keys:
     def sessions(self) -> str:
         return f"{self.prefix}:sessions"
 
+    def alive(self, consumer: str) -> str:
+        """A worker's proof of life, kept by its sidecar process (workers/liveness.py)."""
+        return f"{self.prefix}:{{jobs}}:alive:{consumer}"
+
     def worker(self, consumer: str) -> str:
         return f"{self.prefix}:worker:{consumer}"
 

@@ -24,6 +24,7 @@ from redis.exceptions import ResponseError
 from parley.config import Config
 from parley.redisconn import RETRYABLE, connect
 from schemas.streams import EventEntry, Job, Keys, SessionMeta, entry_id, now_ms, parse_id
+from workers.liveness import Sidecar
 
 # Refreshes the claim of each job this consumer still owns and reports the ones it lost.
 # One key (the job stream), so it runs on Redis Cluster too.
@@ -275,6 +276,11 @@ class Worker:
         self._complete_script = self.redis.register_script(_COMPLETE_LUA)
         self.started = now_ms()
         self.background: set[asyncio.Task] = set()
+        cfg = config.worker
+        # refreshed every heartbeat, lapses after claim_idle_ms: a dead worker's jobs are taken
+        # over about as fast as before, a busy one's never
+        self.liveness = Sidecar(config.redis.url, self.keys.alive(self.consumer),
+                                every_ms=cfg.heartbeat_ms, ttl_ms=cfg.claim_idle_ms)
 
     def _background_done(self, task: asyncio.Task) -> None:
         self.background.discard(task)
@@ -294,6 +300,13 @@ class Worker:
             loop.add_signal_handler(sig, self.request_stop)
 
     async def run(self) -> None:
+        self.liveness.ensure()
+        try:
+            await self._run()
+        finally:
+            self.liveness.stop()
+
+    async def _run(self) -> None:
         await self._retrying(self._ensure_group, "ensure_group")
         await self.stage.start(self)
         self.log.info("worker_started", stage=self.stage.name, **self.stage.describe())
@@ -310,8 +323,9 @@ class Worker:
         await self.stage.stop()
         loops[2].cancel()
         await asyncio.gather(loops[2], return_exceptions=True)
+        self.liveness.stop()
         try:
-            await self.redis.delete(self.keys.worker(self.consumer))
+            await self.redis.delete(self.keys.worker(self.consumer), self.keys.alive(self.consumer))
         except RETRYABLE:
             pass
         await self.redis.aclose()
@@ -404,29 +418,57 @@ class Worker:
                     self.log.error("reclaim_failed", error=str(exc))
 
     async def _reclaim_once(self) -> None:
+        """Take over the jobs of workers that are gone, or alive but stuck on a job.
+
+        Idle time alone cannot tell busy from dead: a decode that holds the GIL starves the
+        owner's heartbeat. A job idle past ``claim_idle_ms`` is taken only when its owner's
+        liveness key (written by a sidecar process, see workers/liveness.py) has lapsed, or when
+        it has made no progress for ``stall_ms`` (a wedged worker still loses its job).
+        """
         cfg = self.config.worker
         free = self.slots._value
         if free <= 0:
             return
-        _, claimed, _ = await self.redis.xautoclaim(
-            self.stream, self.group, self.consumer, cfg.claim_idle_ms, "0-0", count=free,
-        )
-        for eid, fields in claimed:
-            if fields is None:
-                continue
-            job = Job.from_fields(eid, fields)
-            if job.id in self.inflight:
-                continue
-            info = await self.redis.xpending_range(self.stream, self.group, job.id, job.id, 1)
-            delivered = info[0]["times_delivered"] if info else 1
-            attempts = job.attempt + delivered - 1
-            self.log.warning("job_taken_over", session=job.sid, turn=job.turn, job=job.id,
-                             attempts=attempts, previous_owner_idle_ms=cfg.claim_idle_ms)
-            if attempts > cfg.max_deliveries:
-                await self._dead_letter(job, f"worker died {attempts - 1} times on this job")
-                continue
-            await self.slots.acquire()
-            self._start(job)
+        idle = await self.redis.xpending_range(self.stream, self.group, "-", "+", 100,
+                                               idle=cfg.claim_idle_ms)
+        idle = [p for p in idle if _s(p["consumer"]) != self.consumer]
+        if not idle:
+            return
+        owners = sorted({_s(p["consumer"]) for p in idle})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for owner in owners:
+                pipe.exists(self.keys.alive(owner))
+            live = {o for o, n in zip(owners, await pipe.execute(), strict=True) if n}
+        for p in idle:
+            if free <= 0:
+                break
+            owner = _s(p["consumer"])
+            stalled = p["time_since_delivered"] >= cfg.stall_ms
+            if owner in live and not stalled:
+                continue  # busy, not dead
+            # XCLAIM re-checks the idle time, so of two rescuers only one gets the job
+            got = await self.redis.xclaim(self.stream, self.group, self.consumer,
+                                          cfg.claim_idle_ms, [p["message_id"]])
+            for eid, fields in got:
+                if fields is None:
+                    continue
+                free -= 1
+                await self._take_over(Job.from_fields(eid, fields), p, owner,
+                                      "stalled" if owner in live else "gone")
+
+    async def _take_over(self, job: Job, pending: dict, owner: str, why: str) -> None:
+        cfg = self.config.worker
+        if job.id in self.inflight:
+            return
+        attempts = job.attempt + pending["times_delivered"]
+        self.log.warning("job_taken_over", session=job.sid, turn=job.turn, job=job.id,
+                         attempts=attempts, previous_owner=owner, owner_was=why,
+                         idle_ms=pending["time_since_delivered"])
+        if attempts > cfg.max_deliveries:
+            await self._dead_letter(job, f"worker died {attempts - 1} times on this job")
+            return
+        await self.slots.acquire()
+        self._start(job)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -445,6 +487,8 @@ class Worker:
                             self.log.warning("job_lost_to_takeover", job=lid, session=f.job.sid)
                             f.task.cancel()
                 await self._register()
+                if self.liveness.ensure():
+                    self.log.warning("liveness_sidecar_restarted")
             except RETRYABLE as exc:
                 self.log.warning("redis_unavailable", during="heartbeat", error=str(exc))
             except ResponseError as exc:
@@ -598,6 +642,10 @@ class Worker:
         await self.redis.xadd(self.keys.session(job.sid, "events"), entry.to_fields())
         self.log.error("job_dead_lettered", session=job.sid, turn=job.turn, job=job.id,
                        reason=reason)
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
 
 
 async def run_worker(stage: Stage, config: Config) -> None:

@@ -29,6 +29,14 @@ class ToyStage(Stage):
         if ctx.job.text == "until-stop":
             await ctx.stopping.wait()
             raise HandBack(ctx.job)
+        if ctx.job.text.startswith("block:"):
+            # "block:WORKER:S" holds WORKER's event loop for S seconds as a GIL-bound decode
+            # does (no heartbeat runs meanwhile); any other worker finishes at once
+            _, who, seconds = ctx.job.text.split(":")
+            if who == ctx.worker.consumer:
+                time.sleep(float(seconds))
+            await ctx.redis.rpush(f"done:{ctx.job.sid}", ctx.worker.consumer)
+            return []
         await asyncio.sleep(float(ctx.job.text or 0))
         await ctx.redis.rpush(f"done:{ctx.job.sid}", ctx.worker.consumer)
         return []
@@ -160,6 +168,85 @@ async def test_sigterm_hands_back_in_flight_jobs_at_once(scratch_url, redis_clie
     assert all(p["consumer"] != b"leaving" for p in info)
     b.request_stop()
     await tb
+
+
+def _run_toy_worker(url: str, name: str, claim_idle_ms: str, stall_ms: str) -> None:
+    """Entry point of a toy worker in its own process (its event loop can be starved alone)."""
+    cfg = config(url, claim_idle_ms=int(claim_idle_ms), stall_ms=int(stall_ms))
+    w = Worker(ToyStage(cfg), cfg, consumer=name)
+
+    async def main():
+        w.install_signal_handlers()
+        await w.run()
+
+    asyncio.run(main())
+
+
+def spawn_toy_worker(url: str, name: str, claim_idle_ms: int = 500, stall_ms: int = 30_000):
+    import subprocess
+    import sys
+
+    code = ("import sys; from tests.integration.test_runtime import _run_toy_worker as r; "
+            "r(*sys.argv[1:])")
+    return subprocess.Popen([sys.executable, "-c", code, url, name, str(claim_idle_ms),
+                             str(stall_ms)])
+
+
+async def test_a_worker_whose_event_loop_is_starved_keeps_its_job(scratch_url, redis_client):
+    """Busy is not dead: a job that blocks its worker's event loop for 6x claim_idle_ms (no
+    heartbeat runs) stays with that worker while a sibling looks for work to take over."""
+    proc = spawn_toy_worker(scratch_url, "starved")
+    try:
+        assert await wait_for(lambda: redis_client.exists(Keys().alive("starved")), 10)
+        thief_cfg = config(scratch_url)
+        b, sb, tb = await start(thief_cfg, "thief")
+        await enqueue(redis_client, "busy", "block:starved:3.0")
+        assert await wait_for(lambda: _count(redis_client, ["done:busy"], 1), 15)
+        await asyncio.sleep(0.6)  # a late takeover would run the job a second time now
+        assert sb.ran == [], "the sibling took a live worker's job"
+        assert await redis_client.lrange("done:busy", 0, -1) == [b"starved"]
+        await stop((b, tb))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert proc.returncode == 0
+
+
+async def test_a_wedged_worker_loses_its_job_after_stall_ms(scratch_url, redis_client):
+    """Alive but making no progress past worker.stall_ms: the job is taken over anyway."""
+    proc = spawn_toy_worker(scratch_url, "wedged")
+    try:
+        assert await wait_for(lambda: redis_client.exists(Keys().alive("wedged")), 10)
+        thief_cfg = config(scratch_url, stall_ms=1500)
+        b, sb, tb = await start(thief_cfg, "rescuer")
+        await enqueue(redis_client, "stuck", "block:wedged:6.0")
+        assert await wait_for(lambda: _any(sb.ran), 5), "the wedged worker kept its job"
+        assert await wait_for(lambda: _count(redis_client, ["done:stuck"], 1), 5)
+        # The wedged worker wakes up (the toy's own write is not idempotent, a real stage's
+        # are), finds the job is no longer its own and must not ack it a second time.
+        assert await wait_for(lambda: _count(redis_client, ["done:stuck"], 2), 10)
+        info = await redis_client.xpending(Keys().jobs("toy"), "toy")
+        assert info["pending"] == 0
+        await stop((b, tb))
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+async def test_a_killed_workers_liveness_lapses_at_once(scratch_url, redis_client):
+    import signal
+
+    proc = spawn_toy_worker(scratch_url, "doomed")
+    assert await wait_for(lambda: redis_client.exists(Keys().alive("doomed")), 10)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(5)
+    t0 = time.monotonic()
+    assert await wait_for(lambda: _none(redis_client.exists(Keys().alive("doomed"))), 3)
+    assert time.monotonic() - t0 < 1.0
+
+
+async def _none(coro):
+    return not await coro
 
 
 @pytest.fixture(autouse=True)
