@@ -23,9 +23,9 @@ from parley.config import Config
 from parley.redisconn import RETRYABLE, connect
 from schemas import protocol as P
 from schemas.streams import (
+    WAKE_LISTENER_LUA,
     EventEntry,
     FaceEntry,
-    Job,
     Keys,
     MicEntry,
     ReplyEntry,
@@ -43,6 +43,7 @@ class Gateway:
         self.config = config
         self.keys = Keys(config.redis.prefix)
         self.redis = connect(config.redis.url, max_connections=4096)
+        self.wake_listener = self.redis.register_script(WAKE_LISTENER_LUA)
         personas = load_personas(config.personas_dir())
         self.personas = {pid: p.voice for pid, p in personas.items()}
         g = config.gateway
@@ -189,26 +190,30 @@ class Connection:
             await self._interrupt(relay[0], turn, "client")
 
     async def _append_mic(self, sid: str, entry: MicEntry) -> None:
-        try:
-            await self.redis.xadd(self.keys.session(sid, "mic"), entry.to_fields(),
-                                  id=mic_id(entry.seq, entry.end_of_utterance),
-                                  maxlen=self.gw.config.redis.stream_maxlen, approximate=True)
-        except ResponseError as exc:
-            if "equal or smaller" not in str(exc):  # a resend Redis already has
-                raise
+        """Append, then make sure an STT job listens: a session gets one only while its mic
+        sends (an idle NPC holds no worker). One round trip for both."""
+        async with self.redis.pipeline(transaction=False) as p:
+            p.xadd(self.keys.session(sid, "mic"), entry.to_fields(),
+                   id=mic_id(entry.seq, entry.end_of_utterance),
+                   maxlen=self.gw.config.redis.stream_maxlen, approximate=True)
+            await self.gw.wake_listener(keys=[self.keys.listener(sid), self.keys.jobs("stt")],
+                                        args=[sid, now_ms()], client=p)
+            res = await p.execute(raise_on_error=False)
+        for r in res:
+            # a resend Redis already has is refused by its ID: that is the point of the IDs
+            if isinstance(r, ResponseError) and "equal or smaller" not in str(r):
+                raise r
 
     async def _open(self, a: C.OpenAction) -> None:
         req = a.request
         meta = SessionMeta(sid=a.sid, session=a.session, npc=req.npc, persona=a.persona,
                            voice=a.voice, sample_rate=req.sample_rate, channels=req.channels,
                            format=req.format, endpoint=req.endpoint or "vad")
-        job = Job(stage="stt", sid=a.sid, turn=1, cursor="0-0")
         try:
             async with self.redis.pipeline(transaction=False) as p:
                 p.hset(self.keys.session(a.sid, "meta"), mapping=meta.to_fields())
                 p.sadd(self.keys.sessions(), a.sid)
                 await p.execute()
-            await self.redis.xadd(self.keys.jobs("stt"), job.to_fields())
         except RETRYABLE:
             self.core.drop(a.session)
             raise

@@ -68,6 +68,11 @@ class SttConfig:
     vad_start_ms: int = 60
     preroll_ms: int = 300  # audio before the VAD start that is fed to the recognizer
     max_utterance_s: float = 30.0
+    # A session whose mic sends nothing this long outside an utterance gives its worker slot
+    # back; its next chunk starts a new listening job (measured: ~1 ms to start one).
+    idle_release_ms: int = 1500
+    # Mid-utterance, a mic that stops sending this long (a dropped client) ends the utterance.
+    audio_gap_end_ms: int = 3000
 
 
 @dataclass

@@ -23,6 +23,25 @@ import numpy as np
 from schemas.arkit import NUM_FACE_VALUES
 
 STAGES = ("stt", "llm", "tts", "lipsync")
+
+# Every per-session key (``Keys.session``), with who writes it. All of them, and the session's
+# listening state (``Keys.listener``), are deleted together by the session sweep
+# (gateway/lifecycle.py) when the session expires: a detached session after
+# ``redis.detached_grace_s``, a closed one after ``redis.session_ttl_s``. Nothing else expires
+# them one by one, so no key of a session can outlive the rest.
+SESSION_KEYS = (
+    "meta",        # hash, gateway: SessionMeta, state (open, detached, closed)
+    "mic",         # stream, gateway: mic chunks <seq>-0, end_of_utterance <seq>-1
+    "transcript",  # stream, stt: partial and final transcripts <turn>-<seq>
+    "reply",       # stream, llm: reply fragments <turn>-<seq>
+    "voice",       # stream, tts: reply audio <turn>-<seq>
+    "face",        # stream, lipsync: face frames <turn>-<seq>
+    "events",      # stream, all: speech_start, interrupt, errors
+    "ready",       # set, gateway: "<turn>:<segment>" UE said ready for
+    "history",     # hash, llm and gateway: what was said and heard, per turn
+    "timing",      # hash, all: latency waterfall "<turn>:<mark>" -> ms
+    "cancel",      # string, gateway: the latest interrupted turn
+)
 # Client-visible channels, each numbered 1.. per turn; see Resume in schemas/protocol.py.
 CHANNELS = ("transcript", "reply", "audio", "face")
 
@@ -47,10 +66,21 @@ class Keys:
         return stage
 
     def session(self, sid: str, name: str) -> str:
-        # name: meta, mic, transcript, reply, voice, face, events, ready
+        """One of the session's own keys; ``name`` is one of SESSION_KEYS."""
         return f"{self.prefix}:s:{{{sid}}}:{name}"
 
+    def session_keys(self, sid: str) -> list[str]:
+        """Every key a session owns, in its own slot and in the {jobs} slot (for the sweep)."""
+        return [*(self.session(sid, n) for n in SESSION_KEYS), self.listener(sid)]
+
+    def listener(self, sid: str) -> str:
+        """The session's STT listening state (ListenState), beside the job streams so that
+        starting or ending a listening job and writing this state are one atomic step."""
+        return f"{self.prefix}:{{jobs}}:listen:{sid}"
+
     def sessions(self) -> str:
+        """Sorted set: every session not yet swept, scored by when it expires (ms since the
+        epoch; an attached session's score is pushed forward while its gateway lives)."""
         return f"{self.prefix}:sessions"
 
     def alive(self, consumer: str) -> str:
@@ -110,11 +140,14 @@ class Job:
     text: str = ""  # llm: the final transcript
     ts: float = field(default_factory=now_ms)
     id: str = ""  # the job stream entry ID, set when read
+    position: int = 0  # stt: 16 kHz samples since the session's first mic chunk, at ``cursor``
 
     def to_fields(self) -> dict[str, str]:
+        # (WAKE_LISTENER_LUA writes the same fields for an STT job)
         return {
             "stage": self.stage, "sid": self.sid, "turn": str(self.turn), "cursor": self.cursor,
             "attempt": str(self.attempt), "text": self.text, "ts": str(self.ts),
+            "pos": str(self.position),
         }
 
     @classmethod
@@ -123,7 +156,53 @@ class Job:
             stage=_s(_get(d, "stage")), sid=_s(_get(d, "sid")), turn=_i(_get(d, "turn")),
             cursor=_s(_get(d, "cursor") or "0-0"), attempt=_i(_get(d, "attempt"), 1),
             text=_s(_get(d, "text") or ""), ts=_f(_get(d, "ts")), id=_s(entry_id),
+            position=_i(_get(d, "pos")),
         )
+
+
+# --------------------------------------------------------------------------- listening
+
+
+@dataclass
+class ListenState:
+    """Where STT is in a session's mic stream (hash ``Keys.listener``).
+
+    ``active``: a listening job exists (queued or running). A session gets one when mic audio
+    arrives and gives it back after a quiet spell, so an NPC nobody talks to holds no worker.
+    ``cursor``/``position``: mic entry ID and 16 kHz position where the next job starts;
+    ``turn``: the turn its next utterance becomes.
+    """
+
+    active: bool = False
+    cursor: str = "0-0"
+    turn: int = 1
+    position: int = 0
+
+    def to_fields(self) -> dict[str, str]:
+        return {"active": "1" if self.active else "0", "cursor": self.cursor,
+                "turn": str(self.turn), "pos": str(self.position)}
+
+    @classmethod
+    def from_fields(cls, d: dict) -> ListenState:
+        return cls(active=_s(_get(d, "active") or "0") == "1",
+                   cursor=_s(_get(d, "cursor") or "0-0"), turn=_i(_get(d, "turn"), 1),
+                   position=_i(_get(d, "pos")))
+
+
+# Start a listening job for a session unless one is active: run after every mic append (by the
+# gateway), and by STT after it gives a session back (audio that came in meanwhile is not left
+# unread). KEYS: listener hash, STT job stream; ARGV: sid, now (ms). Returns 1 when it started one.
+WAKE_LISTENER_LUA = """
+local st = redis.call('HMGET', KEYS[1], 'active', 'cursor', 'turn', 'pos')
+if st[1] == '1' then
+  return 0
+end
+local cursor, turn, pos = st[2] or '0-0', st[3] or '1', st[4] or '0'
+redis.call('HSET', KEYS[1], 'active', '1', 'cursor', cursor, 'turn', turn, 'pos', pos)
+redis.call('XADD', KEYS[2], '*', 'stage', 'stt', 'sid', ARGV[1], 'turn', turn, 'cursor', cursor,
+           'attempt', '1', 'text', '', 'ts', ARGV[2], 'pos', pos)
+return 1
+"""
 
 
 # --------------------------------------------------------------------------- session meta

@@ -15,7 +15,8 @@ import os
 import random
 import signal
 import socket
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -58,15 +59,33 @@ local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
 if not p[1] or p[1][2] ~= ARGV[2] then
   return 0
 end
-local i = 4
-for k = 2, #KEYS do
+local nf = tonumber(ARGV[4])
+local i = 5
+for k = 2, nf + 1 do
   local n = tonumber(ARGV[i])
   redis.call('XADD', KEYS[k], '*', unpack(ARGV, i + 1, i + n))
   i = i + n + 1
 end
+local nh = tonumber(ARGV[i])
+if nh > 0 and redis.call('EXISTS', KEYS[nf + 2]) == 1 then
+  redis.call('HSET', KEYS[nf + 2], unpack(ARGV, i + 1, i + nh))
+end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
+
+
+@dataclass
+class Outcome:
+    """What a finished job leaves behind besides its output, written atomically with its ack.
+
+    ``follow``: jobs to enqueue; ``state``: a hash in the ``{jobs}`` slot to update (only if it
+    still exists: a swept session is not brought back); ``then``: run after the ack.
+    """
+
+    follow: list[Job] = field(default_factory=list)
+    state: tuple[str, dict[str, str]] | None = None
+    then: Callable[[], Awaitable[None]] | None = None
 
 
 class HandBack(Exception):
@@ -80,12 +99,13 @@ class HandBack(Exception):
         self.job = job
 
 
+class SessionGone(LookupError):
+    """The session's keys are gone (expired after its grace period, or never opened): nothing
+    of this job is wanted any more."""
+
+
 class Superseded(Exception):
     """The session has moved past this job's turn (a later turn already wrote its output)."""
-
-
-class Interrupted(Exception):
-    """The player barged in (or UE sent interrupt): this job's turn is cancelled."""
 
 
 class JobContext:
@@ -118,7 +138,7 @@ class JobContext:
         if self._meta is None:
             raw = await self.redis.hgetall(self.key("meta"))
             if not raw:
-                raise LookupError(f"session {self.job.sid} has no metadata "
+                raise SessionGone(f"session {self.job.sid} has no metadata "
                                   "(expired or never opened)")
             self._meta = SessionMeta.from_fields(raw)
         return self._meta
@@ -226,16 +246,16 @@ class Stage:
     async def start(self, worker: Worker) -> None:
         """Load backends before the first job (a model load must not count against a turn)."""
 
-    async def handle(self, ctx: JobContext) -> list[Job]:
-        """Do the job; return follow-up jobs, enqueued in the same transaction as the ack."""
+    async def handle(self, ctx: JobContext) -> list[Job] | Outcome:
+        """Do the job; return follow-up jobs (or an Outcome), written in the ack's transaction."""
         raise NotImplementedError
 
     async def stop(self) -> None:
         """Release backends (threads, GPU memory) after the last job is done or handed back."""
 
-    def on_dead(self, job: Job) -> list[Job]:
-        """Jobs to enqueue when ``job`` goes to the dead-letter stream (STT keeps listening)."""
-        return []
+    async def on_dead(self, worker: Worker, job: Job) -> Outcome:
+        """What to leave behind when ``job`` goes to the dead-letter stream (STT listens on)."""
+        return Outcome()
 
     # Jobs of an interrupted turn stop; STT's listening job belongs to the *next* turn and is
     # never interrupted by a barge-in on the current one.
@@ -557,16 +577,19 @@ class Worker:
             watcher = asyncio.create_task(
                 self._watch_interrupts(ctx, asyncio.current_task()), name=f"watch:{job.id}")
         try:
-            follow = await self.stage.handle(ctx)
-            await self._complete(job, follow or [])
+            outcome = await self.stage.handle(ctx)
+            if not isinstance(outcome, Outcome):
+                outcome = Outcome(follow=outcome or [])
+            if await self._complete(job, outcome) and outcome.then is not None:
+                await outcome.then()
             self.done += 1
             log.debug("job_done", ms=round(now_ms() - job.ts, 1))
-        except (asyncio.CancelledError, Interrupted):
+        except asyncio.CancelledError:
             if ctx.interrupted:
                 # The turn is over for the player: nothing more of it is wanted. Ack, done.
                 asyncio.current_task().uncancel()
                 await self._safe(ctx.mark(f"stopped_{self.stage.name}"), log)
-                await self._safe(self._complete(job, []), log)
+                await self._safe(self._complete(job, Outcome()), log)
                 log.info("job_interrupted")
             elif self.stopping.is_set():
                 await self._safe(self._hand_back(job), log)
@@ -575,7 +598,10 @@ class Worker:
             await self._safe(self._hand_back(replace(hb.job, id=job.id)), log)
         except Superseded as exc:
             log.info("job_superseded", reason=str(exc))
-            await self._safe(self._complete(job, []), log)
+            await self._safe(self._complete(job, Outcome()), log)
+        except SessionGone as exc:
+            log.info("session_gone", reason=str(exc))
+            await self._safe(self._complete(job, Outcome()), log)
         except RETRYABLE as exc:
             # Redis went away mid-job: the entry stays pending and is taken over once Redis is
             # back (by us or another worker); outputs are idempotent so nothing doubles.
@@ -597,20 +623,28 @@ class Worker:
         except RETRYABLE as exc:
             log.warning("redis_unavailable", during="finish", error=str(exc))
 
-    async def _complete(self, job: Job, follow: list[Job]) -> None:
+    async def _complete(self, job: Job, outcome: Outcome) -> bool:
+        """Ack ``job`` with its outcome, if it is still ours; False when it was taken over."""
         f = self.inflight.get(job.id)
         if f is not None:
             f.completing = True  # the heartbeat must not read our own ack as a takeover
         keys = [self.stream]
-        args: list[Any] = [self.group, self.consumer, job.id]
-        for nxt in follow:
+        args: list[Any] = [self.group, self.consumer, job.id, len(outcome.follow)]
+        for nxt in outcome.follow:
             flat = [x for kv in nxt.to_fields().items() for x in kv]
             keys.append(self.keys.jobs(nxt.stage))
             args += [len(flat), *flat]
+        if outcome.state is not None:
+            key, mapping = outcome.state
+            keys.append(key)
+            args += [2 * len(mapping), *(x for kv in mapping.items() for x in kv)]
+        else:
+            args.append(0)
         owned = await self._complete_script(keys=keys, args=args)
         if not owned:
             self.log.warning("job_completed_elsewhere", session=job.sid, turn=job.turn,
                              job=job.id)
+        return bool(owned)
 
     async def _hand_back(self, job: Job) -> None:
         """Requeue a copy and ack the original in one transaction: another worker (or this one,
@@ -629,12 +663,14 @@ class Worker:
         await self._hand_back(replace(job, attempt=job.attempt + 1))
 
     async def _dead_letter(self, job: Job, reason: str) -> None:
-        follow = self.stage.on_dead(job)
+        outcome = await self.stage.on_dead(self, job)
         async with self.redis.pipeline(transaction=True) as p:
             p.xadd(self.keys.dead(self.stage.name), {**job.to_fields(), "job": job.id,
                                                      "reason": reason, "dead_ts": str(now_ms())})
-            for f in follow:
+            for f in outcome.follow:
                 p.xadd(self.keys.jobs(f.stage), f.to_fields())
+            if outcome.state is not None:
+                p.hset(outcome.state[0], mapping=outcome.state[1])
             p.xack(self.stream, self.group, job.id)
             await p.execute()
         entry = EventEntry(kind="error", turn=job.turn, code="turn_failed",
@@ -642,6 +678,8 @@ class Worker:
         await self.redis.xadd(self.keys.session(job.sid, "events"), entry.to_fields())
         self.log.error("job_dead_lettered", session=job.sid, turn=job.turn, job=job.id,
                        reason=reason)
+        if outcome.then is not None:
+            await outcome.then()
 
 
 def _s(v: bytes | str) -> str:
@@ -654,9 +692,5 @@ async def run_worker(stage: Stage, config: Config) -> None:
     await worker.run()
 
 
-def first_turn_job(sid: str) -> Job:
-    return Job(stage="stt", sid=sid, turn=1, cursor="0-0")
-
-
-__all__ = ["HandBack", "JobContext", "Stage", "Superseded", "Worker", "entry_id",
-           "first_turn_job", "run_worker"]
+__all__ = ["HandBack", "JobContext", "Outcome", "SessionGone", "Stage", "Superseded", "Worker",
+           "entry_id", "run_worker"]

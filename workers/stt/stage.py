@@ -1,25 +1,34 @@
 """STT stage: listens to a session's mic stream and turns one utterance into one turn.
 
-A job is "session S, turn T, from mic cursor C": it converts the audio to 16 kHz mono, runs the
-VAD, feeds the recognizer from just before speech starts, publishes partial transcripts, and on
-end of speech (VAD silence or the client's end_of_utterance) publishes the final transcript. It
-then completes with two follow-ups in the ack's transaction: the LLM job for turn T and the STT
-job for turn T+1 from where this one stopped, so a session is always listened to exactly once.
+A listening job is "session S, turn T, from mic cursor C". The gateway starts one when mic audio
+arrives for a session that has none (``WAKE_LISTENER_LUA``); the job follows the mic stream
+through the Sans-I/O :class:`~workers.stt.listener.Listener` (16 kHz mono, VAD, pre-roll) and
+feeds the recognizer. On the end of an utterance it publishes the final transcript and completes
+with the LLM job for turn T and the listening job for T+1, in the ack's transaction. After a
+quiet spell with no utterance open it gives the session back (the listening state says where to
+resume), so an NPC nobody talks to holds no worker slot. Either way a session is listened to by
+at most one job, and a takeover re-reads the utterance from the job's cursor.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import time
 
 import numpy as np
 
 from parley.config import Config
-from schemas.streams import Job, MicEntry, TranscriptEntry, now_ms, parse_id
-from workers.runtime import HandBack, JobContext, Stage
-from workers.stt.audio import MicConverter
+from schemas.streams import (
+    WAKE_LISTENER_LUA,
+    Job,
+    ListenState,
+    MicEntry,
+    TranscriptEntry,
+    now_ms,
+)
+from workers.runtime import HandBack, JobContext, Outcome, Stage
+from workers.stt.listener import End, Feed, Listener, ListenerConfig, Release, Start
 from workers.stt.pocketsphinx_backend import PocketsphinxBackend
-from workers.stt.vad import Vad
 
 RATE = 16000
 BACKENDS = {"pocketsphinx": PocketsphinxBackend}
@@ -71,10 +80,12 @@ class SttStage(Stage):
     def __init__(self, config: Config):
         super().__init__(config)
         self.backend = None
+        self._wake = None
 
     async def start(self, worker) -> None:
         """The first backend of the chain that loads and warms up serves; a model that is
         missing or a package not installed falls through to the next, loudly."""
+        self._wake = worker.redis.register_script(WAKE_LISTENER_LUA)
         errors = []
         for name in self.config.stt.backends:
             try:
@@ -92,136 +103,160 @@ class SttStage(Stage):
         return {"backend": self.backend.name if self.backend else None,
                 "chain": self.config.stt.backends, "vad_silence_ms": self.config.stt.vad_silence_ms}
 
-    def on_dead(self, job: Job) -> list[Job]:
-        # The utterance is lost, the session is not: listen on after the mic audio that failed.
-        return [Job(stage="stt", sid=job.sid, turn=job.turn + 1, cursor=job.cursor)]
-
-    async def handle(self, ctx: JobContext) -> list[Job]:
+    def listener_config(self) -> ListenerConfig:
         cfg = self.config.stt
-        sequential = self.config.pipeline.mode == "sequential"
-        held: list[np.ndarray] = []  # sequential mode: the whole utterance, decoded at its end
+        return ListenerConfig(silence_ms=cfg.vad_silence_ms, start_ms=cfg.vad_start_ms,
+                              preroll_ms=cfg.preroll_ms, max_utterance_s=cfg.max_utterance_s,
+                              idle_release_ms=cfg.idle_release_ms,
+                              audio_gap_end_ms=cfg.audio_gap_end_ms)
+
+    async def on_dead(self, worker, job: Job) -> Outcome:
+        """The utterance is lost, the session is not: listen on after the mic audio that failed
+        (from the mic stream's newest entry, or the same audio would fail again)."""
+        top = await worker.redis.xrevrange(worker.keys.session(job.sid, "mic"), count=1)
+        cursor = top[0][0] if top else job.cursor
+        cursor = cursor.decode() if isinstance(cursor, bytes) else cursor
+        state = ListenState(active=False, cursor=cursor, turn=job.turn + 1,
+                            position=job.position)
+        return Outcome(state=(worker.keys.listener(job.sid), state.to_fields()),
+                       then=lambda: self.wake_if_audio(worker.redis, worker.keys, job.sid, cursor))
+
+    async def wake_if_audio(self, redis, keys, sid: str, cursor: str) -> None:
+        """After giving a session back: audio that arrived since ``cursor`` gets a new job now
+        (the gateway's wake for it may have run while this job was still active)."""
+        if await redis.xread({keys.session(sid, "mic"): cursor}, count=1):
+            await self._wake(keys=[keys.listener(sid), keys.jobs("stt")], args=[sid, now_ms()])
+
+    async def handle(self, ctx: JobContext) -> Outcome:
         meta = await ctx.meta()
-        client_ends = meta.endpoint == "client"
-        conv = MicConverter(meta.sample_rate, meta.channels, meta.format, RATE)
-        vad = Vad(rate=RATE, silence_ms=cfg.vad_silence_ms, start_ms=cfg.vad_start_ms)
-        cursor = ctx.job.cursor
-        start_seq, _ = parse_id(cursor)
-        # 16 kHz position of the cursor: mic chunks carry no positions, so we count from the
-        # session's first chunk; the job's cursor position is stored with the job's text field.
-        base = int(ctx.job.text or 0) if ctx.job.text.isdigit() else 0
-        preroll: deque[np.ndarray] = deque()
-        preroll_len = 0
-        preroll_max = cfg.preroll_ms * RATE // 1000
-        stream = None
-        seq = await ctx.progress("transcript")
-        emitted = 0
-        last_partial = ""
-        speech_start = 0
-        mic_seq = start_seq
-        eos_ts = 0.0
+        listener = Listener(meta.sample_rate, meta.channels, meta.format,
+                            self.listener_config(), base=ctx.job.position,
+                            client_ends=meta.endpoint == "client")
+        run = _Utterances(self, ctx, listener, await ctx.progress("transcript"))
         try:
-            while True:
-                if ctx.stopping.is_set() and stream is None:
-                    raise HandBack(Job(stage="stt", sid=ctx.sid, turn=ctx.turn, cursor=cursor,
-                                       text=str(base + vad.position)))
-                entries = await ctx.read("mic", cursor, block_ms=500, count=64)
-                if not entries:
-                    state = await ctx.redis.hget(ctx.key("meta"), "state")
-                    if state is not None and state.decode() == "closed":
-                        return []
-                    continue
-                final = False
-                for eid, fields in entries:
-                    cursor = eid
-                    mic = MicEntry.from_entry(eid, fields)
-                    mic_seq = mic.seq
-                    if mic.end_of_utterance:
-                        if stream is not None:
-                            final = True
-                            eos_ts = mic.ts
-                            break
-                        continue
-                    samples = conv.push(mic.pcm)
-                    events = vad.push(samples) if len(samples) else []
-                    if stream is None:
-                        preroll.append(samples)
-                        preroll_len += len(samples)
-                        while preroll and preroll_len - len(preroll[0]) >= preroll_max:
-                            preroll_len -= len(preroll.popleft())
-                    partial = None
-                    for ev in events:
-                        if ev.kind == "start" and stream is None:
-                            stream = self.backend.open_stream()
-                            speech_start = base + ev.sample
-                            audio = np.concatenate(list(preroll)) if preroll else samples
-                            preroll.clear()
-                            preroll_len = 0
-                            if sequential:
-                                held.append(audio)
-                            else:
-                                partial = await asyncio.to_thread(stream.feed, audio)
-                            samples = samples[:0]
-                            # The gateway decides whether this is a barge-in on a reply that
-                            # is still playing: only it knows what UE is playing.
-                            await ctx.event("speech_start")
-                            await ctx.mark("speech_start")
-                        elif ev.kind == "end" and stream is not None and not client_ends:
-                            final = True
-                            eos_ts = mic.ts
-                    if stream is not None and len(samples):
-                        if sequential:
-                            held.append(samples)
-                        else:
-                            partial = await asyncio.to_thread(stream.feed, samples) or partial
-                    if partial and partial != last_partial and not final:
-                        last_partial = partial
-                        emitted += 1
-                        entry = TranscriptEntry(text=partial, final=False,
-                                                start_sample=speech_start,
-                                                end_sample=base + vad.position, mic_seq=mic_seq)
-                        if emitted > seq:
-                            await ctx.emit("transcript", emitted, entry.to_fields())
-                    if final:
-                        break
-                    if stream is not None and (base + vad.position - speech_start
-                                               > cfg.max_utterance_s * RATE):
-                        final = True
-                        eos_ts = mic.ts
-                        break
-                if not final:
-                    continue
-                eos_ts = eos_ts or now_ms()
-                t0 = now_ms()
-                if held:
-                    await asyncio.to_thread(stream.feed, np.concatenate(held))
-                    held.clear()
-                text = (await asyncio.to_thread(stream.finish)).strip()
-                if self.config.pipeline.profile == "gpu-sim":
-                    await asyncio.sleep(self.config.pipeline.sim_stt_final_ms / 1000)
-                finish_ms = now_ms() - t0
-                stream.close()
-                stream = None
-                if not text:
-                    # Noise, a cough: no turn. Keep listening within this job.
-                    ctx.log.info("utterance_empty")
-                    last_partial = ""
-                    eos_ts = 0.0
-                    continue
-                emitted += 1
-                end_sample = base + vad.position
-                entry = TranscriptEntry(text=text, final=True, start_sample=speech_start,
-                                        end_sample=end_sample, mic_seq=mic_seq,
-                                        end_of_speech_ts=eos_ts)
-                await ctx.emit("transcript", emitted, entry.to_fields())
-                await ctx.mark("eos", eos_ts)
-                await ctx.mark("final_transcript")
-                await ctx.mark("stt_finish_ms", finish_ms)
-                ctx.log.info("utterance_final", text=text, start=speech_start, end=end_sample)
-                return [
-                    Job(stage="llm", sid=ctx.sid, turn=ctx.turn, text=text),
-                    Job(stage="stt", sid=ctx.sid, turn=ctx.turn + 1, cursor=cursor,
-                        text=str(end_sample)),
-                ]
+            return await run.listen()
         finally:
-            if stream is not None:
-                stream.close()
+            run.close()
+
+
+class _Utterances:
+    """One listening job's I/O: mic entries in, recognizer calls and transcripts out."""
+
+    BLOCK_MS = 250
+
+    def __init__(self, stage: SttStage, ctx: JobContext, listener: Listener, published: int):
+        self.stage = stage
+        self.ctx = ctx
+        self.listener = listener
+        self.published = published  # transcript entries of this turn already out (takeover)
+        self.emitted = 0
+        self.stream = None
+        self.last_partial = ""
+        self.sequential = stage.config.pipeline.mode == "sequential"
+        self.held: list[np.ndarray] = []  # sequential mode: the utterance, decoded at its end
+        self.cursor = ctx.job.cursor
+
+    async def listen(self) -> Outcome:
+        ctx, listener = self.ctx, self.listener
+        heard = time.monotonic()
+        while True:
+            if ctx.stopping.is_set() and not listener.speaking:
+                raise HandBack(Job(stage="stt", sid=ctx.sid, turn=ctx.turn, cursor=self.cursor,
+                                   position=listener.position))
+            entries = await ctx.read("mic", self.cursor, block_ms=self.BLOCK_MS, count=64)
+            if not entries:
+                waited = (time.monotonic() - heard) * 1000
+                for action in listener.quiet(waited, now_ms()):
+                    outcome = await self.act(action)
+                    if outcome is not None:
+                        return outcome
+                continue
+            heard = time.monotonic()
+            for eid, fields in entries:
+                self.cursor = eid
+                for action in listener.push(MicEntry.from_entry(eid, fields)):
+                    outcome = await self.act(action)
+                    if outcome is not None:
+                        return outcome
+
+    async def act(self, action) -> Outcome | None:
+        if isinstance(action, Start):
+            self.stream = self.stage.backend.open_stream()
+            await self.feed(action.audio)
+            # The gateway decides whether this is a barge-in on a reply that is still
+            # playing: only it knows what UE is playing.
+            await self.ctx.event("speech_start")
+            await self.ctx.mark("speech_start")
+        elif isinstance(action, Feed):
+            if self.stream is not None and len(action.audio):
+                await self.feed(action.audio)
+        elif isinstance(action, End):
+            return await self.finish(action)
+        elif isinstance(action, Release):
+            return self.release()
+        return None
+
+    async def feed(self, audio: np.ndarray) -> None:
+        if self.sequential:
+            self.held.append(audio)
+            return
+        partial = await asyncio.to_thread(self.stream.feed, audio)
+        if partial and partial != self.last_partial:
+            self.last_partial = partial
+            lis = self.listener
+            await self.emit(TranscriptEntry(text=partial, final=False,
+                                            start_sample=lis.speech_start,
+                                            end_sample=lis.position, mic_seq=lis.mic_seq))
+
+    async def emit(self, entry: TranscriptEntry) -> None:
+        self.emitted += 1
+        if self.emitted > self.published:  # a takeover skips what is already out
+            await self.ctx.emit("transcript", self.emitted, entry.to_fields())
+
+    async def finish(self, end: End) -> Outcome | None:
+        ctx, lis = self.ctx, self.listener
+        eos_ts = end.eos_ts or now_ms()
+        t0 = now_ms()
+        if self.held:
+            await asyncio.to_thread(self.stream.feed, np.concatenate(self.held))
+            self.held.clear()
+        text = (await asyncio.to_thread(self.stream.finish)).strip()
+        if self.stage.config.pipeline.profile == "gpu-sim":
+            await asyncio.sleep(self.stage.config.pipeline.sim_stt_final_ms / 1000)
+        finish_ms = now_ms() - t0
+        self.close()
+        lis.utterance_done()
+        self.last_partial = ""
+        if not text:
+            ctx.log.info("utterance_empty", reason=end.reason)  # noise, a cough: no turn
+            return None
+        end_sample = lis.position
+        await self.emit(TranscriptEntry(text=text, final=True, start_sample=lis.speech_start,
+                                        end_sample=end_sample, mic_seq=lis.mic_seq,
+                                        end_of_speech_ts=eos_ts))
+        await ctx.mark("eos", eos_ts)
+        await ctx.mark("final_transcript")
+        await ctx.mark("stt_finish_ms", finish_ms)
+        ctx.log.info("utterance_final", text=text, start=lis.speech_start, end=end_sample,
+                     reason=end.reason)
+        nxt = ListenState(active=True, cursor=self.cursor, turn=ctx.turn + 1,
+                          position=end_sample)
+        return Outcome(follow=[
+            Job(stage="llm", sid=ctx.sid, turn=ctx.turn, text=text),
+            Job(stage="stt", sid=ctx.sid, turn=ctx.turn + 1, cursor=self.cursor,
+                position=end_sample),
+        ], state=(ctx.keys.listener(ctx.sid), nxt.to_fields()))
+
+    def release(self) -> Outcome:
+        ctx = self.ctx
+        state = ListenState(active=False, cursor=self.cursor, turn=ctx.turn,
+                            position=self.listener.position)
+        ctx.log.debug("listener_released", cursor=self.cursor)
+        return Outcome(state=(ctx.keys.listener(ctx.sid), state.to_fields()),
+                       then=lambda: self.stage.wake_if_audio(ctx.redis, ctx.keys, ctx.sid,
+                                                             self.cursor))
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
