@@ -85,7 +85,6 @@ class SttStage(Stage):
     async def start(self, worker) -> None:
         """The first backend of the chain that loads and warms up serves; a model that is
         missing or a package not installed falls through to the next, loudly."""
-        self._wake = worker.redis.register_script(WAKE_LISTENER_LUA)
         errors = []
         for name in self.config.stt.backends:
             try:
@@ -125,6 +124,8 @@ class SttStage(Stage):
         """After giving a session back: audio that arrived since ``cursor`` gets a new job now
         (the gateway's wake for it may have run while this job was still active)."""
         if await redis.xread({keys.session(sid, "mic"): cursor}, count=1):
+            if self._wake is None:
+                self._wake = redis.register_script(WAKE_LISTENER_LUA)
             await self._wake(keys=[keys.listener(sid), keys.jobs("stt")], args=[sid, now_ms()])
 
     async def handle(self, ctx: JobContext) -> Outcome:
