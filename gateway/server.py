@@ -18,6 +18,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from gateway import core as C
+from gateway.lifecycle import SessionLifecycle
 from gateway.livelink import LiveLinkPlayer, LiveLinkSender, parse_target
 from parley.config import Config
 from parley.redisconn import RETRYABLE, connect
@@ -44,6 +45,8 @@ class Gateway:
         self.keys = Keys(config.redis.prefix)
         self.redis = connect(config.redis.url, max_connections=4096)
         self.wake_listener = self.redis.register_script(WAKE_LISTENER_LUA)
+        self.lifecycle = SessionLifecycle(self.redis, self.keys, config)
+        self._lifecycle_task: asyncio.Task | None = None
         personas = load_personas(config.personas_dir())
         self.personas = {pid: p.voice for pid, p in personas.items()}
         g = config.gateway
@@ -73,10 +76,21 @@ class Gateway:
         )
         sock = next(iter(self.server.sockets))
         self.port = sock.getsockname()[1]
+        grace = self.config.redis.detached_grace_s
+        self._lifecycle_task = asyncio.create_task(self.lifecycle.run(
+            self.held_sessions, refresh_s=max(1.0, grace / 4), sweep_s=g.sweep_s))
         self.log.info("gateway_listening", host=host or g.host, port=self.port)
         return self.server
 
+    def held_sessions(self):
+        for conn in list(self.connections):
+            for state in list(conn.core.sessions.values()):
+                yield state.sid
+
     async def stop(self) -> None:
+        if self._lifecycle_task is not None:
+            self._lifecycle_task.cancel()
+            await asyncio.gather(self._lifecycle_task, return_exceptions=True)
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
@@ -212,7 +226,8 @@ class Connection:
         try:
             async with self.redis.pipeline(transaction=False) as p:
                 p.hset(self.keys.session(a.sid, "meta"), mapping=meta.to_fields())
-                p.sadd(self.keys.sessions(), a.sid)
+                p.zadd(self.keys.sessions(),
+                       {a.sid: now_ms() + self.gw.config.redis.detached_grace_s * 1000})
                 await p.execute()
         except RETRYABLE:
             self.core.drop(a.session)
@@ -252,6 +267,7 @@ class Connection:
         state = self.core.resumed(req, meta.sample_rate, meta.channels, meta.format, next_mic,
                                   segments, ready, time.monotonic())
         await self.redis.hset(self.keys.session(req.sid, "meta"), mapping={"state": "open"})
+        await self.gw.lifecycle.attached([req.sid])
         cursors = {"transcript": "", "reply": "", "voice": "", "face": "", "events": "0-0"}
         channel_of = {"transcript": "transcript", "reply": "reply", "voice": "audio",
                       "face": "face"}
@@ -375,15 +391,7 @@ class Connection:
         self.log.info("session_closed", session=sid)
 
     async def _mark(self, sid: str, state: str) -> None:
-        ttl = self.gw.config.redis.session_ttl_s
-        async with self.redis.pipeline(transaction=False) as p:
-            p.hset(self.keys.session(sid, "meta"), mapping={"state": state,
-                                                            "state_ts": now_ms()})
-            if state in ("closed", "detached"):
-                for name in ("meta", "mic", "transcript", "reply", "voice", "face", "events",
-                             "ready", "history"):
-                    p.expire(self.keys.session(sid, name), ttl)
-            await p.execute()
+        await self.gw.lifecycle.left(sid, state)
 
     async def _detach_all(self) -> None:
         # The client may come back and resume; until then the session stays in Redis.

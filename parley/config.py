@@ -21,6 +21,9 @@ class RedisConfig:
     prefix: str = "parley"
     stream_maxlen: int = 20_000  # approximate MAXLEN per session stream (replay keeps this much)
     session_ttl_s: int = 24 * 3600  # a closed session's keys expire after this
+    # A session whose client left without `close` can be resumed this long; then all its keys
+    # go (gateway/lifecycle.py). Also how long the sessions of a gateway that died live on.
+    detached_grace_s: int = 300
 
 
 @dataclass
@@ -37,6 +40,7 @@ class GatewayConfig:
     conn_msgs_burst: float = 200.0
     audio_realtime_factor: float = 20.0  # sustained mic audio faster than this is refused
     audio_burst_s: float = 30.0  # ...after this much audio sent at once (one long utterance)
+    sweep_s: float = 5.0  # how often expired sessions are looked for and deleted
 
 
 @dataclass

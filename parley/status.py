@@ -37,7 +37,7 @@ def fleet_status(url: str, prefix: str = "parley") -> dict:
             pass
         q["dead"] = r.xlen(keys.dead(stage))
         queues[stage] = q
-    sessions = r.scard(keys.sessions())
+    sessions = r.zcard(keys.sessions())
     r.close()
     return {"redis": url, "workers": workers, "queues": queues, "sessions": sessions}
 

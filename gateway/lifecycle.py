@@ -1,0 +1,107 @@
+"""A session's life in Redis, in one place: open, detached, resumed, closed, swept.
+
+Every session not yet swept is in the sorted set ``Keys.sessions()``, scored by when it expires
+(ms since the epoch):
+
+* attached to a connection: now + ``redis.detached_grace_s``, pushed forward every
+  ``refresh_s`` by the gateway that holds it, so the sessions of a gateway that dies (kill -9,
+  a lost node) expire one grace period later as if their client had left;
+* detached (client gone without ``close``): now + grace, the window to resume it;
+* closed: now + ``redis.session_ttl_s``, kept that long for export and debugging.
+
+The sweep (any gateway, every ``sweep_s``) deletes every key of each expired session
+(``Keys.session_keys``: its own slot and its listening state) and the once-per-turn job guards.
+Jobs still queued for it end on their own (``SessionGone``). A worker that was mid-turn may write
+a last entry after the sweep, so each swept session is swept a second time a little later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from parley.config import Config
+from parley.redisconn import RETRYABLE
+from schemas.streams import STAGES, Keys, ListenState, now_ms
+
+RESWEEP_MS = 60_000  # stragglers: a job that was mid-turn at the sweep is long done by then
+SWEEP_BATCH = 500
+
+
+class SessionLifecycle:
+    def __init__(self, redis, keys: Keys, config: Config):
+        self.redis = redis
+        self.keys = keys
+        self.grace_ms = config.redis.detached_grace_s * 1000
+        self.closed_ms = config.redis.session_ttl_s * 1000
+        self.log = structlog.get_logger().bind(component="lifecycle")
+
+    def _swept(self) -> str:
+        return self.keys.sessions() + ":swept"
+
+    async def attached(self, sids: list[str]) -> None:
+        """Opened or resumed here, or still held: expires one grace period after we stop
+        saying so."""
+        if sids:
+            when = now_ms() + self.grace_ms
+            await self.redis.zadd(self.keys.sessions(), {sid: when for sid in sids})
+
+    async def left(self, sid: str, state: str) -> None:
+        """The client closed the session (``closed``) or went away (``detached``)."""
+        keep = self.closed_ms if state == "closed" else self.grace_ms
+        async with self.redis.pipeline(transaction=False) as p:
+            p.hset(self.keys.session(sid, "meta"), mapping={"state": state,
+                                                            "state_ts": now_ms()})
+            p.zadd(self.keys.sessions(), {sid: now_ms() + keep})
+            await p.execute()
+
+    async def count(self) -> int:
+        return await self.redis.zcard(self.keys.sessions())
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Delete the sessions whose time is up; returns how many were swept now."""
+        now = now_ms() if now is None else now
+        swept = 0
+        due = await self.redis.zrangebyscore(self.keys.sessions(), "-inf", now, start=0,
+                                             num=SWEEP_BATCH)
+        for raw in due:
+            sid = raw.decode() if isinstance(raw, bytes) else raw
+            # of several gateways sweeping at once, the one whose ZREM counts deletes
+            if await self.redis.zrem(self.keys.sessions(), sid):
+                await self._delete(sid)
+                await self.redis.zadd(self._swept(), {sid: now + RESWEEP_MS})
+                swept += 1
+                self.log.info("session_expired", session=sid)
+        again = await self.redis.zrangebyscore(self._swept(), "-inf", now, start=0,
+                                               num=SWEEP_BATCH)
+        for raw in again:
+            sid = raw.decode() if isinstance(raw, bytes) else raw
+            if await self.redis.zrem(self._swept(), sid):
+                await self._delete(sid)
+        return swept
+
+    async def _delete(self, sid: str) -> None:
+        raw = await self.redis.hgetall(self.keys.listener(sid))
+        turns = ListenState.from_fields(raw).turn if raw else 1
+        async with self.redis.pipeline(transaction=False) as p:
+            for key in self.keys.session_keys(sid):
+                p.unlink(key)
+            for turn in range(1, turns + 2):
+                for stage in STAGES:
+                    p.unlink(self.keys.started(stage, sid, turn))
+            await p.execute()
+
+    async def run(self, held, refresh_s: float, sweep_s: float) -> None:
+        """Forever: keep ``held()``'s sessions alive and sweep the expired ones."""
+        last_refresh = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if loop.time() - last_refresh >= refresh_s:
+                    await self.attached(list(held()))
+                    last_refresh = loop.time()
+                await self.sweep()
+            except RETRYABLE as exc:
+                self.log.warning("redis_unavailable", during="session_sweep", error=str(exc))
+            await asyncio.sleep(sweep_s)
