@@ -1,0 +1,59 @@
+"""Several players at once on a small fleet: busy workers are not mistaken for dead ones.
+
+pocketsphinx holds the GIL while it decodes, so under load an STT worker's event loop starves
+for whole seconds; before liveness moved to a sidecar process, 8 players on 2 workers per stage
+gave dozens of takeovers of live jobs and lost turns. Gross bounds only: every turn is answered
+and the fleet log shows no takeover and no dead letter while no process died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from parley.client import Client
+from parley.fleet import Fleet
+from parley.redis_server import RedisServer, free_port
+from tests.conftest import FLEET_ENV, speech
+
+pytestmark = pytest.mark.slow
+
+RATE = 16000
+PLAYERS = 8
+LINES = ["Who are you and what do you guard here?", "Tell me about the road to the north.",
+         "What is your name, stranger?", "Is the gate open tonight?"]
+
+
+@pytest.fixture(scope="module")
+def loaded_fleet(tmp_path_factory):
+    server = RedisServer().start()
+    log = tmp_path_factory.mktemp("load") / "fleet.log"
+    f = Fleet(port=free_port(), workers=2, redis_url=server.url, log_path=str(log),
+              env=FLEET_ENV)
+    f.start()
+    f.wait_ready(60)
+    f.log = log
+    yield f
+    codes = f.stop()
+    server.stop()
+    assert all(c == 0 for c in codes.values()), (codes, log.read_text()[-3000:])
+
+
+async def test_eight_players_at_once_lose_no_turn_and_no_job(loaded_fleet):
+    url = f"ws://127.0.0.1:{loaded_fleet.port}"
+    client = await Client.connect(url)
+    try:
+        for i in range(PLAYERS):
+            await client.open(f"p{i}", "guard", RATE, 1)
+        clips = [speech(LINES[i % len(LINES)], RATE) for i in range(PLAYERS)]
+        await asyncio.gather(*(client.stream(f"p{i}", clips[i], RATE, realtime=True)
+                               for i in range(PLAYERS)))
+        results = await asyncio.gather(*(client.wait_done(f"p{i}", 120) for i in range(PLAYERS)))
+    finally:
+        await client.close()
+    failed = [(r.session, r.errors) for r in results if r.done is None or r.errors]
+    assert not failed, failed
+    log = loaded_fleet.log.read_text()
+    assert log.count("job_taken_over") == 0, log[-3000:]
+    assert log.count("job_dead_lettered") == 0, log[-3000:]
