@@ -18,6 +18,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from gateway import core as C
+from gateway.admission import Admission, FleetLoad
 from gateway.lifecycle import SessionLifecycle
 from gateway.livelink import LiveLinkPlayer, LiveLinkSender, parse_target
 from parley.config import Config
@@ -47,6 +48,10 @@ class Gateway:
         self.wake_listener = self.redis.register_script(WAKE_LISTENER_LUA)
         self.lifecycle = SessionLifecycle(self.redis, self.keys, config)
         self._lifecycle_task: asyncio.Task | None = None
+        self.fleet_load = FleetLoad(self.redis, self.keys)
+        self.admission = Admission(config.gateway.admit_max_lag_ms,
+                                   config.gateway.admit_max_queue_ms)
+        self._admission_task: asyncio.Task | None = None
         personas = load_personas(config.personas_dir())
         self.personas = {pid: p.voice for pid, p in personas.items()}
         g = config.gateway
@@ -79,8 +84,21 @@ class Gateway:
         grace = self.config.redis.detached_grace_s
         self._lifecycle_task = asyncio.create_task(self.lifecycle.run(
             self.held_sessions, refresh_s=max(1.0, grace / 4), sweep_s=g.sweep_s))
+        self._admission_task = asyncio.create_task(self._watch_load(g.admission_poll_s))
         self.log.info("gateway_listening", host=host or g.host, port=self.port)
         return self.server
+
+    async def _watch_load(self, every_s: float) -> None:
+        was = True
+        while True:
+            try:
+                v = self.admission.update(await self.fleet_load.read())
+                if v.admit != was:
+                    self.log.warning("admission", admit=v.admit, reason=v.reason)
+                    was = v.admit
+            except RETRYABLE as exc:
+                self.log.warning("redis_unavailable", during="admission", error=str(exc))
+            await asyncio.sleep(every_s)
 
     def held_sessions(self):
         for conn in list(self.connections):
@@ -88,9 +106,10 @@ class Gateway:
                 yield state.sid
 
     async def stop(self) -> None:
-        if self._lifecycle_task is not None:
-            self._lifecycle_task.cancel()
-            await asyncio.gather(self._lifecycle_task, return_exceptions=True)
+        for task in (self._lifecycle_task, self._admission_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
@@ -220,6 +239,16 @@ class Connection:
 
     async def _open(self, a: C.OpenAction) -> None:
         req = a.request
+        verdict = self.gw.admission.verdict
+        if not verdict.admit:
+            # Said before the player speaks: the game can show the NPC as busy and retry.
+            self.core.drop(a.session)
+            self.log.warning("session_refused", reason=verdict.reason, npc=req.npc)
+            await self.send(P.ErrorEvent(
+                code=P.ErrorCode.OVERLOADED, session=a.session,
+                message=f"the NPC is busy: {verdict.reason}; retry in "
+                        f"{verdict.retry_after_ms} ms"))
+            return
         meta = SessionMeta(sid=a.sid, session=a.session, npc=req.npc, persona=a.persona,
                            voice=a.voice, sample_rate=req.sample_rate, channels=req.channels,
                            format=req.format, endpoint=req.endpoint or "vad")

@@ -50,6 +50,7 @@ class ErrorCode:
     TURN_FAILED = "turn_failed"
     INTERNAL = "internal"
     UNAVAILABLE = "unavailable"
+    OVERLOADED = "overloaded"  # open refused: the fleet is at capacity (admission control)
 
 
 class ProtocolError(Exception):

@@ -87,6 +87,10 @@ class Keys:
         """A worker's proof of life, kept by its sidecar process (workers/liveness.py)."""
         return f"{self.prefix}:{{jobs}}:alive:{consumer}"
 
+    def workers(self) -> str:
+        """Sorted set of every worker's consumer name, scored by its last heartbeat (ms)."""
+        return f"{self.prefix}:workers"
+
     def worker(self, consumer: str) -> str:
         return f"{self.prefix}:worker:{consumer}"
 

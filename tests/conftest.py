@@ -23,6 +23,7 @@ JFK = ROOT / "parley" / "samples" / "jfk.flac"
 FLEET_ENV = {
     "PARLEY_WORKER_CLAIM_IDLE_MS": "1000",
     "PARLEY_WORKER_HEARTBEAT_MS": "200",
+    "PARLEY_GATEWAY_ADMISSION_POLL_S": "0.2",
     "PARLEY_LOG_LEVEL": "warning",
 }
 

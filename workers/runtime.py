@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -119,6 +120,9 @@ class JobContext:
         self.config = worker.config
         self.log = worker.log.bind(session=job.sid, turn=job.turn, job=job.id)
         self.stopping = worker.stopping
+        # how far behind real time the job's input is (ms): the newest input entry it has
+        # taken, against now; reported for admission control (gateway/admission.py)
+        self.lag_ms = 0.0
         self._meta: SessionMeta | None = None
         self._marked: set[str] = set()
         self.interrupted = False
@@ -270,6 +274,7 @@ class _InFlight:
     job: Job
     task: asyncio.Task
     since: float
+    ctx: JobContext | None = None
     completing: bool = False
 
 
@@ -299,6 +304,7 @@ class Worker:
         cfg = config.worker
         # refreshed every heartbeat, lapses after claim_idle_ms: a dead worker's jobs are taken
         # over about as fast as before, a busy one's never
+        self._cpu = (time.process_time(), time.monotonic())
         self.liveness = Sidecar(config.redis.url, self.keys.alive(self.consumer),
                                 every_ms=cfg.heartbeat_ms, ttl_ms=cfg.claim_idle_ms)
 
@@ -346,6 +352,7 @@ class Worker:
         self.liveness.stop()
         try:
             await self.redis.delete(self.keys.worker(self.consumer), self.keys.alive(self.consumer))
+            await self.redis.zrem(self.keys.workers(), self.consumer)
         except RETRYABLE:
             pass
         await self.redis.aclose()
@@ -522,15 +529,23 @@ class Worker:
         jobs = [{"job": f.job.id, "session": f.job.sid, "turn": f.job.turn, "since": f.since}
                 for f in self.inflight.values()]
         ttl_ms = max(3 * self.config.worker.heartbeat_ms, 3000)
+        lag = max((f.ctx.lag_ms for f in self.inflight.values() if f.ctx is not None),
+                  default=0.0)
+        cpu, wall = time.process_time(), time.monotonic()
+        load = (cpu - self._cpu[0]) / max(1e-3, wall - self._cpu[1])
+        self._cpu = (cpu, wall)
+        now = now_ms()
         async with self.redis.pipeline(transaction=False) as p:
             p.hset(key, mapping={
                 "stage": self.stage.name, "consumer": self.consumer, "pid": os.getpid(),
-                "host": self.host, "started": self.started, "heartbeat": now_ms(),
+                "host": self.host, "started": self.started, "heartbeat": now,
                 "jobs": json.dumps(jobs), "done": self.done, "failed": self.failed,
                 "max_jobs": self.config.worker.max_jobs,
                 "stopping": int(self.stopping.is_set()),
+                "lag_ms": round(lag, 1), "cpu": round(load, 3),
             })
             p.pexpire(key, ttl_ms)
+            p.zadd(self.keys.workers(), {self.consumer: now})
             await p.execute()
 
     # ------------------------------------------------------------------ one job
@@ -572,6 +587,8 @@ class Worker:
     async def _run_job(self, job: Job) -> None:
         log = self.log.bind(session=job.sid, turn=job.turn, job=job.id)
         ctx = JobContext(self, job)
+        if job.id in self.inflight:
+            self.inflight[job.id].ctx = ctx
         watcher = None
         if self.stage.interruptible:
             watcher = asyncio.create_task(

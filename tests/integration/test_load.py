@@ -9,6 +9,9 @@ and the fleet log shows no takeover and no dead letter while no process died.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 
 import pytest
 
@@ -29,8 +32,9 @@ LINES = ["Who are you and what do you guard here?", "Tell me about the road to t
 def loaded_fleet(tmp_path_factory):
     server = RedisServer().start()
     log = tmp_path_factory.mktemp("load") / "fleet.log"
-    f = Fleet(port=free_port(), workers=2, redis_url=server.url, log_path=str(log),
-              env=FLEET_ENV)
+    env = {**FLEET_ENV, "PARLEY_GATEWAY_ADMIT_MAX_QUEUE_MS": "500",
+           "PARLEY_GATEWAY_ADMISSION_POLL_S": "0.1"}
+    f = Fleet(port=free_port(), workers=2, redis_url=server.url, log_path=str(log), env=env)
     f.start()
     f.wait_ready(60)
     f.log = log
@@ -57,3 +61,44 @@ async def test_eight_players_at_once_lose_no_turn_and_no_job(loaded_fleet):
     log = loaded_fleet.log.read_text()
     assert log.count("job_taken_over") == 0, log[-3000:]
     assert log.count("job_dead_lettered") == 0, log[-3000:]
+
+
+async def test_overloaded_fleet_refuses_new_sessions_and_answers_spoken_turns(loaded_fleet):
+    """Every STT worker frozen: the player's turn waits in the queue. New sessions are refused
+    with `overloaded` (said before anyone speaks); the spoken turn is answered once the workers
+    are back, and sessions are admitted again."""
+    url = f"ws://127.0.0.1:{loaded_fleet.port}"
+    stt = [c.proc for c in loaded_fleet.children if c.name.startswith("stt-")]
+    client = await Client.connect(url)
+    try:
+        await client.open("waiting", "guard", RATE, 1)
+        for p in stt:
+            os.kill(p.pid, signal.SIGSTOP)
+        try:
+            await client.stream("waiting", speech(LINES[0], RATE), RATE, realtime=False)
+            refused = None
+            deadline = time.monotonic() + 20
+            while refused is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.3)
+                other = await Client.connect(url)
+                try:
+                    await other.open("late", "guard", RATE, 1)  # admitted: not yet overloaded
+                except RuntimeError as exc:
+                    refused = str(exc)
+                finally:
+                    await other.close()
+        finally:
+            for p in stt:
+                os.kill(p.pid, signal.SIGCONT)
+        assert refused is not None, "an overloaded fleet admitted new sessions"
+        assert "overloaded" in refused and "busy" in refused and "retry" in refused, refused
+        result = await client.wait_done("waiting", 60)
+        assert result.done is not None and not result.errors, result.errors
+        await asyncio.sleep(1.0)
+        again = await Client.connect(url)
+        try:
+            await again.open("later", "guard", RATE, 1)  # admitted again
+        finally:
+            await again.close()
+    finally:
+        await client.close()

@@ -51,6 +51,7 @@ pytestmark = pytest.mark.slow
 ENV = {
     "PARLEY_WORKER_CLAIM_IDLE_MS": "1000",
     "PARLEY_WORKER_HEARTBEAT_MS": "200",
+    "PARLEY_GATEWAY_ADMISSION_POLL_S": "0.2",
     "PARLEY_LOG_LEVEL": "warning",
 }
 # A dead worker's job is idle for claim_idle_ms (1 s) after its last heartbeat, and siblings

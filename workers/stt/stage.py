@@ -166,6 +166,7 @@ class _Utterances:
                                    position=listener.position))
             entries = await ctx.read("mic", self.cursor, block_ms=self.BLOCK_MS, count=64)
             if not entries:
+                ctx.lag_ms = 0.0  # caught up with the mic
                 waited = (time.monotonic() - heard) * 1000
                 for action in listener.quiet(waited, now_ms()):
                     outcome = await self.act(action)
@@ -175,7 +176,9 @@ class _Utterances:
             heard = time.monotonic()
             for eid, fields in entries:
                 self.cursor = eid
-                for action in listener.push(MicEntry.from_entry(eid, fields)):
+                mic = MicEntry.from_entry(eid, fields)
+                ctx.lag_ms = now_ms() - mic.ts
+                for action in listener.push(mic):
                     outcome = await self.act(action)
                     if outcome is not None:
                         return outcome
