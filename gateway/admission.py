@@ -7,10 +7,9 @@ can show as "the NPC is busy") while either holds:
 
 * **STT is behind real time**: the worst listening job is more than ``admit_max_lag_ms``
   behind the newest mic audio it has taken (each worker reports its jobs' lag every heartbeat);
-* **a stage's queue waits**: a job of any stage has waited more than ``admit_max_queue_ms``
-  to be picked up (every worker of that stage is full);
-* **a stage has no live worker** (none registered within its heartbeat TTL: all crashed,
-  stopped, or not started yet).
+* **a stage's queue waits**: a job of any stage has waited more than ``admit_max_queue_ms``,
+  either to be picked up (every worker of that stage is full, or none is running) or with no
+  heartbeat from its owner (a worker stopped, dead and not yet replaced, or starved).
 
 Sessions already open go on; their turns keep their place in the queues. ``decide`` is the
 policy (pure); :class:`FleetLoad` reads what it needs from Redis.
@@ -54,9 +53,6 @@ def decide(loads: dict[str, StageLoad], max_lag_ms: float, max_queue_ms: float) 
                        retry_after_ms=int(2 * stt.lag_ms), loads=loads)
     for stage in STAGES:
         load = loads.get(stage, StageLoad())
-        if load.workers == 0:
-            return Verdict(False, f"no {stage} worker is running", retry_after_ms=1000,
-                           loads=loads)
         if max_queue_ms > 0 and load.oldest_queued_ms > max_queue_ms:
             return Verdict(False, f"{stage} jobs wait {load.oldest_queued_ms:.0f} ms for a "
                                   "free worker", retry_after_ms=int(load.oldest_queued_ms),
@@ -84,35 +80,56 @@ class Admission:
 class FleetLoad:
     """Reads each stage's load from the worker registry and the job streams."""
 
-    def __init__(self, redis, keys: Keys):
+    def __init__(self, redis, keys: Keys, stuck_ms: float = 1000.0):
         self.redis = redis
         self.keys = keys
+        self.stuck_ms = stuck_ms
 
     async def read(self) -> dict[str, StageLoad]:
         now = now_ms()
-        loads = {stage: StageLoad() for stage in STAGES}
-        r = self.redis
-        await r.zremrangebyscore(self.keys.workers(), "-inf", now - STALE_WORKER_MS)
-        consumers = await r.zrange(self.keys.workers(), 0, -1)
+        loads = {}
+        for stage in STAGES:
+            loads[stage] = await self._stage(stage)
+            loads[stage].oldest_queued_ms = await self._oldest_queued(stage, now)
+        return loads
+
+    async def _stage(self, stage: str) -> StageLoad:
+        """Workers counted by their liveness keys (a starved worker's registry entry can lapse;
+        its sidecar's key does not); load figures from the registry where present."""
+        r, load = self.redis, StageLoad()
+        await r.zremrangebyscore(self.keys.workers(stage), "-inf", now_ms() - STALE_WORKER_MS)
+        consumers = [c.decode() if isinstance(c, bytes) else c
+                     for c in await r.zrange(self.keys.workers(stage), 0, -1)]
+        if not consumers:
+            return load
         async with r.pipeline(transaction=False) as p:
             for c in consumers:
-                p.hmget(self.keys.worker(c.decode() if isinstance(c, bytes) else c),
-                        ["stage", "jobs", "max_jobs", "lag_ms", "cpu"])
-            rows = await p.execute() if consumers else []
-        for stage, jobs, max_jobs, lag, cpu in rows:
-            load = loads.get(stage.decode() if stage else "")
-            if load is None:
+                p.exists(self.keys.alive(c))
+                p.hmget(self.keys.worker(c), ["jobs", "max_jobs", "lag_ms", "cpu"])
+            rows = await p.execute()
+        for alive, (jobs, max_jobs, lag, cpu) in zip(rows[::2], rows[1::2], strict=True):
+            if not alive:
                 continue
             load.workers += 1
             load.jobs += len(json.loads(jobs or b"[]"))
             load.slots += int(max_jobs or 0)
             load.lag_ms = max(load.lag_ms, float(lag or 0))
             load.cpu += float(cpu or 0)
-        for stage in STAGES:
-            loads[stage].oldest_queued_ms = await self._oldest_queued(stage, now)
-        return loads
+        return load
 
     async def _oldest_queued(self, stage: str, now: float) -> float:
+        """How long a job of ``stage`` has waited: not yet delivered, or delivered to a worker
+        whose heartbeat has not refreshed it for longer than the limit (the worst of both)."""
+        stream = self.keys.jobs(stage)
+        try:
+            stuck = await self.redis.xpending_range(stream, self.keys.group(stage), "-", "+",
+                                                    1, idle=int(self.stuck_ms))
+        except ResponseError:
+            return 0.0
+        waited = float(stuck[0]["time_since_delivered"]) if stuck else 0.0
+        return max(waited, await self._undelivered(stage, now))
+
+    async def _undelivered(self, stage: str, now: float) -> float:
         """Age of the oldest job not yet delivered to any worker of ``stage``."""
         stream = self.keys.jobs(stage)
         try:

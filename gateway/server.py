@@ -48,7 +48,8 @@ class Gateway:
         self.wake_listener = self.redis.register_script(WAKE_LISTENER_LUA)
         self.lifecycle = SessionLifecycle(self.redis, self.keys, config)
         self._lifecycle_task: asyncio.Task | None = None
-        self.fleet_load = FleetLoad(self.redis, self.keys)
+        self.fleet_load = FleetLoad(self.redis, self.keys,
+                                   stuck_ms=max(1.0, config.gateway.admit_max_queue_ms))
         self.admission = Admission(config.gateway.admit_max_lag_ms,
                                    config.gateway.admit_max_queue_ms)
         self._admission_task: asyncio.Task | None = None
@@ -98,6 +99,8 @@ class Gateway:
                     was = v.admit
             except RETRYABLE as exc:
                 self.log.warning("redis_unavailable", during="admission", error=str(exc))
+            except Exception:  # a bad reading must not end admission control for good
+                self.log.exception("admission_failed")
             await asyncio.sleep(every_s)
 
     def held_sessions(self):

@@ -87,9 +87,9 @@ class Keys:
         """A worker's proof of life, kept by its sidecar process (workers/liveness.py)."""
         return f"{self.prefix}:{{jobs}}:alive:{consumer}"
 
-    def workers(self) -> str:
-        """Sorted set of every worker's consumer name, scored by its last heartbeat (ms)."""
-        return f"{self.prefix}:workers"
+    def workers(self, stage: str) -> str:
+        """Sorted set of the stage's workers (consumer names), scored by last heartbeat (ms)."""
+        return f"{self.prefix}:workers:{stage}"
 
     def worker(self, consumer: str) -> str:
         return f"{self.prefix}:worker:{consumer}"

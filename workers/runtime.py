@@ -352,7 +352,7 @@ class Worker:
         self.liveness.stop()
         try:
             await self.redis.delete(self.keys.worker(self.consumer), self.keys.alive(self.consumer))
-            await self.redis.zrem(self.keys.workers(), self.consumer)
+            await self.redis.zrem(self.keys.workers(self.stage.name), self.consumer)
         except RETRYABLE:
             pass
         await self.redis.aclose()
@@ -545,7 +545,7 @@ class Worker:
                 "lag_ms": round(lag, 1), "cpu": round(load, 3),
             })
             p.pexpire(key, ttl_ms)
-            p.zadd(self.keys.workers(), {self.consumer: now})
+            p.zadd(self.keys.workers(self.stage.name), {self.consumer: now})
             await p.execute()
 
     # ------------------------------------------------------------------ one job

@@ -156,6 +156,7 @@ class _Utterances:
         self.sequential = stage.config.pipeline.mode == "sequential"
         self.held: list[np.ndarray] = []  # sequential mode: the utterance, decoded at its end
         self.cursor = ctx.job.cursor
+        self.due_ms = 0.0  # see track_lag
 
     async def listen(self) -> Outcome:
         ctx, listener = self.ctx, self.listener
@@ -177,11 +178,20 @@ class _Utterances:
             for eid, fields in entries:
                 self.cursor = eid
                 mic = MicEntry.from_entry(eid, fields)
-                ctx.lag_ms = now_ms() - mic.ts
-                for action in listener.push(mic):
+                before = listener.position
+                actions = listener.push(mic)
+                self.track_lag(mic.ts, listener.position - before)
+                for action in actions:
                     outcome = await self.act(action)
                     if outcome is not None:
                         return outcome
+
+    def track_lag(self, arrived_ms: float, samples: int) -> None:
+        """How far behind real time this job is: now against when each chunk was due, a chunk
+        being due no earlier than the previous one plus its length. A client that uploads a
+        recording at once is then not "behind" while STT runs faster than real time."""
+        self.due_ms = max(arrived_ms, self.due_ms + samples * 1000 / 16000)
+        self.ctx.lag_ms = max(0.0, now_ms() - self.due_ms)
 
     async def act(self, action) -> Outcome | None:
         if isinstance(action, Start):
