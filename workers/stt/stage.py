@@ -16,52 +16,18 @@ import numpy as np
 
 from parley.config import Config
 from schemas.streams import Job, MicEntry, TranscriptEntry, now_ms, parse_id
+from workers import registry
 from workers.runtime import HandBack, JobContext, Stage
 from workers.stt.audio import MicConverter
-from workers.stt.pocketsphinx_backend import PocketsphinxBackend
+from workers.stt.backends import FallbackRecognizer
 from workers.stt.vad import Vad
 
 RATE = 16000
-BACKENDS = {"pocketsphinx": PocketsphinxBackend}
-
-
-def _cuda_or_cpu() -> str:
-    """whisperX has no "auto" device: ask CTranslate2 (whisperX's engine) for a GPU."""
-    try:
-        import ctranslate2
-    except ImportError:  # whisperX itself will say what is missing
-        return "cuda"
-    return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
 
 
 def make_backend(name: str, config: Config):
-    cfg = config.stt
-    if name == "faster-whisper":
-        from workers.stt.faster_whisper_backend import FasterWhisperBackend
-
-        return FasterWhisperBackend(cfg.model, device=cfg.device, compute_type=cfg.compute_type,
-                                    beam_size=cfg.beam_size, language=cfg.language,
-                                    cpu_threads=cfg.cpu_threads)
-    if name == "whisperx":
-        from workers.stt.whisperx_backend import WhisperXBackend
-
-        device = _cuda_or_cpu() if cfg.device == "auto" else cfg.device
-        # int8 is the CPU default; on a GPU whisperX is meant to run float16
-        compute = "float16" if cfg.compute_type == "int8" and device == "cuda" else \
-            cfg.compute_type
-        return WhisperXBackend(cfg.model, device=device, compute_type=compute,
-                               batch_size=cfg.batch_size, language=cfg.language,
-                               beam_size=cfg.beam_size, cpu_threads=cfg.cpu_threads)
-    try:
-        cls = BACKENDS[name]
-    except KeyError:
-        known = ", ".join([*BACKENDS, "faster-whisper", "whisperx"])
-        raise ValueError(f"unknown stt backend {name!r}; known: {known}") from None
-    if name == "pocketsphinx" and config.pipeline.mode == "sequential":
-        # The sequential baseline decodes after the player stops; the CMN warm-up would decode
-        # its first 1.5 s twice right then. Without it the baseline is not made slower.
-        return cls(cmn_warmup_ms=0)
-    return cls()
+    """One recognizer by its registered name or ``package.module:Class``."""
+    return registry.make_backend("stt", name, config)
 
 
 class SttStage(Stage):
@@ -70,23 +36,29 @@ class SttStage(Stage):
 
     def __init__(self, config: Config):
         super().__init__(config)
-        self.backend = None
+        self.backend: FallbackRecognizer | None = None
 
     async def start(self, worker) -> None:
-        """The first backend of the chain that loads and warms up serves; a model that is
-        missing or a package not installed falls through to the next, loudly."""
-        errors = []
+        """The chain is built of the backends that load and warm up; one that cannot (a model
+        missing, a package not installed) is left out, loudly. While serving, a backend that
+        fails mid-utterance hands the whole utterance to the next (workers/stt/backends.py)."""
+        errors, loaded = [], []
         for name in self.config.stt.backends:
             try:
                 backend = make_backend(name, self.config)
                 await asyncio.to_thread(backend.warm)
-                self.backend = backend
-                break
+                loaded.append(backend)
             except Exception as exc:  # a backend that cannot load: try the next
                 errors.append(f"{name}: {exc}")
                 worker.log.warning("stt_backend_unavailable", backend=name, error=str(exc))
-        if self.backend is None:
+        if not loaded:
             raise RuntimeError("no stt backend could load: " + "; ".join(errors))
+        self.backend = FallbackRecognizer.from_config(loaded, self.config)
+        self.backend.attach()
+
+    async def stop(self) -> None:
+        if self.backend is not None:
+            await self.backend.aclose()
 
     def describe(self) -> dict:
         return {"backend": self.backend.name if self.backend else None,
