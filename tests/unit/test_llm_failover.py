@@ -8,10 +8,10 @@ import structlog
 
 from parley.config import Config
 from parley.redis_server import free_port
+from workers.llm.backends import FallbackReplyModel
 from workers.llm.openai_compat import BackendError, OpenAICompatBackend, chat_messages
 from workers.llm.personas import load_personas
 from workers.llm.scripted import ScriptedPersonaBackend
-from workers.llm.backends import FallbackReplyModel
 from workers.llm.stage import make_backend
 
 PERSONA = load_personas(Path(__file__).resolve().parents[2] / "personas")["guard"]

@@ -15,9 +15,9 @@ RATE = 16000
 
 class Recognizer(Protocol):
     """Recognizes one utterance at a time: ``open_stream()``, then ``feed(samples)`` (16 kHz
-    mono int16; returns a partial transcript or None), ``finish()`` (the final text) and
-    ``close()``. Blocking calls: the stage runs them in a thread. ``warm()`` loads the model
-    before the first job; optional ``probe()`` (sync or async) says it works again."""
+    mono float32 in [-1, 1]; returns a partial transcript or None), ``finish()`` (the final
+    text) and ``close()``. Blocking calls: the stage runs them in a thread. ``warm()`` loads
+    the model before the first job; optional ``probe()`` (sync or async) says it works again."""
 
     name: str
 
@@ -87,7 +87,7 @@ class FallbackRecognizer(FallbackChain):
         def run() -> None:
             stream = backend.open_stream()
             try:
-                stream.feed(np.zeros(RATE // 4, np.int16))
+                stream.feed(np.zeros(RATE // 4, np.float32))
                 stream.finish()
             finally:
                 stream.close()

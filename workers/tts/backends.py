@@ -123,8 +123,11 @@ class FallbackSynthesizer(FallbackChain):
         super().__init__(backends, **kwargs)
         self.sample_rate: int = int(self.backends[0].sample_rate)
 
-    def synthesize(self, text: str, voice: str = "", rate_wpm: int = 175,
-                   pitch: int = 50) -> Iterator[SynthChunk]:
+    def synthesize(self, text: str, voice: str | None = None, rate_wpm: int | None = None,
+                   pitch: int | None = None) -> Iterator[SynthChunk]:
+        """Unset arguments are left to each backend's own defaults."""
+        given = {"voice": voice, "rate_wpm": rate_wpm, "pitch": pitch}
+        kwargs = {k: v for k, v in given.items() if v is not None}
         produced = 0  # samples of this fragment already yielded, at self.sample_rate
         order = self.order()
         event = None
@@ -132,8 +135,7 @@ class FallbackSynthesizer(FallbackChain):
             backend = self.backends[i]
             timeout = self.timeout_for(len(order) - n - 1)
             try:
-                for ch in drop_samples(self._chunks(backend, text, voice, rate_wpm, pitch,
-                                                    timeout), produced):
+                for ch in drop_samples(self._chunks(backend, text, kwargs, timeout), produced):
                     self.first_output(event)
                     yield _shifted(ch, produced)
                     produced += len(ch.pcm)
@@ -143,9 +145,8 @@ class FallbackSynthesizer(FallbackChain):
                     raise
                 event = self.failed(i, exc, order[n + 1])
 
-    def _chunks(self, backend, text, voice, rate_wpm, pitch, timeout) -> Iterator[SynthChunk]:
-        chunks = _pull(lambda: backend.synthesize(text, voice=voice, rate_wpm=rate_wpm,
-                                                  pitch=pitch), timeout)
+    def _chunks(self, backend, text, kwargs, timeout) -> Iterator[SynthChunk]:
+        chunks = _pull(lambda: backend.synthesize(text, **kwargs), timeout)
         if int(backend.sample_rate) == self.sample_rate:
             yield from chunks
             return
