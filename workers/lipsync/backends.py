@@ -241,7 +241,8 @@ class ChainedFaceStream:
             timeout = self.chain.timeout_for(remaining) if self.at < len(self.plan) else None
             try:
                 try:
-                    frames = await asyncio.wait_for(op(self.stream), timeout)
+                    async with asyncio.timeout(timeout):
+                        frames = await op(self.stream)
                 except TimeoutError:
                     raise StallTimeout(f"no frames in {timeout:.1f}s") from None
                 return self._new(frames)

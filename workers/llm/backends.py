@@ -89,7 +89,10 @@ class FallbackReplyModel(FallbackChain):
             try:
                 while True:
                     try:
-                        token = await asyncio.wait_for(tokens.__anext__(), timeout)
+                        # a timeout in this task, not a new one: a backend's stream may hold
+                        # task-bound state (httpx's connection, vLLM's request)
+                        async with asyncio.timeout(timeout):
+                            token = await tokens.__anext__()
                     except StopAsyncIteration:
                         return
                     except TimeoutError:

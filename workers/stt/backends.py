@@ -128,8 +128,6 @@ class ChainedStream:
         except Exception as exc:
             # the next backend hears the whole utterance so far, this chunk included
             partial = self._fail_over(exc)
-        if partial:
-            self.chain.first_output(self.event)
         return partial
 
     def finish(self) -> str:
@@ -168,7 +166,10 @@ class ChainedStream:
                 if not self.audio:
                     return None
                 audio = np.concatenate(self.audio)
-                return self.call(self.stream.feed, audio, timeout=self._timeout())
+                partial = self.call(self.stream.feed, audio, timeout=self._timeout())
+                # caught up: the new backend has heard everything the failed one had
+                self.chain.first_output(self.event)
+                return partial
             except Exception as again:  # this one fails too: on to the next
                 exc = again
 
