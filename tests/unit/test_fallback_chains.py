@@ -104,6 +104,41 @@ async def test_tts_next_synthesizer_speaks_the_rest_of_the_fragment(first):
     await chain.aclose()
 
 
+class _SlowEspeak:
+    """espeak-ng at 120 words a minute whatever it is asked: a voice slower than the first."""
+
+    name = "espeak-slow"
+
+    def __init__(self):
+        self.inner = EspeakSynth()
+        self.sample_rate = self.inner.sample_rate
+
+    def synthesize(self, text, voice="en-us", rate_wpm=175, pitch=50):
+        return self.inner.synthesize(text, voice=voice, rate_wpm=120, pitch=pitch)
+
+
+async def test_tts_slower_voice_takes_over_at_the_same_place_in_the_word():
+    """The next voice continues at the same distance past the start of the word the failed
+    one was speaking, not at the same sample count (which would skip words)."""
+    n = 12
+    first = list(EspeakSynth().synthesize(TEXT))[:n]
+    produced = sum(len(c.pcm) for c in first)
+    word = [w for c in first for w in c.words][-1]
+    slow = list(_SlowEspeak().synthesize(TEXT))
+    b = next(w.sample for c in slow for w in c.words if w.text_start == word.text_start)
+    want = produced + sum(len(c.pcm) for c in slow) - (b + produced - word.sample)
+
+    class Failing(FailingAfterNChunks):
+        pass
+
+    Failing.n = n
+    chunks = list(FallbackSynthesizer([Failing(), _SlowEspeak()]).synthesize(TEXT))
+    total = _check_continuous(chunks)
+    assert abs(total - want) <= 0.02 * want, (total, want)
+    words = [w.text_start for c in chunks for w in c.words]
+    assert words == sorted(set(words)), "each word once, in order"
+
+
 class _Espeak16k:
     """espeak-ng resampled to 16 kHz: a second synthesizer at another rate."""
 

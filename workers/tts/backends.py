@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -54,6 +55,29 @@ def drop_samples(chunks: Iterable[SynthChunk], skip: int) -> Iterator[SynthChunk
                             words=[w for w in ch.words if w.sample >= cut])
             skip = 0
         yield ch
+
+
+def continue_at(chunks: Iterator[SynthChunk], produced: int,
+                word: tuple[int, int] | None) -> Iterator[SynthChunk]:
+    """Another rendering of the fragment, from where the one that failed stopped: ``produced``
+    samples in, ``word`` = (text offset, sample) of the last word it had started.
+
+    When this rendering marks that word too, it continues at the same distance past the
+    word's start (voices differ in speed: the same sample count would land on another word);
+    otherwise at the same sample."""
+    if word is None:
+        yield from drop_samples(chunks, produced)
+        return
+    held: list[SynthChunk] = []
+    for ch in chunks:
+        held.append(ch)
+        match = next((w for w in ch.words if w.text_start >= word[0]), None)
+        if match is not None:
+            skip = produced if match.text_start != word[0] else \
+                match.sample + produced - word[1]
+            yield from drop_samples(itertools.chain(held, chunks), max(0, skip))
+            return
+    yield from drop_samples(held, produced)
 
 
 class _Rate:
@@ -113,8 +137,8 @@ class FallbackSynthesizer(FallbackChain):
     """A :class:`Synthesizer` over an ordered chain of them, at the first one's sample rate.
 
     A backend that fails or stalls mid-fragment hands over to the next, which speaks the
-    fragment again with its first samples (as many as were already yielded) dropped: positions
-    go on without a gap or a repeat. A backend at another rate is resampled to the chain's.
+    fragment again from where the audio stopped (see :func:`continue_at`): positions go on
+    without a gap or a repeat. A backend at another rate is resampled to the chain's.
     """
 
     stage = "tts"
@@ -129,15 +153,20 @@ class FallbackSynthesizer(FallbackChain):
         given = {"voice": voice, "rate_wpm": rate_wpm, "pitch": pitch}
         kwargs = {k: v for k, v in given.items() if v is not None}
         produced = 0  # samples of this fragment already yielded, at self.sample_rate
+        word = None  # (text offset, sample) of the last word mark yielded
         order = self.order()
         event = None
         for n, i in enumerate(order):
             backend = self.backends[i]
             timeout = self.timeout_for(len(order) - n - 1)
             try:
-                for ch in drop_samples(self._chunks(backend, text, kwargs, timeout), produced):
+                chunks = self._chunks(backend, text, kwargs, timeout)
+                for ch in continue_at(chunks, produced, word):
                     self.first_output(event)
-                    yield _shifted(ch, produced)
+                    ch = _shifted(ch, produced)
+                    if ch.words:
+                        word = (ch.words[-1].text_start, ch.words[-1].sample)
+                    yield ch
                     produced += len(ch.pcm)
                 return
             except Exception as exc:  # the next backend speaks the rest
