@@ -53,3 +53,13 @@ def test_messages_carry_persona_and_history():
     assert msgs[0]["role"] == "system" and "Brannoc" in msgs[0]["content"]
     assert [m["role"] for m in msgs[1:]] == ["user", "assistant", "user"]
     assert msgs[-1]["content"] == "who are you"
+
+
+def test_a_continuation_carries_the_reply_so_far_and_asks_for_the_rest():
+    from workers.llm.openai_compat import CONTINUE
+
+    msgs = chat_messages(PERSONA, [], "who are you", prefix="I am Brannoc, keeper")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[2]["content"] == "I am Brannoc, keeper"
+    assert msgs[3]["content"] == CONTINUE
+    assert chat_messages(PERSONA, [], "who are you")[-1]["role"] == "user"
