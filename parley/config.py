@@ -64,7 +64,7 @@ class WorkerConfig:
 
 @dataclass
 class SttConfig:
-    # tried in order at start: the first that loads serves (pocketsphinx needs no download)
+    # a fallback chain, in order: when one fails mid-utterance, the next hears it all again
     backends: list[str] = field(default_factory=lambda: ["pocketsphinx"])
     model: str = ""  # faster-whisper / whisperx: local CTranslate2 dir or a model name
     device: str = "auto"
@@ -86,7 +86,7 @@ class SttConfig:
 
 @dataclass
 class LlmConfig:
-    # tried in order: when one fails before its first token, the next answers
+    # a fallback chain, in order: when one fails mid-reply, the next continues it
     backends: list[str] = field(default_factory=lambda: ["scripted"])
     personas_dir: str = ""  # empty: the bundled personas/
     openai_url: str = ""  # e.g. http://127.0.0.1:8000/v1 (vLLM), http://127.0.0.1:11434/v1
@@ -135,6 +135,15 @@ class LipsyncConfig:
 
 
 @dataclass
+class FallbackConfig:
+    # Every stage's backends form a fallback chain (``<stage>.backends``, in order). A backend
+    # that raises, or produces nothing for stall_timeout_s mid-output, hands the rest of the
+    # output to the next; it is then skipped and probed every probe_interval_s until it works.
+    stall_timeout_s: float = 10.0
+    probe_interval_s: float = 5.0
+
+
+@dataclass
 class PipelineConfig:
     # "streaming": every stage starts on the first piece of its input (the product).
     # "sequential": the whole-file design kept as a baseline for `parley bench latency`:
@@ -159,6 +168,7 @@ class Config:
     llm: LlmConfig = field(default_factory=LlmConfig)
     tts: TtsConfig = field(default_factory=TtsConfig)
     lipsync: LipsyncConfig = field(default_factory=LipsyncConfig)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     @classmethod

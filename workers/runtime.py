@@ -109,6 +109,47 @@ class Superseded(Exception):
     """The session has moved past this job's turn (a later turn already wrote its output)."""
 
 
+class TurnWriter:
+    """This turn's entries in one session stream, appended exactly once across takeovers.
+
+    A job may run again (its worker died, Redis went away, it was handed back): entry IDs are
+    ``<turn>-<seq>`` and ``published`` is the last seq a previous run already appended, so
+
+    * a stage whose output is the same on every run (LLM fragments, face frames) calls
+      :meth:`put` for everything it produces, and what is already published is skipped;
+    * a stage whose output varies between runs (TTS audio lengths) reads what is published
+      (:meth:`published_entries`), continues from that position itself, and calls
+      :meth:`skip_published` so its next :meth:`put` appends after it.
+    """
+
+    def __init__(self, ctx: JobContext, stream: str, published: int):
+        self.ctx = ctx
+        self.stream = stream
+        self.published = published
+        self.seq = 0  # entries of this turn put so far, published or skipped
+
+    @property
+    def resuming(self) -> bool:
+        return self.published > 0
+
+    async def put(self, fields: dict[str, Any]) -> bool:
+        """Entry ``seq + 1``; False when a previous run already published it."""
+        self.seq += 1
+        if self.seq <= self.published:
+            return False
+        return await self.ctx.emit(self.stream, self.seq, fields)
+
+    def skip_published(self) -> None:
+        self.seq = max(self.seq, self.published)
+
+    async def published_entries(self) -> list[tuple[int, dict]]:
+        """(seq, fields) of this turn's entries already in the stream, in order."""
+        turn = self.ctx.turn
+        entries = await self.ctx.redis.xrange(self.ctx.key(self.stream), f"{turn}-0",
+                                              f"{turn}-{2**63 - 1}")
+        return [(parse_id(eid)[1], fields) for eid, fields in entries]
+
+
 class JobContext:
     """What a stage sees of one job: its session, its output streams and follow-up jobs."""
 
@@ -156,6 +197,10 @@ class JobContext:
         if turn > self.job.turn:
             raise Superseded(f"{stream} already holds turn {turn}")
         return seq if turn == self.job.turn else 0
+
+    async def writer(self, stream: str) -> TurnWriter:
+        """The idempotent writer of this turn's entries in ``stream`` (see :class:`TurnWriter`)."""
+        return TurnWriter(self, stream, await self.progress(stream))
 
     async def emit(self, stream: str, seq: int, fields: dict[str, Any]) -> bool:
         """Append entry ``<turn>-<seq>``; False when it is already there (a re-run's duplicate)."""
@@ -709,5 +754,5 @@ async def run_worker(stage: Stage, config: Config) -> None:
     await worker.run()
 
 
-__all__ = ["HandBack", "JobContext", "Outcome", "SessionGone", "Stage", "Superseded", "Worker",
-           "entry_id", "run_worker"]
+__all__ = ["HandBack", "JobContext", "Outcome", "SessionGone", "Stage", "Superseded", "TurnWriter",
+           "Worker", "entry_id", "run_worker"]

@@ -23,10 +23,10 @@ import httpx
 import pytest
 import structlog
 
+from workers.llm.backends import FallbackReplyModel
 from workers.llm.openai_compat import BackendError, OpenAICompatBackend
 from workers.llm.personas import Persona
 from workers.llm.scripted import ScriptedPersonaBackend
-from workers.llm.stage import with_fallback
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -128,8 +128,8 @@ async def test_a_wrong_model_name_is_a_clear_error_and_the_chain_falls_back(serv
     b = backend(server, "no-such/model")
     with pytest.raises(BackendError, match=r"answered 400.*no-such/model"):
         await reply(b)
-    tokens = [t async for t in with_fallback([b, ScriptedPersonaBackend()], PERSONA, [],
-                                             "who are you", LOG)]
+    chain = FallbackReplyModel([b, ScriptedPersonaBackend()], log=LOG)
+    tokens = [t async for t in chain.stream_reply(PERSONA, [], "who are you")]
     assert "".join(tokens) == ScriptedPersonaBackend().choose(PERSONA, "who are you")
 
 

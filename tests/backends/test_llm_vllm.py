@@ -22,11 +22,10 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
-import structlog
 
 from benchmarks.random_models import LLAMA_CHARS as CHARS
+from workers.llm.backends import FallbackReplyModel
 from workers.llm.personas import Persona
-from workers.llm.stage import with_fallback
 from workers.llm.vllm_backend import VllmBackend, _token_ids, build_prompt_ids, new_text
 
 PERSONA = Persona(id="guard", name="Brannoc", voice="en-us",
@@ -180,7 +179,7 @@ async def test_cancelling_the_job_aborts_the_request():
     first = asyncio.Event()
 
     async def job():  # the LLM stage's job: tokens through the fallback chain
-        async for token in with_fallback([backend], PERSONA, [], "hi", structlog.get_logger()):
+        async for token in FallbackReplyModel([backend]).stream_reply(PERSONA, [], "hi"):
             got.append(token)
             first.set()
 
@@ -420,7 +419,7 @@ async def test_real_engine_barge_in_aborts_the_request(real_backend):
     first = asyncio.Event()
 
     async def job():  # the LLM stage's job: tokens through the fallback chain
-        async for _ in with_fallback([backend], PERSONA, [], "hi", structlog.get_logger()):
+        async for _ in FallbackReplyModel([backend]).stream_reply(PERSONA, [], "hi"):
             first.set()
 
     task = asyncio.create_task(job())

@@ -8,10 +8,11 @@ import structlog
 
 from parley.config import Config
 from parley.redis_server import free_port
+from workers.llm.backends import FallbackReplyModel
 from workers.llm.openai_compat import BackendError, OpenAICompatBackend, chat_messages
 from workers.llm.personas import load_personas
 from workers.llm.scripted import ScriptedPersonaBackend
-from workers.llm.stage import make_backend, with_fallback
+from workers.llm.stage import make_backend
 
 PERSONA = load_personas(Path(__file__).resolve().parents[2] / "personas")["guard"]
 
@@ -21,18 +22,18 @@ def dead_url() -> str:
 
 
 async def test_unreachable_server_falls_back_to_the_scripted_persona():
-    chain = [OpenAICompatBackend(dead_url(), "any-model"), ScriptedPersonaBackend()]
+    chain = FallbackReplyModel([OpenAICompatBackend(dead_url(), "any-model"),
+                                ScriptedPersonaBackend()], log=structlog.get_logger())
     t0 = time.monotonic()
-    tokens = [t async for t in with_fallback(chain, PERSONA, [], "who are you",
-                                             structlog.get_logger())]
+    tokens = [t async for t in chain.stream_reply(PERSONA, [], "who are you")]
     assert "".join(tokens) == ScriptedPersonaBackend().choose(PERSONA, "who are you")
     assert time.monotonic() - t0 < 2.0, "a refused connection must fail fast"
 
 
 async def test_the_last_backend_failing_is_an_error_not_silence():
-    chain = [OpenAICompatBackend(dead_url(), "m")]
+    chain = FallbackReplyModel([OpenAICompatBackend(dead_url(), "m")])
     with pytest.raises(BackendError, match="ConnectError"):
-        [t async for t in with_fallback(chain, PERSONA, [], "hi", structlog.get_logger())]
+        [t async for t in chain.stream_reply(PERSONA, [], "hi")]
 
 
 def test_chain_is_built_from_configuration():
@@ -52,3 +53,13 @@ def test_messages_carry_persona_and_history():
     assert msgs[0]["role"] == "system" and "Brannoc" in msgs[0]["content"]
     assert [m["role"] for m in msgs[1:]] == ["user", "assistant", "user"]
     assert msgs[-1]["content"] == "who are you"
+
+
+def test_a_continuation_carries_the_reply_so_far_and_asks_for_the_rest():
+    from workers.llm.openai_compat import CONTINUE
+
+    msgs = chat_messages(PERSONA, [], "who are you", prefix="I am Brannoc, keeper")
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert msgs[2]["content"] == "I am Brannoc, keeper"
+    assert msgs[3]["content"] == CONTINUE
+    assert chat_messages(PERSONA, [], "who are you")[-1]["role"] == "user"

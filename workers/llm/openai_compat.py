@@ -19,12 +19,23 @@ class BackendError(RuntimeError):
     """The backend could not produce a reply (unreachable, timed out, bad answer)."""
 
 
-def chat_messages(persona: Persona, history: list[dict], heard: str) -> list[dict]:
+# Asked of a model that continues a reply another backend started and failed to finish.
+CONTINUE = ("(You were cut off. Continue your reply exactly where it stopped; do not repeat "
+            "any of it.)")
+
+
+def chat_messages(persona: Persona, history: list[dict], heard: str,
+                  prefix: str = "") -> list[dict]:
+    """The conversation as chat messages; with ``prefix``, the reply so far and a request to
+    continue it (plain messages, so any OpenAI-compatible server and chat template take it)."""
     msgs = [{"role": "system", "content": persona.system_prompt or f"You are {persona.name}."}]
     for turn in history:
         msgs.append({"role": "user", "content": turn.get("player", "")})
         msgs.append({"role": "assistant", "content": turn.get("npc", "")})
     msgs.append({"role": "user", "content": heard})
+    if prefix:
+        msgs.append({"role": "assistant", "content": prefix})
+        msgs.append({"role": "user", "content": CONTINUE})
     return msgs
 
 
@@ -57,8 +68,8 @@ class OpenAICompatBackend:
             await client.aclose()
 
     async def stream_reply(self, persona: Persona, history: list[dict],
-                           heard: str) -> AsyncIterator[str]:
-        body = {"model": self.model, "messages": chat_messages(persona, history, heard),
+                           heard: str, prefix: str = "") -> AsyncIterator[str]:
+        body = {"model": self.model, "messages": chat_messages(persona, history, heard, prefix),
                 "stream": True, "max_tokens": self.max_tokens, "temperature": self.temperature}
         if self.seed is not None:
             body["seed"] = self.seed

@@ -48,8 +48,20 @@ class ScriptedPersonaBackend:
         return best if best is not None else persona.fallback
 
     async def stream_reply(self, persona: Persona, history: list[dict],
-                           heard: str) -> AsyncIterator[str]:
+                           heard: str, prefix: str = "") -> AsyncIterator[str]:
         reply = self.choose(persona, heard)
-        # Word-sized tokens, as a streaming model would hand them over.
-        for i, word in enumerate(reply.split(" ")):
-            yield word if i == 0 else " " + word
+        if prefix:
+            # Continuing a reply cut off mid-way: the rest of our line when the reply so far is
+            # its beginning, else our line as a sentence of its own after it.
+            rest = reply[len(prefix):] if reply.startswith(prefix) else " " + reply
+            for token in _tokens(rest):
+                yield token
+            return
+        for token in _tokens(reply):
+            yield token
+
+
+def _tokens(text: str) -> list[str]:
+    """Word-sized tokens with their leading space, as a streaming model hands them over."""
+    tokens = [w if i == 0 else " " + w for i, w in enumerate(text.split(" "))]
+    return tokens[1:] if tokens and not tokens[0] else tokens

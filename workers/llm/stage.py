@@ -8,65 +8,21 @@ from collections.abc import AsyncIterator
 
 from parley.config import Config, PipelineConfig
 from schemas.streams import Job, ReplyEntry, now_ms
+from workers import registry
+from workers.llm.backends import FallbackReplyModel
 from workers.llm.fragmenter import Fragmenter
 from workers.llm.personas import Persona, load_personas
-from workers.llm.scripted import ScriptedPersonaBackend
 from workers.runtime import JobContext, Stage
-
-BACKENDS = ("scripted", "openai", "vllm")
 
 
 def make_backend(name: str, config: Config):
-    cfg = config.llm
-    if name == "scripted":
-        return ScriptedPersonaBackend()
-    if name == "vllm":
-        from workers.llm.vllm_backend import VllmBackend
-
-        engine_args: dict = {}
-        if cfg.vllm_enforce_eager:
-            engine_args["enforce_eager"] = True
-        if cfg.vllm_kv_cache_gib > 0:
-            engine_args["kv_cache_memory_bytes"] = int(cfg.vllm_kv_cache_gib * (1 << 30))
-        return VllmBackend(cfg.vllm_model, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                           max_model_len=cfg.vllm_max_model_len, seed=cfg.seed,
-                           max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                           engine_args=engine_args)
-    if name == "openai":
-        from workers.llm.openai_compat import OpenAICompatBackend
-
-        return OpenAICompatBackend(cfg.openai_url, cfg.openai_model, cfg.openai_api_key,
-                                   connect_timeout_s=cfg.connect_timeout_s,
-                                   first_token_timeout_s=cfg.first_token_timeout_s,
-                                   max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                   seed=cfg.seed)
-    raise ValueError(f"unknown llm backend {name!r}; known: {', '.join(BACKENDS)}")
+    """One LLM backend by its registered name or ``package.module:Class``."""
+    return registry.make_backend("llm", name, config)
 
 
-async def with_fallback(backends, persona, history, heard, log,
-                        answered: list[str] | None = None) -> AsyncIterator[str]:
-    """Tokens from the first backend that answers; one that fails before its first token
-    hands over to the next. After the first token a failure ends the reply where it is: a
-    different model cannot continue another's sentence. The name of the backend that answered
-    is appended to ``answered``."""
-    for i, backend in enumerate(backends):
-        started = False
-        try:
-            async for token in backend.stream_reply(persona, history, heard):
-                if not started and answered is not None:
-                    answered.append(backend.name)
-                started = True
-                yield token
-            return
-        except Exception as exc:  # any backend failure: try the next one
-            last = i == len(backends) - 1
-            log.warning("llm_backend_failed", backend=backend.name, error=str(exc),
-                        started=started, fallback=None if last else backends[i + 1].name)
-            if started or last:
-                if not started:
-                    raise
-                return
+def make_chain(config: Config, log=None) -> FallbackReplyModel:
+    return FallbackReplyModel.from_config([make_backend(n, config) for n in config.llm.backends],
+                                          config, log)
 
 
 async def simulated_gpu_timing(tokens: AsyncIterator[str], cfg: PipelineConfig
@@ -86,33 +42,26 @@ class LlmStage(Stage):
     def __init__(self, config: Config):
         super().__init__(config)
         self.personas: dict[str, Persona] = load_personas(config.personas_dir())
-        self.backends = [make_backend(n, config) for n in config.llm.backends]
+        self.chain = make_chain(config)
 
     def describe(self) -> dict:
-        return {"backends": [b.name for b in self.backends], "personas": sorted(self.personas)}
+        return {"backends": self.chain.names, "personas": sorted(self.personas)}
 
     async def start(self, worker) -> None:
         # vLLM builds its engine here, before the first job: a model load must not count
         # against a player's turn
-        await self._each_backend("warm")
+        self.chain.attach()
+        await self.chain.warm()
 
     async def stop(self) -> None:
         # vLLM runs the model in child processes and the openai backend keeps a connection
         # pool: both are released here, after the last job, not left to interpreter exit
-        await self._each_backend("close")
-
-    async def _each_backend(self, method: str) -> None:
-        for backend in self.backends:
-            call = getattr(backend, method, None)
-            if call is not None:
-                result = call()
-                if asyncio.iscoroutine(result):
-                    await result
+        await self.chain.close()
 
     async def handle(self, ctx: JobContext) -> list[Job]:
         # one round trip, not three: each is ~0.2 ms on the way to the first audio
-        meta, published, history = await asyncio.gather(
-            ctx.meta(), ctx.progress("reply"), self._history(ctx))
+        meta, writer, history = await asyncio.gather(
+            ctx.meta(), ctx.writer("reply"), self._history(ctx))
         persona = self.personas.get(meta.persona)
         if persona is None:
             raise LookupError(f"persona {meta.persona!r} is not loaded by this worker")
@@ -124,21 +73,18 @@ class LlmStage(Stage):
         await ctx.mark("llm_start")
         t0 = now_ms()
         frag = Fragmenter()
-        seq = 0
         texts: list[str] = []
 
         async def put(text: str) -> None:
-            nonlocal seq
-            seq += 1
             texts.append(text)
-            if seq > published:  # a takeover continues after what is already published
-                await ctx.emit("reply", seq, ReplyEntry(segment=seq - 1, text=text).to_fields())
-            if seq == 1:
+            # a takeover re-makes the same fragments; the writer skips what is published
+            await writer.put(ReplyEntry(segment=len(texts) - 1, text=text).to_fields())
+            if len(texts) == 1:
                 await ctx.mark("first_fragment")
                 await ctx.mark("llm_first_fragment_ms", now_ms() - t0)
 
         answered: list[str] = []
-        tokens = with_fallback(self.backends, persona, history, ctx.job.text, ctx.log, answered)
+        tokens = self.chain.stream_reply(persona, history, ctx.job.text, used=answered)
         if self.config.pipeline.profile == "gpu-sim":
             tokens = simulated_gpu_timing(tokens, self.config.pipeline)
         whole: list[str] = []
@@ -155,14 +101,14 @@ class LlmStage(Stage):
             await put(text)
         full = " ".join(texts)
         # which backend answered is kept with the turn: replaying a conversation must show
-        # whether the model or a fallback spoke
-        backend = answered[0] if answered else ""
-        await ctx.emit("reply", seq + 1, ReplyEntry(segment=seq, text=full, end=True,
-                                                    backend=backend).to_fields())
+        # whether the model or a fallback spoke ("a>b": a failed mid-reply, b continued)
+        backend = ">".join(answered)
+        await writer.put(ReplyEntry(segment=len(texts), text=full, end=True,
+                                    backend=backend).to_fields())
         # Keyed by turn so a re-run writes the same field, never a second copy.
         await ctx.redis.hset(ctx.key("history"), str(ctx.turn),
                              json.dumps({"player": ctx.job.text, "npc": full}))
-        ctx.log.info("reply_done", segments=seq, chars=len(full), backend=backend)
+        ctx.log.info("reply_done", segments=len(texts), chars=len(full), backend=backend)
         return [Job(stage="tts", sid=ctx.sid, turn=ctx.turn)] if sequential else []
 
     async def _history(self, ctx: JobContext) -> list[dict]:

@@ -98,12 +98,13 @@ def _token_ids(encoded: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
-def build_prompt_ids(tokenizer, persona: Persona, history: list[dict], heard: str) -> list[int]:
+def build_prompt_ids(tokenizer, persona: Persona, history: list[dict], heard: str,
+                     prefix: str = "") -> list[int]:
     """Token ids of the chat-templated conversation, ending with the assistant's turn opened.
 
     Token ids rather than text: the template already contains the BOS token, and a text prompt
     would be tokenized again with another BOS in front."""
-    messages = chat_messages(persona, history, heard)
+    messages = chat_messages(persona, history, heard, prefix)
     try:
         encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                 tokenize=True)
@@ -214,13 +215,13 @@ class VllmBackend:
         return self._sampling_params(**kwargs)
 
     async def stream_reply(self, persona: Persona, history: list[dict],
-                           heard: str) -> AsyncIterator[str]:
+                           heard: str, prefix: str = "") -> AsyncIterator[str]:
         if self._engine is None or self._tokenizer is None:
             log.warning("vllm_engine_cold", hint="call warm() from the stage's start()")
             await self.warm()
         engine = self._engine
         prompt = await self._prompt(
-            engine, build_prompt_ids(self._tokenizer, persona, history, heard))
+            engine, build_prompt_ids(self._tokenizer, persona, history, heard, prefix))
         request_id = f"parley-{self._tag}-{next(self._ids)}"
         outputs = engine.generate(prompt, self._params(), request_id)
         emitted = 0

@@ -26,51 +26,17 @@ from schemas.streams import (
     TranscriptEntry,
     now_ms,
 )
-from workers.runtime import HandBack, JobContext, Outcome, Stage
+from workers import registry
+from workers.runtime import HandBack, JobContext, Outcome, Stage, TurnWriter
+from workers.stt.backends import FallbackRecognizer
 from workers.stt.listener import End, Feed, Listener, ListenerConfig, Release, Start
-from workers.stt.pocketsphinx_backend import PocketsphinxBackend
 
 RATE = 16000
-BACKENDS = {"pocketsphinx": PocketsphinxBackend}
-
-
-def _cuda_or_cpu() -> str:
-    """whisperX has no "auto" device: ask CTranslate2 (whisperX's engine) for a GPU."""
-    try:
-        import ctranslate2
-    except ImportError:  # whisperX itself will say what is missing
-        return "cuda"
-    return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
 
 
 def make_backend(name: str, config: Config):
-    cfg = config.stt
-    if name == "faster-whisper":
-        from workers.stt.faster_whisper_backend import FasterWhisperBackend
-
-        return FasterWhisperBackend(cfg.model, device=cfg.device, compute_type=cfg.compute_type,
-                                    beam_size=cfg.beam_size, language=cfg.language,
-                                    cpu_threads=cfg.cpu_threads)
-    if name == "whisperx":
-        from workers.stt.whisperx_backend import WhisperXBackend
-
-        device = _cuda_or_cpu() if cfg.device == "auto" else cfg.device
-        # int8 is the CPU default; on a GPU whisperX is meant to run float16
-        compute = "float16" if cfg.compute_type == "int8" and device == "cuda" else \
-            cfg.compute_type
-        return WhisperXBackend(cfg.model, device=device, compute_type=compute,
-                               batch_size=cfg.batch_size, language=cfg.language,
-                               beam_size=cfg.beam_size, cpu_threads=cfg.cpu_threads)
-    try:
-        cls = BACKENDS[name]
-    except KeyError:
-        known = ", ".join([*BACKENDS, "faster-whisper", "whisperx"])
-        raise ValueError(f"unknown stt backend {name!r}; known: {known}") from None
-    if name == "pocketsphinx" and config.pipeline.mode == "sequential":
-        # The sequential baseline decodes after the player stops; the CMN warm-up would decode
-        # its first 1.5 s twice right then. Without it the baseline is not made slower.
-        return cls(cmn_warmup_ms=0)
-    return cls()
+    """One recognizer by its registered name or ``package.module:Class``."""
+    return registry.make_backend("stt", name, config)
 
 
 class SttStage(Stage):
@@ -79,24 +45,30 @@ class SttStage(Stage):
 
     def __init__(self, config: Config):
         super().__init__(config)
-        self.backend = None
+        self.backend: FallbackRecognizer | None = None
         self._wake = None
 
     async def start(self, worker) -> None:
-        """The first backend of the chain that loads and warms up serves; a model that is
-        missing or a package not installed falls through to the next, loudly."""
-        errors = []
+        """The chain is built of the backends that load and warm up; one that cannot (a model
+        missing, a package not installed) is left out, loudly. While serving, a backend that
+        fails mid-utterance hands the whole utterance to the next (workers/stt/backends.py)."""
+        errors, loaded = [], []
         for name in self.config.stt.backends:
             try:
                 backend = make_backend(name, self.config)
                 await asyncio.to_thread(backend.warm)
-                self.backend = backend
-                break
+                loaded.append(backend)
             except Exception as exc:  # a backend that cannot load: try the next
                 errors.append(f"{name}: {exc}")
                 worker.log.warning("stt_backend_unavailable", backend=name, error=str(exc))
-        if self.backend is None:
+        if not loaded:
             raise RuntimeError("no stt backend could load: " + "; ".join(errors))
+        self.backend = FallbackRecognizer.from_config(loaded, self.config)
+        self.backend.attach()
+
+    async def stop(self) -> None:
+        if self.backend is not None:
+            await self.backend.aclose()
 
     def describe(self) -> dict:
         return {"backend": self.backend.name if self.backend else None,
@@ -133,7 +105,7 @@ class SttStage(Stage):
         listener = Listener(meta.sample_rate, meta.channels, meta.format,
                             self.listener_config(), base=ctx.job.position,
                             client_ends=meta.endpoint == "client")
-        run = _Utterances(self, ctx, listener, await ctx.progress("transcript"))
+        run = _Utterances(self, ctx, listener, await ctx.writer("transcript"))
         try:
             return await run.listen()
         finally:
@@ -145,12 +117,11 @@ class _Utterances:
 
     BLOCK_MS = 250
 
-    def __init__(self, stage: SttStage, ctx: JobContext, listener: Listener, published: int):
+    def __init__(self, stage: SttStage, ctx: JobContext, listener: Listener, writer: TurnWriter):
         self.stage = stage
         self.ctx = ctx
         self.listener = listener
-        self.published = published  # transcript entries of this turn already out (takeover)
-        self.emitted = 0
+        self.writer = writer  # skips the transcript entries a previous run already published
         self.stream = None
         self.last_partial = ""
         self.sequential = stage.config.pipeline.mode == "sequential"
@@ -223,9 +194,7 @@ class _Utterances:
                                             end_sample=lis.position, mic_seq=lis.mic_seq))
 
     async def emit(self, entry: TranscriptEntry) -> None:
-        self.emitted += 1
-        if self.emitted > self.published:  # a takeover skips what is already out
-            await self.ctx.emit("transcript", self.emitted, entry.to_fields())
+        await self.writer.put(entry.to_fields())
 
     async def finish(self, end: End) -> Outcome | None:
         ctx, lis = self.ctx, self.listener

@@ -7,43 +7,29 @@ import asyncio
 import numpy as np
 
 from parley.config import Config
-from schemas.streams import Job, Mark, ReplyEntry, VoiceEntry, now_ms, parse_id
+from schemas.streams import Job, Mark, ReplyEntry, VoiceEntry, now_ms
+from workers import registry
 from workers.llm.personas import load_personas
 from workers.runtime import JobContext, Stage
-from workers.tts.espeak import EspeakSynth, SynthChunk
+from workers.tts.backends import FallbackSynthesizer, drop_samples
+from workers.tts.espeak import SynthChunk
 
-BACKENDS = {"espeak": EspeakSynth}
 REPLY_WAIT_S = 60.0  # no reply fragment for this long: the LLM side is gone, end the turn
 
 
 def make_backend(name: str, config: Config):
-    if name == "coqui":
-        from workers.tts.coqui_backend import CoquiBackend
+    """One TTS backend by its registered name or ``package.module:Class``."""
+    return registry.make_backend("tts", name, config)
 
-        return CoquiBackend.from_config(config)
-    try:
-        return BACKENDS[name]()
-    except KeyError:
-        known = ", ".join([*BACKENDS, "coqui"])
-        raise ValueError(f"unknown tts backend {name!r}; known: {known}") from None
+
+def make_chain(config: Config, log=None) -> FallbackSynthesizer:
+    return FallbackSynthesizer.from_config([make_backend(n, config) for n in config.tts.backends],
+                                           config, log)
 
 
 def _drop_samples(chunks: list, skip: int) -> list:
     """The chunks after the first ``skip`` samples (marks before the cut are dropped)."""
-    out = []
-    for ch in chunks:
-        n = len(ch.pcm)
-        if skip >= n:
-            skip -= n
-            continue
-        if skip:
-            cut = ch.sample + skip
-            ch = SynthChunk(pcm=ch.pcm[skip:], sample=cut,
-                            phonemes=[p for p in ch.phonemes if p.sample >= cut],
-                            words=[w for w in ch.words if w.sample >= cut])
-            skip = 0
-        out.append(ch)
-    return out
+    return list(drop_samples(chunks, skip))
 
 
 class TtsStage(Stage):
@@ -52,29 +38,34 @@ class TtsStage(Stage):
     def __init__(self, config: Config):
         super().__init__(config)
         self.personas = load_personas(config.personas_dir())
-        self.backend = make_backend(config.tts.backends[0], config)
+        # an ordered chain: a backend that fails mid-fragment hands the rest to the next
+        self.backend = make_chain(config)
 
     def describe(self) -> dict:
-        return {"backends": [self.backend.name], "sample_rate": self.backend.sample_rate}
+        return {"backends": self.backend.names, "sample_rate": self.backend.sample_rate}
 
-    async def _published(self, ctx: JobContext) -> tuple[int, int, set[int], dict[int, int]]:
-        """What this turn's voice stream already holds: last seq, end sample, finished
-        segments, and samples published of the one that was cut off."""
-        entries = await ctx.redis.xrange(ctx.key("voice"), f"{ctx.turn}-0",
-                                         f"{ctx.turn}-{2**63 - 1}")
-        seq, sample, done, partial = 0, 0, set(), {}
-        for eid, fields in entries:
+    async def start(self, worker) -> None:
+        self.backend.attach()
+
+    async def stop(self) -> None:
+        await self.backend.aclose()
+
+    @staticmethod
+    async def _published(writer) -> tuple[int, set[int], dict[int, int]]:
+        """What this turn's voice stream already holds: end sample, finished segments, and
+        samples published of the one that was cut off."""
+        sample, done, partial = 0, set(), {}
+        for _seq, fields in await writer.published_entries():
             v = VoiceEntry.from_fields(fields)
-            seq = parse_id(eid)[1]
             sample = v.sample + v.num_samples
             partial[v.segment] = partial.get(v.segment, 0) + v.num_samples
             if v.last_in_segment:
                 done.add(v.segment)
                 partial.pop(v.segment, None)
-        return seq, sample, done, partial
+        return sample, done, partial
 
     async def handle(self, ctx: JobContext) -> list[Job]:
-        meta, published = await asyncio.gather(ctx.meta(), ctx.progress("voice"))
+        meta, writer = await asyncio.gather(ctx.meta(), ctx.writer("voice"))
         persona = self.personas.get(meta.persona)
         voice = meta.voice or (persona.voice if persona else "en-us")
         rate_wpm = persona.voice_rate_wpm if persona else 175
@@ -86,7 +77,6 @@ class TtsStage(Stage):
             # lipsync is not on the way to the first audio: enqueue it without waiting (once
             # per turn: a takeover asks again and the guard in Redis answers)
             ctx.background(ctx.enqueue("lipsync"))
-        seq = 0
         sample = 0
         segments = 0
         # A takeover continues from what the dead worker published, by *samples*: espeak's
@@ -94,15 +84,15 @@ class TtsStage(Stage):
         # and skipping by count would misplace every later position.
         done_segments: set[int] = set()
         partial: dict[int, int] = {}  # segment -> samples already published
-        if published:
-            seq, sample, done_segments, partial = await self._published(ctx)
+        if writer.resuming:
+            sample, done_segments, partial = await self._published(writer)
+            writer.skip_published()
         async for _eid, fields in ctx.tail_turn("reply", REPLY_WAIT_S):
             reply = ReplyEntry.from_fields(fields)
             if reply.end:
-                seq += 1
                 end = VoiceEntry(segment=segments, sample=sample,
                                  rate=self.backend.sample_rate, end=True)
-                await ctx.emit("voice", seq, end.to_fields())
+                await writer.put(end.to_fields())
                 ctx.log.info("voice_done", samples=sample, segments=segments)
                 return [Job(stage="lipsync", sid=ctx.sid, turn=ctx.turn)] if sequential else []
             if reply.segment in done_segments:
@@ -123,7 +113,6 @@ class TtsStage(Stage):
                 await asyncio.sleep(pipe.sim_tts_first_chunk_ms / 1000)
             segments += 1 if chunks else 0
             for i, ch in enumerate(chunks):
-                seq += 1
                 n = len(ch.pcm)
                 if simulated and i:  # ...then a steady real-time factor
                     await asyncio.sleep(pipe.sim_tts_rtf * n / self.backend.sample_rate)
@@ -141,6 +130,6 @@ class TtsStage(Stage):
                     pcm=ch.pcm.astype("<i2").tobytes(),
                     last_in_segment=i == len(chunks) - 1, marks=marks,
                 )
-                await ctx.emit("voice", seq, entry.to_fields())
+                await writer.put(entry.to_fields())
                 await ctx.mark("tts_first_chunk")
                 sample += n
