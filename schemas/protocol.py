@@ -47,6 +47,7 @@ class ErrorCode:
     FRAME_TOO_LARGE = "frame_too_large"
     RATE_LIMITED = "rate_limited"
     UNKNOWN_SEGMENT = "unknown_segment"
+    NOT_PLAYING = "not_playing"
     TURN_FAILED = "turn_failed"
     INTERNAL = "internal"
     UNAVAILABLE = "unavailable"
