@@ -212,6 +212,12 @@ class Client:
         self.formats: dict[str, str] = {}  # session -> mic sample format from open
         self._final: dict[str, asyncio.Event] = {}  # a final transcript came
         self._stopped: dict[str, asyncio.Event] = {}  # the server said stop
+        self.closed = asyncio.Event()  # the connection is gone (reconnect() starts anew)
+        # UE's playback clock per (session, turn): first ready, reply rate, end of the audio
+        self.first_ready: dict[tuple[str, int], float] = {}
+        self.reply_rates: dict[tuple[str, int], int] = {}
+        self.reply_end: dict[tuple[str, int], int] = {}
+        self.stopped: set[tuple[str, int]] = set()
         # every reply-audio chunk's place on the timeline: (turn, seq, sample, samples)
         self.chunks: dict[str, list[tuple[int, int, int, int]]] = {}
         self.done_turns: dict[tuple[str, int], P.TurnDone] = {}
@@ -332,28 +338,34 @@ class Client:
         await asyncio.wait_for(ev.wait(), timeout)
         return self.done_turns[(session, turn)]
 
-    def played_samples(self, session: str) -> int:
-        """What UE would have played by now: its audio clock starts at the first ready."""
-        tr = self.turns[session]
-        if not tr.t_first_ready or not tr.reply_rate:
-            return 0
-        elapsed = time.perf_counter() - tr.t_first_ready
-        return min(tr.audio_samples, int(elapsed * tr.reply_rate))
+    def _latest_turn(self, session: str) -> int:
+        return max((t for s, t in self.reply_end if s == session), default=0)
 
-    def playback_left_s(self, session: str) -> float:
-        """How long UE would still be playing the reply it has, on the clock of played_samples."""
-        tr = self.turns[session]
-        if tr.interrupted or not tr.t_first_ready or not tr.reply_rate:
+    def played_samples(self, session: str, turn: int | None = None) -> int:
+        """What UE would have played of ``turn`` (default: the latest reply) by now: its audio
+        clock starts at the turn's first ready and runs at the reply rate."""
+        key = (session, self._latest_turn(session) if turn is None else turn)
+        start, rate = self.first_ready.get(key), self.reply_rates.get(key)
+        if start is None or not rate:
+            return 0
+        return min(self.reply_end[key], int((time.perf_counter() - start) * rate))
+
+    def playback_left_s(self, session: str, turn: int | None = None) -> float:
+        """How long UE would still be playing the reply it has, on the clock of played_samples;
+        0 once the server said stop for it."""
+        key = (session, self._latest_turn(session) if turn is None else turn)
+        start, rate = self.first_ready.get(key), self.reply_rates.get(key)
+        if key in self.stopped or start is None or not rate:
             return 0.0
-        end = tr.t_first_ready + tr.audio_samples / tr.reply_rate
-        return max(0.0, end - time.perf_counter())
+        return max(0.0, start + self.reply_end[key] / rate - time.perf_counter())
 
     async def wait_played(self, session: str) -> float:
-        """As UE does: stay until the reply has played, or until the server says stop (then
-        the interrupt goes out with what was played). Returns the seconds waited."""
+        """As UE does: stay until the latest reply has played, or until the server says stop
+        (the interrupt then goes out with what was played). Returns the seconds waited."""
         t0 = time.perf_counter()
         stopped = self._stopped[session]
-        while not stopped.is_set() and (left := self.playback_left_s(session)) > 0:
+        while (left := self.playback_left_s(session)) > 0:
+            stopped.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopped.wait(), left)
         return time.perf_counter() - t0
@@ -365,10 +377,13 @@ class Client:
     async def _read_loop(self) -> None:
         from websockets.exceptions import ConnectionClosed
 
+        self.closed.clear()
         try:
             await self._read(self.ws)
         except ConnectionClosed:
             pass  # reconnect() starts a new reader
+        finally:
+            self.closed.set()
 
     async def _read(self, ws) -> None:
         async for message in ws:
@@ -385,47 +400,61 @@ class Client:
         elif isinstance(msg, P.SessionOpened):
             self._resolve(f"opened:{msg.session}", msg)
         elif isinstance(msg, P.ErrorEvent):
-            self.errors.append(msg)
-            self._resolve(f"error:{msg.code}", msg)
-            if msg.session and f"opened:{msg.session}" in self._waiters:
-                self._resolve(f"opened:{msg.session}", msg)
-            tr = self.turns.get(msg.session or "")
-            if tr is not None:
-                tr.errors.append(msg.to_dict())
-                if msg.turn is not None:  # a failed turn ends the wait
-                    self._done[msg.session].set()
+            self._on_error(msg)
         elif isinstance(msg, P.Transcript):
-            tr = self.turns[msg.session]
-            if tr.seq.see(msg.turn, "transcript", msg.seq):
-                tr.turn = msg.turn
-                if msg.final:
-                    tr.transcript = msg.text
-                    tr.t_final_transcript = now
-                    self._final[msg.session].set()
-                else:
-                    tr.partials.append(msg.text)
+            self._on_transcript(msg, now)
         elif isinstance(msg, P.ReplyText):
             tr = self.turns[msg.session]
             if tr.seq.see(msg.turn, "reply", msg.seq) and msg.final:
                 tr.reply = msg.text
         elif isinstance(msg, P.StopPlayback):
-            # As UE does: stop the audio, say how far it got.
-            tr = self.turns[msg.session]
-            tr.interrupted = True
-            tr.played_samples = self.played_samples(msg.session)
-            self._stopped[msg.session].set()
-            await self.send(P.Interrupt(session=msg.session, played_samples=tr.played_samples))
+            await self._on_stop(msg)
         elif isinstance(msg, P.TurnDone):
-            tr = self.turns[msg.session]
-            tr.done = msg.to_dict()
-            tr.t_done = now
-            tr.timings = dict(msg.timings or {})
-            tr.interrupted = tr.interrupted or msg.interrupted
-            self.done_turns[(msg.session, msg.turn)] = msg
-            self._turn_events.setdefault((msg.session, msg.turn), asyncio.Event()).set()
-            self._done[msg.session].set()
+            self._on_turn_done(msg, now)
         elif isinstance(msg, P.Pong):
             self._resolve(f"pong:{msg.id}", msg)
+
+    def _on_error(self, msg: P.ErrorEvent) -> None:
+        self.errors.append(msg)
+        self._resolve(f"error:{msg.code}", msg)
+        if msg.session and f"opened:{msg.session}" in self._waiters:
+            self._resolve(f"opened:{msg.session}", msg)
+        tr = self.turns.get(msg.session or "")
+        if tr is not None:
+            tr.errors.append(msg.to_dict())
+            if msg.turn is not None:  # a failed turn ends the wait
+                self._done[msg.session].set()
+
+    def _on_transcript(self, msg: P.Transcript, now: float) -> None:
+        tr = self.turns[msg.session]
+        if not tr.seq.see(msg.turn, "transcript", msg.seq):
+            return
+        tr.turn = msg.turn
+        if msg.final:
+            tr.transcript = msg.text
+            tr.t_final_transcript = now
+            self._final[msg.session].set()
+        else:
+            tr.partials.append(msg.text)
+
+    async def _on_stop(self, msg: P.StopPlayback) -> None:
+        # As UE does: stop the audio, say how far it got.
+        tr = self.turns[msg.session]
+        tr.interrupted = True
+        tr.played_samples = self.played_samples(msg.session, msg.turn)
+        self.stopped.add((msg.session, msg.turn))
+        self._stopped[msg.session].set()
+        await self.send(P.Interrupt(session=msg.session, played_samples=tr.played_samples))
+
+    def _on_turn_done(self, msg: P.TurnDone, now: float) -> None:
+        tr = self.turns[msg.session]
+        tr.done = msg.to_dict()
+        tr.t_done = now
+        tr.timings = dict(msg.timings or {})
+        tr.interrupted = tr.interrupted or msg.interrupted
+        self.done_turns[(msg.session, msg.turn)] = msg
+        self._turn_events.setdefault((msg.session, msg.turn), asyncio.Event()).set()
+        self._done[msg.session].set()
 
     async def _on_binary(self, frame, now: float) -> None:
         session = self.by_channel.get(frame.channel)
@@ -437,6 +466,10 @@ class Client:
                 (frame.turn, frame.seq, frame.sample, len(frame.pcm) // 2))
             if not tr.seq.see(frame.turn, "audio", frame.seq):
                 return
+            key = (session, frame.turn)
+            self.reply_rates[key] = frame.sample_rate
+            self.reply_end[key] = max(self.reply_end.get(key, 0),
+                                      frame.sample + len(frame.pcm) // 2)
             if not tr.t_first_audio:
                 tr.t_first_audio = now
             tr.reply_rate = frame.sample_rate
@@ -461,6 +494,7 @@ class Client:
         tr = self.turns[session]
         now = time.perf_counter()
         tr.ready_sent[(turn, segment)] = now
+        self.first_ready.setdefault((session, turn), now)
         if not tr.t_first_ready:
             tr.t_first_ready = now
         await self.send(P.Ready(session=session, turn=turn, segment=segment))
@@ -494,6 +528,13 @@ async def say(url: str, wav: str | Path, out: str | Path | None, npc: str = "gua
     return result
 
 
+def _check_open(client: Client, tr: TurnResult) -> None:
+    if client.closed.is_set() and tr.done is None:
+        ws = client.ws
+        raise SayError(f"the gateway closed the connection before the turn ended (close code "
+                       f"{ws.close_code}, reason {ws.close_reason or 'none'!r})")
+
+
 async def _first(events: list[asyncio.Event], timeout: float) -> None:
     waits = [asyncio.ensure_future(e.wait()) for e in events]
     try:
@@ -509,6 +550,7 @@ async def _await_turn(client: Client, session: str, mic: MicFile, wav: str | Pat
     final, done = client._final[session], client._done[session]
     progress = -1
     while not (final.is_set() or done.is_set()):
+        _check_open(client, tr)
         if len(tr.partials) + len(tr.errors) == progress:
             problems = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in tr.errors)
             raise SayError(
@@ -517,12 +559,13 @@ async def _await_turn(client: Client, session: str, mic: MicFile, wav: str | Pat
                 f"{mic.peak_dbfs:.0f} dBFS): the server heard no speech in it, or no STT worker "
                 f"is running (see `parley status`){'; errors: ' + problems if problems else ''}")
         progress = len(tr.partials) + len(tr.errors)
-        await _first([final, done], quiet_s)
-    try:
-        await asyncio.wait_for(done.wait(), timeout)
-    except TimeoutError:
+        await _first([final, done, client.closed], quiet_s)
+    if not done.is_set():
+        await _first([done, client.closed], timeout)
+        _check_open(client, tr)
+    if not done.is_set():
         raise SayError(f"heard {tr.transcript!r}, but no reply came within {timeout:.0f} s: are "
-                       "the llm, tts and lipsync workers running? (see `parley status`)") from None
+                       "the llm, tts and lipsync workers running? (see `parley status`)")
     if tr.done is not None and not tr.done.get("audio_samples") and not tr.interrupted:
         if not tr.transcript:
             raise SayError(f"the server heard no speech in {Path(wav).name} (peak "
