@@ -112,6 +112,16 @@ def test_cpp_codec_passes_the_binary_vectors(tmp_path):
          str(CPP_DIR / "conformance_test.cpp"), "-o", str(exe)],
         capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
+    # the headers alone stay clean under the stricter warnings game engines build with
+    unit = tmp_path / "headers.cpp"
+    unit.write_text('#include "parley_protocol.hpp"\n#include "parley_messages.hpp"\n'
+                    "int main() { parley::Frame f; return parley::Decode(nullptr, 0, f) == "
+                    "parley::DecodeError::BadAudio ? 0 : 1; }\n")
+    strict = subprocess.run(
+        [cxx, "-std=c++17", f"-I{CPP_DIR}", "-Wall", "-Wextra", "-Wpedantic", "-Wconversion",
+         "-Wsign-conversion", "-Wshadow", "-Wold-style-cast", "-Werror", str(unit), "-o",
+         str(tmp_path / "headers")], capture_output=True, text=True, timeout=300)
+    assert strict.returncode == 0, strict.stderr
     run = subprocess.run([str(exe), str(V.VECTORS)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     n = len(VECTORS["binary"])
