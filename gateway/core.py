@@ -440,10 +440,14 @@ class Relay:
 
     STREAMS = ("transcript", "reply", "voice", "face", "events")
 
-    def __init__(self, state: SessionState, min_turn: int = 0, sequential: bool = False):
+    def __init__(self, state: SessionState, min_turn: int = 0, sequential: bool = False,
+                 live_since_ms: float = 0.0):
         self.state = state
         self.min_turn = min_turn
         self.sequential = sequential
+        # events written before this (wall-clock ms) are history a resume replays: a speech
+        # start among them must not cut the replayed reply the client is about to play
+        self.live_since_ms = live_since_ms
         self.held: dict[tuple[int, int], list[P.FaceFrames]] = {}
         self.turns: dict[int, _TurnState] = {}
         self.face_sent = 0
@@ -537,7 +541,7 @@ class Relay:
             self._turn(ev.turn).failed = True
             return [P.ErrorEvent(code=ev.code or ErrorCode.TURN_FAILED, message=ev.message,
                                  session=self.state.session, turn=ev.turn)]
-        if ev.kind == "speech_start":
+        if ev.kind == "speech_start" and ev.ts >= self.live_since_ms:
             # the player speaks over a reply UE is still playing, turn_done or not
             playing = [t for t in self.turns if t < ev.turn and self.playing(t, now)]
             if playing:

@@ -249,7 +249,7 @@ class Connection:
                                         npc=meta.npc, persona=meta.persona, voice=meta.voice,
                                         reply_sample_rate=22050, next_mic_seq=next_mic,
                                         resumed=True))
-        self._start_relay(state, cursors, min_turn=req.turn)
+        self._start_relay(state, cursors, min_turn=req.turn, live_since_ms=now_ms())
 
     def _timing(self, state: C.SessionState, turn: int, name: str) -> None:
         """Latency waterfall: first time ``name`` happened in ``turn`` (off the hot path)."""
@@ -402,9 +402,11 @@ class Connection:
             except RETRYABLE:
                 pass
 
-    def _start_relay(self, state: C.SessionState, cursors: dict[str, str], min_turn: int) -> None:
+    def _start_relay(self, state: C.SessionState, cursors: dict[str, str], min_turn: int,
+                     live_since_ms: float = 0.0) -> None:
         relay = C.Relay(state, min_turn=min_turn,
-                        sequential=self.gw.config.pipeline.mode == "sequential")
+                        sequential=self.gw.config.pipeline.mode == "sequential",
+                        live_since_ms=live_since_ms)
         task = asyncio.create_task(self._relay_loop(relay, cursors))
         self.relays[state.session] = (relay, task)
         if self.gw.livelink is not None:

@@ -66,9 +66,11 @@ def send_reply(relay: C.Relay, turn: int, segments: list[float], t0: float = 0.0
     return out, now
 
 
-def speech_start(relay: C.Relay, turn: int, now: float) -> list:
-    return relay.feed("events", "1-0", EventEntry(kind="speech_start", turn=turn).to_fields(),
-                      now)
+def speech_start(relay: C.Relay, turn: int, now: float, ts: float | None = None) -> list:
+    entry = EventEntry(kind="speech_start", turn=turn)
+    if ts is not None:
+        entry.ts = ts
+    return relay.feed("events", "1-0", entry.to_fields(), now)
 
 
 def turn_dones(out: list) -> list[P.TurnDone]:
@@ -171,3 +173,16 @@ def test_interrupted_turn_done_counts_what_was_sent():
     # nothing of the turn follows the cut
     assert relay.feed("voice", "1-13", VoiceEntry(segment=3, sample=12 * CHUNK, rate=RATE,
                                                   pcm=b"\x00\x00" * CHUNK).to_fields(), 1.0) == []
+
+
+def test_a_resume_replaying_history_does_not_cut_the_replayed_reply():
+    # after a reconnect the relay replays turn 1 (the client missed it) and then the stored
+    # events, among them the speech start of turn 2 that happened while the link was down
+    state = C.SessionState(session="npc-1", sid="npc-1.0badcafe", channel=1, frame_bytes=2,
+                           bytes_per_s=32000)
+    state.ready |= {(1, 0), (1, 1)}
+    relay = C.Relay(state, min_turn=1, live_since_ms=1_700_000_100_000)
+    send_reply(relay, 1, [1.0, 1.5])
+    assert relay.playing(1, 0.5)
+    assert speech_start(relay, 2, 0.5, ts=1_700_000_099_000) == []  # history
+    assert speech_start(relay, 2, 0.6, ts=1_700_000_100_500) == [C.InterruptTurn(1, "barge_in")]
