@@ -368,29 +368,71 @@ class ConnectionCore:
 # --------------------------------------------------------------------------- relay
 
 
+PLAYBACK_SLACK_S = 0.3  # UE's own buffering beyond the audio's length
+
+
+@dataclass
+class Playback:
+    """UE's playback of one turn's reply, as far as the gateway can know it.
+
+    A segment plays from its ``ready`` on; segments and chunks play back to back, and a chunk
+    never plays before it was sent (a late chunk stalls the audio). "Still playing" follows
+    this clock, not the server's production, which ends long before UE's audio does.
+    """
+
+    end_at: float | None = None  # when UE has played all the audio it may play so far
+    pending: dict[int, float] = field(default_factory=dict)  # segment -> s sent, not ready
+
+    def sent(self, segment: int, seconds: float, ready: bool, now: float) -> None:
+        if ready and segment not in self.pending:
+            self._play(seconds, now)
+        else:
+            self.pending[segment] = self.pending.get(segment, 0.0) + seconds
+
+    def ready(self, segment: int, now: float) -> None:
+        seconds = self.pending.pop(segment, None)
+        if seconds is not None:
+            self._play(seconds, now)
+
+    def _play(self, seconds: float, now: float) -> None:
+        start = now if self.end_at is None else max(self.end_at, now)
+        self.end_at = start + seconds
+
+    def busy(self, now: float) -> bool:
+        """Audio waiting for its ready counts: UE is about to play it."""
+        if self.pending:
+            return True
+        return self.end_at is not None and now < self.end_at + PLAYBACK_SLACK_S
+
+
 @dataclass
 class _TurnState:
     voice_end: VoiceEntry | None = None
     face_end: FaceEntry | None = None
+    failed: bool = False  # a stage gave up: no more audio will come
     held: int = 0
     done: bool = False
     interrupted: bool = False
-    rate: int = 0
-    audio_samples: int = 0  # relayed so far
+    audio_samples: int = 0  # end of the last reply-audio chunk sent
+    face_sent: int = 0  # face records sent
+    segments: set[int] = field(default_factory=set)  # segments with audio sent
     first_audio_at: float | None = None
     ready_at: float | None = None
-    held_audio: list[bytes] = field(default_factory=list)  # sequential mode only
+    playback: Playback = field(default_factory=Playback)
+    # sequential mode only: (frame, segment, samples, rate) held until the face is complete
+    held_audio: list[tuple[bytes, int, int, int]] = field(default_factory=list)
 
 
 @dataclass
 class InterruptTurn:
-    """Relay's verdict that ``turn`` must stop: the I/O layer cancels it in Redis."""
+    """Relay's verdict that ``turn`` must stop: the I/O layer cancels it in Redis.
+
+    ``reason`` is "barge_in" (the player spoke over it), "client" (UE's own interrupt) or
+    "answer" (UE's interrupt answering our stop: the turn is cut already, only the heard text
+    is left to keep)."""
 
     turn: int
-    reason: str  # "barge_in" | "client"
-
-
-PLAYBACK_SLACK_S = 0.3  # UE's own buffering beyond the audio's length
+    reason: str
 
 
 class Relay:
@@ -398,13 +440,18 @@ class Relay:
 
     STREAMS = ("transcript", "reply", "voice", "face", "events")
 
-    def __init__(self, state: SessionState, min_turn: int = 0, sequential: bool = False):
+    def __init__(self, state: SessionState, min_turn: int = 0, sequential: bool = False,
+                 live_since_ms: float = 0.0):
         self.state = state
         self.min_turn = min_turn
         self.sequential = sequential
+        # events written before this (wall-clock ms) are history a resume replays: a speech
+        # start among them must not cut the replayed reply the client is about to play
+        self.live_since_ms = live_since_ms
         self.held: dict[tuple[int, int], list[P.FaceFrames]] = {}
         self.turns: dict[int, _TurnState] = {}
         self.face_sent = 0
+        self.awaiting_answer: int | None = None  # turn we sent stop for, until UE's interrupt
 
     def _turn(self, turn: int) -> _TurnState:
         return self.turns.setdefault(turn, _TurnState())
@@ -414,18 +461,19 @@ class Relay:
         ts = self.turns.get(turn)
         if ts is None or ts.first_audio_at is None or ts.interrupted:
             return False
-        if ts.voice_end is None or ts.ready_at is None or not ts.rate:
-            return True
-        return now < ts.ready_at + ts.audio_samples / ts.rate + PLAYBACK_SLACK_S
+        if ts.voice_end is None and not ts.failed:
+            return True  # more audio is coming
+        return ts.playback.busy(now)
 
     def current_turn(self) -> int | None:
         played = [t for t, ts in self.turns.items() if ts.first_audio_at is not None]
         return max(played) if played else None
 
-    def interrupt(self, turn: int) -> list[P.Message | bytes]:
-        """Stop ``turn``: UE stops playback; what is still held or in flight is dropped."""
+    def interrupt(self, turn: int, reason: str = "client") -> list[P.Message | bytes]:
+        """Stop ``turn``: UE stops playback; what is still held or in flight is dropped. A turn
+        whose turn_done went out already (UE still playing it) gets a second, interrupted one."""
         ts = self._turn(turn)
-        if ts.interrupted or ts.done:
+        if ts.interrupted:
             return []
         ts.interrupted = True
         ts.done = True
@@ -433,23 +481,41 @@ class Relay:
             del self.held[key]
         ts.held = 0
         ts.held_audio.clear()
+        if reason == "barge_in":
+            self.awaiting_answer = turn
+        # the totals are what was sent, so the client can check its buffers against them
         return [P.StopPlayback(session=self.state.session, turn=turn),
                 P.TurnDone(session=self.state.session, turn=turn,
-                           audio_samples=ts.audio_samples, face_frames=0, interrupted=True)]
+                           audio_samples=ts.audio_samples, face_frames=ts.face_sent,
+                           segments=len(ts.segments), interrupted=True)]
+
+    def client_interrupt(self, now: float) -> InterruptTurn | P.ErrorEvent:
+        """UE sent ``interrupt``: the answer to our ``stop``, a cut of the reply it is playing,
+        or too late (nothing plays any more), which is answered, never ignored."""
+        if self.awaiting_answer is not None:
+            turn, self.awaiting_answer = self.awaiting_answer, None
+            return InterruptTurn(turn, "answer")
+        playing = [t for t in self.turns if self.playing(t, now)]
+        if playing:
+            return InterruptTurn(max(playing), "client")
+        return P.ErrorEvent(code=ErrorCode.NOT_PLAYING, session=self.state.session,
+                            message=f"interrupt: nothing is playing; {self._last_played(now)}")
+
+    def _last_played(self, now: float) -> str:
+        turn = self.current_turn()
+        if turn is None:
+            return "no reply audio was sent on this session yet"
+        ts = self.turns[turn]
+        if ts.interrupted:
+            return f"turn {turn} was interrupted already"
+        ago = now - (ts.playback.end_at or now)
+        return f"turn {turn}'s reply finished playing {ago:.1f} s ago"
 
     def feed(self, stream: str, entry_id: str, fields: dict,
              now: float = 0.0) -> list[P.Message | bytes | InterruptTurn]:
         st = self.state
         if stream == "events":
-            ev = EventEntry.from_fields(fields)
-            if ev.turn < self.min_turn:
-                return []
-            if ev.kind == "error":
-                return [P.ErrorEvent(code=ev.code or ErrorCode.TURN_FAILED, message=ev.message,
-                                     session=st.session, turn=ev.turn)]
-            if ev.kind == "speech_start" and self.playing(ev.turn - 1, now):
-                return [InterruptTurn(ev.turn - 1, "barge_in")]
-            return []
+            return self._event(EventEntry.from_fields(fields), now)
         turn, seq = parse_id(entry_id)
         if turn in self.turns and self.turns[turn].interrupted:
             return []  # the player cut this turn off: its late output is not wanted
@@ -463,56 +529,91 @@ class Relay:
             return [P.ReplyText(session=st.session, turn=turn, seq=seq, segment=r.segment,
                                 text=r.text, final=r.end)]
         if stream == "voice":
-            v = VoiceEntry.from_fields(fields)
-            ts = self._turn(turn)
-            if v.end:
-                ts.voice_end = v
-                return self._maybe_done(turn)
-            st.known_segments.add((turn, v.segment))
-            flags = P.FLAG_LAST_IN_SEGMENT if v.last_in_segment else 0
-            frame = P.ReplyAudio(st.channel, turn, seq, v.segment, v.rate, v.sample, v.pcm,
-                                 flags).encode()
-            ts.rate = v.rate
-            ts.audio_samples = v.sample + v.num_samples
-            if self.sequential:  # whole-file baseline: no audio before the face is complete
-                ts.held_audio.append(frame)
-                return []
-            if ts.first_audio_at is None:
-                ts.first_audio_at = now
-            return [frame]
+            return self._voice(turn, seq, VoiceEntry.from_fields(fields), now)
         if stream == "face":
-            f = FaceEntry.from_fields(fields)
-            ts = self._turn(turn)
-            if f.end:
-                ts.face_end = f
-                if self.sequential and ts.held_audio:
-                    out: list = list(ts.held_audio)
-                    ts.held_audio.clear()
-                    ts.first_audio_at = now
-                    return out + self._maybe_done(turn)
-                return self._maybe_done(turn)
-            frame = P.FaceFrames(st.channel, turn, seq, f.segment, f.samples.astype("<u8"),
-                                 f.values)
-            key = (turn, f.segment)
-            if key in st.ready:
-                self.face_sent += len(f.samples)
-                return [frame.encode()]
-            self.held.setdefault(key, []).append(frame)
-            ts.held += 1
-            return []
+            return self._face(turn, seq, FaceEntry.from_fields(fields), now)
         raise ValueError(f"unknown stream {stream}")
+
+    def _event(self, ev: EventEntry, now: float) -> list[P.Message | bytes | InterruptTurn]:
+        if ev.turn < self.min_turn:
+            return []
+        if ev.kind == "error":
+            self._turn(ev.turn).failed = True
+            return [P.ErrorEvent(code=ev.code or ErrorCode.TURN_FAILED, message=ev.message,
+                                 session=self.state.session, turn=ev.turn)]
+        if ev.kind == "speech_start" and ev.ts >= self.live_since_ms:
+            # the player speaks over a reply UE is still playing, turn_done or not
+            playing = [t for t in self.turns if t < ev.turn and self.playing(t, now)]
+            if playing:
+                return [InterruptTurn(max(playing), "barge_in")]
+        return []
+
+    def _voice(self, turn: int, seq: int, v: VoiceEntry, now: float) -> list[P.Message | bytes]:
+        st = self.state
+        ts = self._turn(turn)
+        if v.end:
+            ts.voice_end = v
+            return self._maybe_done(turn)
+        st.known_segments.add((turn, v.segment))
+        flags = P.FLAG_LAST_IN_SEGMENT if v.last_in_segment else 0
+        frame = P.ReplyAudio(st.channel, turn, seq, v.segment, v.rate, v.sample, v.pcm,
+                             flags).encode()
+        if self.sequential:  # whole-file baseline: no audio before the face is complete
+            ts.held_audio.append((frame, v.segment, v.sample + v.num_samples, v.rate))
+            return []
+        self._audio_sent(turn, ts, v.segment, v.sample + v.num_samples, v.rate, now)
+        return [frame]
+
+    def _audio_sent(self, turn: int, ts: _TurnState, segment: int, end: int, rate: int,
+                    now: float) -> None:
+        if ts.first_audio_at is None:
+            ts.first_audio_at = now
+            if self.awaiting_answer is not None and self.awaiting_answer < turn:
+                self.awaiting_answer = None  # UE never answered that stop; this is a new reply
+        seconds = max(0, end - ts.audio_samples) / rate if rate else 0.0
+        ts.audio_samples = max(ts.audio_samples, end)
+        ts.segments.add(segment)
+        ts.playback.sent(segment, seconds, (turn, segment) in self.state.ready, now)
+
+    def _face(self, turn: int, seq: int, f: FaceEntry, now: float) -> list[P.Message | bytes]:
+        st = self.state
+        ts = self._turn(turn)
+        if f.end:
+            ts.face_end = f
+            if self.sequential and ts.held_audio:
+                out: list = []
+                for frame, segment, end, rate in ts.held_audio:
+                    self._audio_sent(turn, ts, segment, end, rate, now)
+                    out.append(frame)
+                ts.held_audio.clear()
+                return out + self._maybe_done(turn)
+            return self._maybe_done(turn)
+        frame = P.FaceFrames(st.channel, turn, seq, f.segment, f.samples.astype("<u8"),
+                             f.values)
+        key = (turn, f.segment)
+        if key in st.ready:
+            self._face_sent(ts, len(f.samples))
+            return [frame.encode()]
+        self.held.setdefault(key, []).append(frame)
+        ts.held += 1
+        return []
+
+    def _face_sent(self, ts: _TurnState, records: int) -> None:
+        self.face_sent += records
+        ts.face_sent += records
 
     def ready(self, turn: int, segment: int, now: float = 0.0) -> list[P.Message | bytes]:
         ts = self._turn(turn)
         if ts.ready_at is None:
             ts.ready_at = now  # UE starts playing: its audio clock starts here
+        ts.playback.ready(segment, now)
         out: list[P.Message | bytes] = []
         frames = self.held.pop((turn, segment), [])
         for frame in frames:
-            self.face_sent += len(frame.samples)
+            self._face_sent(ts, len(frame.samples))
             out.append(frame.encode())
         if frames:
-            self._turn(turn).held -= len(frames)
+            ts.held -= len(frames)
             out += self._maybe_done(turn)
         return out
 

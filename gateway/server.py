@@ -215,15 +215,7 @@ class Connection:
         elif isinstance(action, C.CloseAction):
             await self._close(action.session, action.sid)
         elif isinstance(action, C.InterruptAction):
-            relay = self.relays.get(action.session)
-            turn = relay[0].current_turn() if relay is not None else None
-            self.log.info("interrupt", session=action.sid, turn=turn,
-                          played=action.played_samples)
-            if relay is None or turn is None:
-                return
-            if action.played_samples is not None:
-                await self._keep_heard(action.sid, turn, action.played_samples)
-            await self._interrupt(relay[0], turn, "client")
+            await self._client_interrupt(action)
 
     async def _append_mic(self, sid: str, entry: MicEntry) -> None:
         """Append, then make sure an STT job listens: a session gets one only while its mic
@@ -310,7 +302,7 @@ class Connection:
                                         npc=meta.npc, persona=meta.persona, voice=meta.voice,
                                         reply_sample_rate=22050, next_mic_seq=next_mic,
                                         resumed=True))
-        self._start_relay(state, cursors, min_turn=req.turn)
+        self._start_relay(state, cursors, min_turn=req.turn, live_since_ms=now_ms())
 
     def _timing(self, state: C.SessionState, turn: int, name: str) -> None:
         """Latency waterfall: first time ``name`` happened in ``turn`` (off the hot path)."""
@@ -343,9 +335,12 @@ class Connection:
         """Cancel ``turn`` everywhere: workers see the event (or the marker, if they start
         later) and stop; UE is told to stop playing."""
         sid = relay.state.sid
-        outs = relay.interrupt(turn)
+        outs = relay.interrupt(turn, reason)
         if not outs:
             return
+        player = self.players.get((relay.state.session, turn))
+        if player is not None:
+            player[1].cancel()  # UE stopped the voice: its Live Link face stops with it
         async with self.redis.pipeline(transaction=False) as p:
             p.set(self.keys.session(sid, "cancel"), turn)
             p.xadd(self.keys.session(sid, "events"),
@@ -357,6 +352,22 @@ class Connection:
             if reason == "client" and isinstance(out, P.StopPlayback):
                 continue  # UE stopped on its own; it needs no stop
             await self.send(out)
+
+    async def _client_interrupt(self, action: C.InterruptAction) -> None:
+        relay = self.relays.get(action.session)
+        if relay is None:
+            return
+        verdict = relay[0].client_interrupt(time.monotonic())
+        if isinstance(verdict, P.ErrorEvent):  # too late: said so, never ignored silently
+            self.log.info("interrupt_too_late", session=action.sid, reason=verdict.message)
+            await self.send(verdict)
+            return
+        self.log.info("interrupt", session=action.sid, turn=verdict.turn, reason=verdict.reason,
+                      played=action.played_samples)
+        if action.played_samples is not None:
+            await self._keep_heard(action.sid, verdict.turn, action.played_samples)
+        if verdict.reason == "client":
+            await self._interrupt(relay[0], verdict.turn, "client")
 
     async def _keep_heard(self, sid: str, turn: int, played: int) -> None:
         """History keeps only the words UE played before the cut (TTS word timings)."""
@@ -404,6 +415,9 @@ class Connection:
                 self.reply_rates[session] = int(rate)
         elif stream == "face":
             turn, _ = parse_id(eid)
+            ts = relay.turns.get(turn)
+            if ts is not None and ts.interrupted:
+                return  # UE stopped this reply; a new player would hold the idle face back
             face = FaceEntry.from_fields(fields)
             player = self._player(session, relay.state.sid, turn)
             if face.end:
@@ -433,9 +447,11 @@ class Connection:
             except RETRYABLE:
                 pass
 
-    def _start_relay(self, state: C.SessionState, cursors: dict[str, str], min_turn: int) -> None:
+    def _start_relay(self, state: C.SessionState, cursors: dict[str, str], min_turn: int,
+                     live_since_ms: float = 0.0) -> None:
         relay = C.Relay(state, min_turn=min_turn,
-                        sequential=self.gw.config.pipeline.mode == "sequential")
+                        sequential=self.gw.config.pipeline.mode == "sequential",
+                        live_since_ms=live_since_ms)
         task = asyncio.create_task(self._relay_loop(relay, cursors))
         self.relays[state.session] = (relay, task)
         if self.gw.livelink is not None:

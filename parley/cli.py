@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     sy.add_argument("--npc", default="guard")
     sy.add_argument("--fast", action="store_true", help="send the file unpaced")
     sy.add_argument("--token", default=os.environ.get("PARLEY_GATEWAY_AUTH_TOKEN"))
-    sy.add_argument("--timeout", type=float, default=120.0)
+    sy.add_argument("--timeout", type=float, default=120.0,
+                    help="seconds to wait for the reply once the transcript came")
+    sy.add_argument("--no-wait", action="store_true",
+                    help="leave at turn_done instead of staying until the reply has played")
 
     st = sub.add_parser("status", help="the live fleet as Redis knows it")
     st.add_argument("--json", action="store_true")
@@ -162,13 +165,16 @@ def cmd_worker(args, config: Config) -> int:
 
 
 def cmd_say(args) -> int:
-    from parley.client import say
+    from parley.client import SayError, say
 
     try:
         result = asyncio.run(say(args.url, args.wav, args.out, npc=args.npc,
                                  realtime=not args.fast, timeout=args.timeout,
-                                 token=args.token))
-    except (TimeoutError, OSError) as exc:
+                                 token=args.token, stay=not args.no_wait))
+    except SayError as exc:
+        print(f"parley say: {exc}", file=sys.stderr)
+        return 1
+    except (TimeoutError, OSError, RuntimeError) as exc:
         print(f"parley say: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     _print_turn(result.summary())
@@ -184,6 +190,11 @@ def _print_turn(s: dict) -> None:
           f"first face {lat['first_face']} ms after ready, "
           f"final transcript {lat['final_transcript']} ms")
     print(f"sequence   : {s['seq_gaps']} gaps, {s['seq_duplicates']} duplicates")
+    if s.get("interrupted"):
+        print(f"played     : interrupted after {s['played_samples']} samples")
+    elif s.get("stayed_after_turn_done_s"):
+        print(f"played     : stayed {s['stayed_after_turn_done_s']} s after turn_done while "
+              "the reply played")
     for e in s["errors"]:
         print(f"error      : {e.get('code')}: {e.get('message')}")
 
@@ -224,7 +235,7 @@ def cmd_export(args, config: Config) -> int:
 
 
 def cmd_demo(args, config: Config) -> int:
-    from parley.client import say
+    from parley.client import SayError, say
 
     fleet = _make_fleet(args, config)
     fleet.log_path = str(Path(args.out) / "fleet.log")
@@ -236,6 +247,9 @@ def cmd_demo(args, config: Config) -> int:
               f"to the {args.npc} in real time...", flush=True)
         result = asyncio.run(say(f"ws://{args.host}:{fleet.port}", args.wav, args.out,
                                  npc=args.npc))
+    except SayError as exc:
+        print(f"parley demo: {exc}; fleet log: {fleet.log_path}", file=sys.stderr)
+        return 1
     finally:
         codes = fleet.stop()
     _print_turn(result.summary())

@@ -1,13 +1,17 @@
 """The reference client: plays Unreal's part of the protocol.
 
-It streams a file in 20 ms chunks at real-time pace (as a microphone would), receives the reply,
+It streams a file in 20 ms chunks at real-time pace (as a microphone would), in the file's own
+sample format (int16 files as s16le, float and 24/32-bit files as f32le), receives the reply,
 answers ``ready`` for each segment once it has that segment's audio (as UE does when it is about
-to play it), checks every sequence number, and writes reply.wav, face.csv and turn.json.
+to play it), checks every sequence number, stays until the reply has played (on a clock that
+starts at the first ``ready``, as UE's audio would), and writes reply.wav, face.csv and turn.json.
+A turn that produces nothing ends with a message that says what did not come.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -71,6 +75,7 @@ class TurnResult:
     timings: dict[str, float] = field(default_factory=dict)
     interrupted: bool = False
     played_samples: int | None = None
+    stayed_s: float = 0.0  # how long the client stayed after turn_done for the reply to play
 
     @property
     def audio_samples(self) -> int:
@@ -117,6 +122,7 @@ class TurnResult:
             "errors": self.errors, "turn_done": self.done,
             "waterfall_ms": self.waterfall_ms(),
             "interrupted": self.interrupted, "played_samples": self.played_samples,
+            "stayed_after_turn_done_s": self.stayed_s,
         }
 
     def write(self, out: Path) -> None:
@@ -128,10 +134,63 @@ class TurnResult:
         (out / "turn.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
 
 
-def load_mic(path: str | Path) -> tuple[np.ndarray, int]:
-    """Any file soundfile reads, as int16 frames (n, channels) at its own rate."""
-    data, rate = sf.read(str(path), dtype="int16", always_2d=True)
-    return data, rate
+# Subtypes that fit int16 exactly; everything else (float, double, 24/32-bit, lossy codecs) is
+# read as float32, which libsndfile scales to -1..1. Reading a float file as int16 does not
+# scale (libsndfile's default), so speech would arrive as samples of -1, 0 and +1.
+INT16_SUBTYPES = frozenset({"PCM_16", "PCM_S8", "PCM_U8", "ULAW", "ALAW"})
+
+
+@dataclass
+class MicFile:
+    """A sound file as mic audio: frames (n, channels) in the format the session will use."""
+
+    frames: np.ndarray  # int16 for s16le, float32 for f32le
+    rate: int
+    format: str  # "s16le" | "f32le"
+    subtype: str = ""
+
+    @property
+    def channels(self) -> int:
+        return self.frames.shape[1]
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.frames) / self.rate if self.rate else 0.0
+
+    @property
+    def peak_dbfs(self) -> float:
+        """Loudest sample relative to full scale (-inf for digital silence)."""
+        if not self.frames.size:
+            return float("-inf")
+        peak = float(np.max(np.abs(self.frames.astype(np.float64))))
+        if self.format == "s16le":
+            peak /= 32768.0
+        return 20 * np.log10(peak) if peak > 0 else float("-inf")
+
+
+def load_mic(path: str | Path) -> MicFile:
+    """Any file soundfile reads, in its own format: int16 stays int16, float stays float."""
+    subtype = sf.info(str(path)).subtype
+    if subtype in INT16_SUBTYPES:
+        data, rate = sf.read(str(path), dtype="int16", always_2d=True)
+        return MicFile(data, rate, "s16le", subtype)
+    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    return MicFile(data, rate, "f32le", subtype)
+
+
+def to_pcm(frames: np.ndarray, fmt: str) -> bytes:
+    """Interleaved frames as the session's wire format, scaling between int16 and float."""
+    if fmt == "f32le":
+        if frames.dtype.kind in "iu":
+            return (frames.astype("<f4") / 32768.0).tobytes()
+        return frames.astype("<f4").tobytes()
+    if frames.dtype.kind == "f":
+        return (np.clip(frames, -1.0, 32767 / 32768) * 32768).astype("<i2").tobytes()
+    return frames.astype("<i2").tobytes()
+
+
+class SayError(RuntimeError):
+    """`say` got no complete turn; the message says what did not come and what to check."""
 
 
 class Client:
@@ -150,6 +209,15 @@ class Client:
         self.welcome: P.Welcome | None = None
         self.messages: list[P.Message] = []  # every JSON message received, in order
         self.next_seq: dict[str, int] = {}  # mic chunk numbering runs on across utterances
+        self.formats: dict[str, str] = {}  # session -> mic sample format from open
+        self._final: dict[str, asyncio.Event] = {}  # a final transcript came
+        self._stopped: dict[str, asyncio.Event] = {}  # the server said stop
+        self.closed = asyncio.Event()  # the connection is gone (reconnect() starts anew)
+        # UE's playback clock per (session, turn): first ready, reply rate, end of the audio
+        self.first_ready: dict[tuple[str, int], float] = {}
+        self.reply_rates: dict[tuple[str, int], int] = {}
+        self.reply_end: dict[tuple[str, int], int] = {}
+        self.stopped: set[tuple[str, int]] = set()
         # every reply-audio chunk's place on the timeline: (turn, seq, sample, samples)
         self.chunks: dict[str, list[tuple[int, int, int, int]]] = {}
         self.done_turns: dict[tuple[str, int], P.TurnDone] = {}
@@ -222,6 +290,9 @@ class Client:
                    endpoint: str | None = None) -> P.SessionOpened:
         self.turns[session] = TurnResult(session=session)
         self._done[session] = asyncio.Event()
+        self._final[session] = asyncio.Event()
+        self._stopped[session] = asyncio.Event()
+        self.formats[session] = fmt
         await self.send(P.OpenSession(session=session, npc=npc, sample_rate=rate,
                                       channels=channels, format=fmt, persona=persona,
                                       endpoint=endpoint))
@@ -237,18 +308,19 @@ class Client:
     async def stream(self, session: str, frames: np.ndarray, rate: int, chunk_ms: int = 20,
                      realtime: bool = True, end_of_utterance: bool = True,
                      tail_silence_ms: int = 0) -> None:
-        """Send int16 frames (n, channels) in chunk_ms pieces, paced like a microphone."""
+        """Send frames (n, channels) in chunk_ms pieces, paced like a microphone, in the
+        session's format (int16 or float frames are scaled to it)."""
         opened = self.opened[session]
         step = max(1, rate * chunk_ms // 1000)
         if tail_silence_ms:
             pad = np.zeros((rate * tail_silence_ms // 1000, frames.shape[1]), frames.dtype)
             frames = np.concatenate([frames, pad])
+        fmt = self.formats.get(session, "s16le")
         seq = self.next_seq[session]
         t0 = time.perf_counter()
         for i, start in enumerate(range(0, len(frames), step)):
             chunk = frames[start:start + step]
-            await self.send(P.MicAudio(opened.channel, seq, chunk.astype("<i2").tobytes())
-                            .encode())
+            await self.send(P.MicAudio(opened.channel, seq, to_pcm(chunk, fmt)).encode())
             seq += 1
             self.next_seq[session] = seq
             if realtime:
@@ -266,13 +338,37 @@ class Client:
         await asyncio.wait_for(ev.wait(), timeout)
         return self.done_turns[(session, turn)]
 
-    def played_samples(self, session: str) -> int:
-        """What UE would have played by now: its audio clock starts at the first ready."""
-        tr = self.turns[session]
-        if not tr.t_first_ready or not tr.reply_rate:
+    def _latest_turn(self, session: str) -> int:
+        return max((t for s, t in self.reply_end if s == session), default=0)
+
+    def played_samples(self, session: str, turn: int | None = None) -> int:
+        """What UE would have played of ``turn`` (default: the latest reply) by now: its audio
+        clock starts at the turn's first ready and runs at the reply rate."""
+        key = (session, self._latest_turn(session) if turn is None else turn)
+        start, rate = self.first_ready.get(key), self.reply_rates.get(key)
+        if start is None or not rate:
             return 0
-        elapsed = time.perf_counter() - tr.t_first_ready
-        return min(tr.audio_samples, int(elapsed * tr.reply_rate))
+        return min(self.reply_end[key], int((time.perf_counter() - start) * rate))
+
+    def playback_left_s(self, session: str, turn: int | None = None) -> float:
+        """How long UE would still be playing the reply it has, on the clock of played_samples;
+        0 once the server said stop for it."""
+        key = (session, self._latest_turn(session) if turn is None else turn)
+        start, rate = self.first_ready.get(key), self.reply_rates.get(key)
+        if key in self.stopped or start is None or not rate:
+            return 0.0
+        return max(0.0, start + self.reply_end[key] / rate - time.perf_counter())
+
+    async def wait_played(self, session: str) -> float:
+        """As UE does: stay until the latest reply has played, or until the server says stop
+        (the interrupt then goes out with what was played). Returns the seconds waited."""
+        t0 = time.perf_counter()
+        stopped = self._stopped[session]
+        while (left := self.playback_left_s(session)) > 0:
+            stopped.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopped.wait(), left)
+        return time.perf_counter() - t0
 
     async def wait_done(self, session: str, timeout: float = 60.0) -> TurnResult:
         await asyncio.wait_for(self._done[session].wait(), timeout)
@@ -281,10 +377,13 @@ class Client:
     async def _read_loop(self) -> None:
         from websockets.exceptions import ConnectionClosed
 
+        self.closed.clear()
         try:
             await self._read(self.ws)
         except ConnectionClosed:
             pass  # reconnect() starts a new reader
+        finally:
+            self.closed.set()
 
     async def _read(self, ws) -> None:
         async for message in ws:
@@ -301,45 +400,61 @@ class Client:
         elif isinstance(msg, P.SessionOpened):
             self._resolve(f"opened:{msg.session}", msg)
         elif isinstance(msg, P.ErrorEvent):
-            self.errors.append(msg)
-            self._resolve(f"error:{msg.code}", msg)
-            if msg.session and f"opened:{msg.session}" in self._waiters:
-                self._resolve(f"opened:{msg.session}", msg)
-            tr = self.turns.get(msg.session or "")
-            if tr is not None:
-                tr.errors.append(msg.to_dict())
-                if msg.turn is not None:  # a failed turn ends the wait
-                    self._done[msg.session].set()
+            self._on_error(msg)
         elif isinstance(msg, P.Transcript):
-            tr = self.turns[msg.session]
-            if tr.seq.see(msg.turn, "transcript", msg.seq):
-                tr.turn = msg.turn
-                if msg.final:
-                    tr.transcript = msg.text
-                    tr.t_final_transcript = now
-                else:
-                    tr.partials.append(msg.text)
+            self._on_transcript(msg, now)
         elif isinstance(msg, P.ReplyText):
             tr = self.turns[msg.session]
             if tr.seq.see(msg.turn, "reply", msg.seq) and msg.final:
                 tr.reply = msg.text
         elif isinstance(msg, P.StopPlayback):
-            # As UE does: stop the audio, say how far it got.
-            tr = self.turns[msg.session]
-            tr.interrupted = True
-            tr.played_samples = self.played_samples(msg.session)
-            await self.send(P.Interrupt(session=msg.session, played_samples=tr.played_samples))
+            await self._on_stop(msg)
         elif isinstance(msg, P.TurnDone):
-            tr = self.turns[msg.session]
-            tr.done = msg.to_dict()
-            tr.t_done = now
-            tr.timings = dict(msg.timings or {})
-            tr.interrupted = tr.interrupted or msg.interrupted
-            self.done_turns[(msg.session, msg.turn)] = msg
-            self._turn_events.setdefault((msg.session, msg.turn), asyncio.Event()).set()
-            self._done[msg.session].set()
+            self._on_turn_done(msg, now)
         elif isinstance(msg, P.Pong):
             self._resolve(f"pong:{msg.id}", msg)
+
+    def _on_error(self, msg: P.ErrorEvent) -> None:
+        self.errors.append(msg)
+        self._resolve(f"error:{msg.code}", msg)
+        if msg.session and f"opened:{msg.session}" in self._waiters:
+            self._resolve(f"opened:{msg.session}", msg)
+        tr = self.turns.get(msg.session or "")
+        if tr is not None:
+            tr.errors.append(msg.to_dict())
+            if msg.turn is not None:  # a failed turn ends the wait
+                self._done[msg.session].set()
+
+    def _on_transcript(self, msg: P.Transcript, now: float) -> None:
+        tr = self.turns[msg.session]
+        if not tr.seq.see(msg.turn, "transcript", msg.seq):
+            return
+        tr.turn = msg.turn
+        if msg.final:
+            tr.transcript = msg.text
+            tr.t_final_transcript = now
+            self._final[msg.session].set()
+        else:
+            tr.partials.append(msg.text)
+
+    async def _on_stop(self, msg: P.StopPlayback) -> None:
+        # As UE does: stop the audio, say how far it got.
+        tr = self.turns[msg.session]
+        tr.interrupted = True
+        tr.played_samples = self.played_samples(msg.session, msg.turn)
+        self.stopped.add((msg.session, msg.turn))
+        self._stopped[msg.session].set()
+        await self.send(P.Interrupt(session=msg.session, played_samples=tr.played_samples))
+
+    def _on_turn_done(self, msg: P.TurnDone, now: float) -> None:
+        tr = self.turns[msg.session]
+        tr.done = msg.to_dict()
+        tr.t_done = now
+        tr.timings = dict(msg.timings or {})
+        tr.interrupted = tr.interrupted or msg.interrupted
+        self.done_turns[(msg.session, msg.turn)] = msg
+        self._turn_events.setdefault((msg.session, msg.turn), asyncio.Event()).set()
+        self._done[msg.session].set()
 
     async def _on_binary(self, frame, now: float) -> None:
         session = self.by_channel.get(frame.channel)
@@ -351,6 +466,10 @@ class Client:
                 (frame.turn, frame.seq, frame.sample, len(frame.pcm) // 2))
             if not tr.seq.see(frame.turn, "audio", frame.seq):
                 return
+            key = (session, frame.turn)
+            self.reply_rates[key] = frame.sample_rate
+            self.reply_end[key] = max(self.reply_end.get(key, 0),
+                                      frame.sample + len(frame.pcm) // 2)
             if not tr.t_first_audio:
                 tr.t_first_audio = now
             tr.reply_rate = frame.sample_rate
@@ -375,6 +494,7 @@ class Client:
         tr = self.turns[session]
         now = time.perf_counter()
         tr.ready_sent[(turn, segment)] = now
+        self.first_ready.setdefault((session, turn), now)
         if not tr.t_first_ready:
             tr.t_first_ready = now
         await self.send(P.Ready(session=session, turn=turn, segment=segment))
@@ -382,16 +502,74 @@ class Client:
 
 async def say(url: str, wav: str | Path, out: str | Path | None, npc: str = "guard",
               realtime: bool = True, timeout: float = 120.0, token: str | None = None,
-              session: str = "npc-1") -> TurnResult:
-    frames, rate = load_mic(wav)
+              session: str = "npc-1", quiet_s: float = 30.0, stay: bool = True) -> TurnResult:
+    """One turn from a sound file. Raises SayError, with what did not come, when the turn
+    produced nothing: no transcript and no progress for ``quiet_s`` after the audio, no reply
+    within ``timeout``, or a reply without audio. ``stay``: wait until the reply has played."""
+    mic = load_mic(wav)
+    if mic.peak_dbfs == float("-inf"):
+        raise SayError(f"{wav} is digital silence ({mic.duration_s:.1f} s, every sample 0): "
+                       "nothing to say")
     client = await Client.connect(url, token=token)
     try:
         # a recorded question is one turn, however long its pauses: the file's end ends it
-        await client.open(session, npc, rate, frames.shape[1], endpoint="client")
-        await client.stream(session, frames, rate, realtime=realtime)
-        result = await client.wait_done(session, timeout)
+        await client.open(session, npc, mic.rate, mic.channels, fmt=mic.format,
+                          endpoint="client")
+        await client.stream(session, mic.frames, mic.rate, realtime=realtime)
+        # unpaced, the recognizer still has the whole file to go through
+        quiet = quiet_s + (0.0 if realtime else mic.duration_s)
+        result = await _await_turn(client, session, mic, wav, quiet, timeout)
+        if stay:
+            result.stayed_s = round(await client.wait_played(session), 3)
     finally:
         await client.close()
     if out is not None:
         result.write(Path(out))
     return result
+
+
+def _check_open(client: Client, tr: TurnResult) -> None:
+    if client.closed.is_set() and tr.done is None:
+        ws = client.ws
+        raise SayError(f"the gateway closed the connection before the turn ended (close code "
+                       f"{ws.close_code}, reason {ws.close_reason or 'none'!r})")
+
+
+async def _first(events: list[asyncio.Event], timeout: float) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+async def _await_turn(client: Client, session: str, mic: MicFile, wav: str | Path,
+                      quiet_s: float, timeout: float) -> TurnResult:
+    tr = client.turns[session]
+    final, done = client._final[session], client._done[session]
+    progress = -1
+    while not (final.is_set() or done.is_set()):
+        _check_open(client, tr)
+        if len(tr.partials) + len(tr.errors) == progress:
+            problems = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in tr.errors)
+            raise SayError(
+                f"no transcript {quiet_s:.0f} s after the end of {Path(wav).name} "
+                f"({mic.duration_s:.1f} s, {mic.subtype or '?'} sent as {mic.format}, peak "
+                f"{mic.peak_dbfs:.0f} dBFS): the server heard no speech in it, or no STT worker "
+                f"is running (see `parley status`){'; errors: ' + problems if problems else ''}")
+        progress = len(tr.partials) + len(tr.errors)
+        await _first([final, done, client.closed], quiet_s)
+    if not done.is_set():
+        await _first([done, client.closed], timeout)
+        _check_open(client, tr)
+    if not done.is_set():
+        raise SayError(f"heard {tr.transcript!r}, but no reply came within {timeout:.0f} s: are "
+                       "the llm, tts and lipsync workers running? (see `parley status`)")
+    if tr.done is not None and not tr.done.get("audio_samples") and not tr.interrupted:
+        if not tr.transcript:
+            raise SayError(f"the server heard no speech in {Path(wav).name} (peak "
+                           f"{mic.peak_dbfs:.0f} dBFS): the turn ended without a transcript")
+        raise SayError(f"heard {tr.transcript!r}, but the turn ended without reply audio "
+                       f"(reply text {tr.reply!r})")
+    return tr

@@ -48,8 +48,9 @@ MESSAGE_DOCS: dict[str, str] = {
     "end_of_utterance": "The player stopped talking (push-to-talk released): ends the "
                         "utterance after the last mic chunk sent, without waiting for the VAD.",
     "ready": "UE is about to play this reply segment: the gateway may now send its face frames.",
-    "interrupt": "The player barged in. Accepted and logged; barge-in semantics come in a later "
-                 "protocol version.",
+    "interrupt": "UE stops the NPC's reply (its own decision, or its answer to `stop`): "
+                 "played_samples says how much was heard. Answered with `not_playing` when "
+                 "no reply plays any more.",
     "resume": "After a reconnect: re-attaches a stored session (by sid) and replays what the "
               "client missed after `last` in `turn`, and every later turn.",
     "ping": "Application-level ping; answered with a pong carrying the same id.",

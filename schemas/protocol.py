@@ -47,6 +47,7 @@ class ErrorCode:
     FRAME_TOO_LARGE = "frame_too_large"
     RATE_LIMITED = "rate_limited"
     UNKNOWN_SEGMENT = "unknown_segment"
+    NOT_PLAYING = "not_playing"
     TURN_FAILED = "turn_failed"
     INTERNAL = "internal"
     UNAVAILABLE = "unavailable"
@@ -472,12 +473,18 @@ def _decode_binary(data: bytes) -> MicAudio | ReplyAudio | FaceFrames:
         return MicAudio(channel=channel, seq=seq, pcm=bytes(data[MIC_HEADER.size:]), flags=flags)
     if kind == FrameKind.REPLY_AUDIO:
         _, _, _, turn, seq, segment, rate, sample = REPLY_AUDIO_HEADER.unpack_from(data)
+        if (len(data) - REPLY_AUDIO_HEADER.size) % 2:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "reply audio with an odd number of bytes")
         return ReplyAudio(channel, turn, seq, segment, rate, sample,
                           bytes(data[REPLY_AUDIO_HEADER.size:]), flags)
     if kind == FrameKind.FACE_FRAMES:
         _, _, _, turn, seq, segment, n, nvals = FACE_HEADER.unpack_from(data)
         if nvals != NUM_FACE_VALUES:
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"face frame with {nvals} values")
+        if len(data) != FACE_HEADER.size + n * FACE_FRAME.size:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                f"face frame of {len(data)} bytes; {n} records make "
+                                f"{FACE_HEADER.size + n * FACE_FRAME.size}")
         rec = np.frombuffer(data, dtype=FACE_RECORD_DTYPE, count=n, offset=FACE_HEADER.size)
         return FaceFrames(channel, turn, seq, segment, rec["sample"].copy(), rec["values"].copy(),
                           flags)

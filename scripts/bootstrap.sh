@@ -13,6 +13,11 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 if command -v python3 >/dev/null 2>&1 && ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
   need_apt+=(python3-venv)
 fi
+# the test suite compiles the C++ conformance kit (clients/cpp/) with the system compiler
+if [[ ",$extras," == *",dev,"* ]] && ! command -v c++ >/dev/null 2>&1 \
+    && ! command -v g++ >/dev/null 2>&1; then
+  need_apt+=(g++)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need_apt[*]} (Debian packages)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
