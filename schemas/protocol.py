@@ -13,6 +13,7 @@ code, JSON Schemas and docs/protocol.md (the normative text, checked by a test) 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
@@ -412,29 +413,20 @@ def _valid_id(value: str) -> bool:
     return 0 < len(value) <= MAX_ID_LENGTH and all(c in _ID_CHARS for c in value)
 
 
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_OPEN = np.zeros(256, np.int8)
+_OPEN[[ord("["), ord("{")]] = 1
+_OPEN[[ord("]"), ord("}")]] = -1
+
+
 def json_depth_exceeds(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
     """Does ``text`` nest arrays/objects deeper than ``limit``? Checked before parsing, so a
-    hostile frame never reaches the recursive parser (1000 levels would raise RecursionError)."""
+    hostile frame never reaches the recursive parser (1000 levels would raise RecursionError).
+    Strings are cut out first (their brackets do not nest); the rest is a running sum in C."""
     if text.count("[") + text.count("{") <= limit:
         return False
-    depth, in_string, escaped = 0, False, False
-    for c in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == "\\":
-                escaped = True
-            elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-        elif c in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif c in "]}":
-            depth -= 1
-    return False
+    rest = np.frombuffer(_JSON_STRING.sub("", text).encode(), np.uint8)
+    return bool(rest.size) and int(np.cumsum(_OPEN[rest], dtype=np.int32).max()) > limit
 
 
 def decode_text(text: str | bytes, registry: dict[str, type[Message]] = CLIENT_MESSAGES,
