@@ -441,9 +441,6 @@ class ConnectionCore:
         self.sessions.pop(state.session, None)
         self.by_channel.pop(state.channel, None)
 
-    def sid_attached(self, sid: str) -> bool:
-        return any(s.sid == sid for s in self.sessions.values())
-
     def drop(self, session: str) -> None:
         state = self.sessions.get(session)
         if state is not None:

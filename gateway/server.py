@@ -92,8 +92,8 @@ class Gateway:
     async def _refresh_leases(self) -> None:
         while True:
             await asyncio.sleep(access.Attachments.LEASE_S / 3)
-            held = [(c.member(st.sid), c.principal) for c in list(self.connections)
-                    for st in list(c.core.sessions.values())]
+            held = [(c.member(sid), principal) for c in list(self.connections)
+                    for sid, principal in list(c.attached.items())]
             try:
                 if held:
                     await self.attachments.refresh(held)
@@ -139,6 +139,7 @@ class Connection:
         self.address = access.client_address(peer[0] if peer else "?", headers,
                                               g.proxy_header, g.trusted_proxies)
         self.conn_id = f"{gw.gateway_id}.{next(gw._conn_ids)}"
+        self.attached: dict[str, str] = {}  # sid -> the principal it counts against
         self.log = gw.log.bind(peer=f"{peer[0]}:{peer[1]}" if peer else "?", conn=self.conn_id,
                                client=self.address)
 
@@ -182,12 +183,18 @@ class Connection:
             await self.send(P.ErrorEvent(code=P.ErrorCode.INTERNAL,
                                          message="the server failed on this message"))
 
+    async def _release(self, sid: str) -> None:
+        principal = self.attached.pop(sid, None)
+        if principal is None:
+            return
+        try:
+            await self.gw.attachments.release(self.member(sid), principal)
+        except RETRYABLE:
+            pass  # the lease lapses on its own
+
     async def _release_all(self) -> None:
-        for state in list(self.core.sessions.values()):
-            try:
-                await self.gw.attachments.release(self.member(state.sid), self.principal)
-            except RETRYABLE:
-                pass  # the lease lapses on its own
+        for sid in list(self.attached):
+            await self._release(sid)
 
     async def _admit(self, session: str, sid: str) -> bool:
         """Fleet-wide caps: in total, and per token (or per address without one)."""
@@ -197,6 +204,7 @@ class Connection:
         why = await self.gw.attachments.admit(self.member(sid), self.principal,
                                               g.max_sessions_total, cap)
         if why is None:
+            self.attached[sid] = self.principal
             return True
         self.log.warning("session_refused", session=sid, reason=why)
         await self.send(P.ErrorEvent(code=P.ErrorCode.TOO_MANY_SESSIONS, message=why,
@@ -316,8 +324,8 @@ class Connection:
             seg = f.get(b"segment")
             if seg is not None:
                 segments.add((req.turn, int(seg)))
-        if self.core.sid_attached(req.sid) or not await self._admit(req.session, req.sid):
-            return  # (attached meanwhile: core refuses the same sid twice on one connection)
+        if not await self._admit(req.session, req.sid):
+            return
         state = self.core.resumed(req, meta.sample_rate, meta.channels, meta.format, next_mic,
                                   segments, ready, time.monotonic())
         state.owner_mark = await self._take_over(req.sid)
@@ -380,10 +388,7 @@ class Connection:
             if key[0] == state.session:
                 task.cancel()
         self.core.drop(state.session)
-        try:
-            await self.gw.attachments.release(self.member(state.sid), self.principal)
-        except RETRYABLE:
-            pass
+        await self._release(state.sid)
         self.log.info("session_taken_over", session=state.sid)
         await self.send(P.TakenOver(session=state.session))
 
@@ -494,7 +499,7 @@ class Connection:
             if key[0] == session:
                 task.cancel()
         await self._mark(sid, "closed")
-        await self.gw.attachments.release(self.member(sid), self.principal)
+        await self._release(sid)
         await self.send(P.SessionClosed(session=session))
         self.log.info("session_closed", session=sid)
 
