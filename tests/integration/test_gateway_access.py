@@ -348,17 +348,61 @@ async def test_close_codes_rfc6455_requires(scratch_url):
         assert ws.close_code == 1009
 
 
+_UPGRADE = (b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
 async def test_a_client_that_answers_no_ping_is_closed(scratch_url):
     async with gateways(scratch_url, ping_interval_s=0.3, ping_timeout_s=0.3) as (gw,):
-        sock = socket.create_connection(("127.0.0.1", gw.port))
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     b"Sec-WebSocket-Version: 13\r\n\r\n")
-        sock.setblocking(False)
+        sock = await _raw_client(gw.port)
         loop = asyncio.get_running_loop()
-        t0, data = time.monotonic(), b""
-        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 4096), 10):
-            data += chunk
-        assert data.startswith(b"HTTP/1.1 101")
+        t0 = time.monotonic()
+        while await asyncio.wait_for(loop.sock_recv(sock, 4096), 10):
+            pass  # pings and the close frame, until the server drops the connection
         assert time.monotonic() - t0 < 5  # interval + timeout, plus the close handshake
+        sock.close()
+
+
+async def _raw_client(port: int) -> socket.socket:
+    """A bare TCP WebSocket client: it does only what the test makes it do (no auto pong)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setblocking(False)
+    await loop.sock_sendall(sock, _UPGRADE)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await asyncio.wait_for(loop.sock_recv(sock, 1), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def _text_frame(text: str) -> bytes:
+    data, mask = text.encode(), b"\x01\x02\x03\x04"
+    assert len(data) < 126
+    return (bytes([0x81, 0x80 | len(data)]) + mask
+            + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+
+async def test_a_client_that_stops_reading_is_closed(scratch_url):
+    async with gateways(scratch_url, ping_interval_s=0.3, ping_timeout_s=0.3) as (gw,):
+        sock = await _raw_client(gw.port)
+        await asyncio.get_running_loop().sock_sendall(sock, _text_frame(P.encode(P.OpenSession(session="deaf", npc="guard"))))
+        for _ in range(50):  # the session is open once the gateway stored its meta
+            await asyncio.sleep(0.05)
+            conns = list(gw.connections)
+            if conns and conns[0].core.sessions:
+                break
+        sid = conns[0].core.sessions["deaf"].sid
+        r = redis_connect(scratch_url)
+        key = Keys(gw.config.redis.prefix).session(sid, "transcript")
+        for seq in range(1, 401):  # 4 MB of output the client never reads
+            await r.xadd(key, TranscriptEntry(text="x" * 10_000, final=False).to_fields(), id=f"1-{seq}")
+        await r.aclose()
+        t0 = time.monotonic()
+        while gw.connections and time.monotonic() - t0 < 20:
+            await asyncio.sleep(0.1)
+        assert not gw.connections, "a client that does not read was kept"
+        elapsed = time.monotonic() - t0
+        print(f"non-reading client closed after {elapsed:.1f} s")
+        assert elapsed < 15  # ping interval + timeout + close timeout (10 s)
         sock.close()
