@@ -386,7 +386,8 @@ def _text_frame(text: str) -> bytes:
 async def test_a_client_that_stops_reading_is_closed(scratch_url):
     async with gateways(scratch_url, ping_interval_s=0.3, ping_timeout_s=0.3) as (gw,):
         sock = await _raw_client(gw.port)
-        await asyncio.get_running_loop().sock_sendall(sock, _text_frame(P.encode(P.OpenSession(session="deaf", npc="guard"))))
+        opening = _text_frame(P.encode(P.OpenSession(session="deaf", npc="guard")))
+        await asyncio.get_running_loop().sock_sendall(sock, opening)
         for _ in range(50):  # the session is open once the gateway stored its meta
             await asyncio.sleep(0.05)
             conns = list(gw.connections)
@@ -396,7 +397,8 @@ async def test_a_client_that_stops_reading_is_closed(scratch_url):
         r = redis_connect(scratch_url)
         key = Keys(gw.config.redis.prefix).session(sid, "transcript")
         for seq in range(1, 401):  # 4 MB of output the client never reads
-            await r.xadd(key, TranscriptEntry(text="x" * 10_000, final=False).to_fields(), id=f"1-{seq}")
+            entry = TranscriptEntry(text="x" * 10_000, final=False)
+            await r.xadd(key, entry.to_fields(), id=f"1-{seq}")
         await r.aclose()
         t0 = time.monotonic()
         while gw.connections and time.monotonic() - t0 < 20:
