@@ -71,6 +71,7 @@ class Gateway:
         host = g.host if host is None else host
         access.check_listen(host, bool(self.limits.tokens), g.insecure_no_auth)
         tls = access.ssl_context(g.tls_cert, g.tls_key)
+        self._lease_task = asyncio.create_task(self._refresh_leases())
         if self.config.lipsync.livelink:
             # The target comes from configuration only: a client must never aim our UDP.
             target = parse_target(self.config.lipsync.livelink)
@@ -84,28 +85,15 @@ class Gateway:
         )
         sock = next(iter(self.server.sockets))
         self.port = sock.getsockname()[1]
-        self._lease_task = asyncio.create_task(self._refresh_leases())
-        self.log.info("gateway_listening", host=host, port=self.port, tls=tls is not None,
-                      auth=bool(self.limits.tokens))
+        self.log.info("gateway_listening", host=host or g.host, port=self.port)
         return self.server
 
-    async def _refresh_leases(self) -> None:
-        while True:
-            await asyncio.sleep(access.Attachments.LEASE_S / 3)
-            held = [(c.member(sid), principal) for c in list(self.connections)
-                    for sid, principal in list(c.attached.items())]
-            try:
-                if held:
-                    await self.attachments.refresh(held)
-            except RETRYABLE as exc:
-                self.log.warning("redis_unavailable", during="lease_refresh", error=str(exc))
-
     async def stop(self) -> None:
-        if self._lease_task is not None:
-            self._lease_task.cancel()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        if self._lease_task is not None:
+            self._lease_task.cancel()
         if self.livelink is not None:
             self.livelink.close()
         await self.redis.aclose()
@@ -117,6 +105,18 @@ class Gateway:
             await conn.run()
         finally:
             self.connections.discard(conn)
+
+    async def _refresh_leases(self) -> None:
+        """Keeps this gateway's attachments counted; those of a dead gateway lapse."""
+        while True:
+            await asyncio.sleep(access.Attachments.LEASE_S / 3)
+            held = [(c.member(sid), principal) for c in list(self.connections)
+                    for sid, principal in list(c.attached.items())]
+            try:
+                if held:
+                    await self.attachments.refresh(held)
+            except RETRYABLE as exc:
+                self.log.warning("redis_unavailable", during="lease_refresh", error=str(exc))
 
 
 class Connection:
@@ -285,15 +285,12 @@ class Connection:
                            voice=a.voice, sample_rate=req.sample_rate, channels=req.channels,
                            format=req.format, endpoint=req.endpoint or "vad")
         job = Job(stage="stt", sid=a.sid, turn=1, cursor="0-0")
-        secret, secret_hash = access.new_secret()
         try:
             if not await self._admit(a.session, a.sid):
                 self.core.drop(a.session)
                 return
             async with self.redis.pipeline(transaction=False) as p:
                 p.hset(self.keys.session(a.sid, "meta"), mapping=meta.to_fields())
-                p.hset(self.keys.session(a.sid, "meta"),
-                       mapping={"secret_hash": secret_hash, "owner": self.conn_id})
                 p.sadd(self.keys.sessions(), a.sid)
                 await p.execute()
             await self.redis.xadd(self.keys.jobs("stt"), job.to_fields())
@@ -301,6 +298,7 @@ class Connection:
             self.core.drop(a.session)
             raise
         state = self.core.sessions[a.session]
+        secret = await self._own_new(a.sid)
         self.log.info("session_opened", session=a.sid, npc=req.npc, persona=a.persona,
                       rate=req.sample_rate, channels=req.channels, format=req.format)
         await self.send(P.SessionOpened(session=a.session, channel=a.channel, sid=a.sid,
@@ -328,12 +326,13 @@ class Connection:
             return
         state = self.core.resumed(req, meta.sample_rate, meta.channels, meta.format, next_mic,
                                   segments, ready, time.monotonic())
-        state.owner_mark = await self._take_over(req.sid)
+        await self.redis.hset(self.keys.session(req.sid, "meta"), mapping={"state": "open"})
         cursors = {"transcript": "", "reply": "", "voice": "", "face": "", "events": "0-0"}
         channel_of = {"transcript": "transcript", "reply": "reply", "voice": "audio",
                       "face": "face"}
         for stream, ch in channel_of.items():
             cursors[stream] = f"{req.turn}-{req.last.get(ch, 0)}" if req.turn else "0-0"
+        state.owner_mark = await self._take_over(req.sid)
         self.log.info("session_resumed", session=req.sid, turn=req.turn, last=req.last)
         await self.send(P.SessionOpened(session=req.session, channel=state.channel, sid=req.sid,
                                         npc=meta.npc, persona=meta.persona, voice=meta.voice,
@@ -367,6 +366,13 @@ class Connection:
                                          session=req.session))
             return None
         return meta
+
+    async def _own_new(self, sid: str) -> str:
+        """A new session's resume secret: the client gets it, Redis only its hash."""
+        secret, secret_hash = access.new_secret()
+        await self.redis.hset(self.keys.session(sid, "meta"),
+                              mapping={"secret_hash": secret_hash, "owner": self.conn_id})
+        return secret
 
     async def _take_over(self, sid: str) -> tuple[int, int]:
         """Make this connection the session's one owner. The events entry tells the previous
