@@ -8,6 +8,7 @@ client's ``ready`` for it. Time is passed in, so tests drive both without a cloc
 
 from __future__ import annotations
 
+import hmac
 import secrets
 from dataclasses import dataclass, field
 
@@ -109,6 +110,38 @@ class TokenBucket:
         return False
 
 
+@dataclass(frozen=True)
+class Token:
+    """A client credential from configuration: ``hello`` names it and presents its secret."""
+
+    name: str
+    secret: str
+    max_sessions: int = 0  # sessions attached at once, fleet-wide, with this token; 0: no cap
+    npcs: frozenset[str] | None = None  # persona ids it may open; None: all
+
+    @classmethod
+    def parse(cls, text: str) -> Token:
+        """``NAME:SECRET[:MAX_SESSIONS[:NPC|NPC...]]`` (``*`` or nothing: every NPC)."""
+        parts = text.strip().split(":")
+        if len(parts) < 2 or len(parts) > 4 or not P._valid_id(parts[0]) or not parts[1]:
+            raise ValueError("gateway.tokens: each entry is NAME:SECRET[:MAX_SESSIONS[:NPC|NPC]] "
+                             f"with NAME of [A-Za-z0-9_.-]; got one with {len(parts)} part(s)")
+        cap = int(parts[2]) if len(parts) > 2 and parts[2] else 0
+        npcs = parts[3] if len(parts) > 3 else "*"
+        allowed = None if npcs in ("", "*") else frozenset(n for n in npcs.split("|") if n)
+        return cls(parts[0], parts[1], cap, allowed)
+
+    def allows(self, npc: str) -> bool:
+        return self.npcs is None or npc in self.npcs
+
+
+def parse_tokens(entries: list[str], legacy: str = "") -> dict[str, Token]:
+    tokens = {t.name: t for t in (Token.parse(e) for e in entries)}
+    if legacy:  # gateway.auth_token: one unnamed token, known as "default"
+        tokens.setdefault("default", Token("default", legacy))
+    return tokens
+
+
 @dataclass
 class Limits:
     max_frame_bytes: int = 64 * 1024
@@ -118,11 +151,16 @@ class Limits:
     conn_msgs_per_s: float = 100.0
     conn_msgs_burst: float = 200.0
     auth_token: str = ""
+    tokens: dict[str, Token] = field(default_factory=dict)
     # Audio is limited by its own clock, not by message count: a client may push a whole
     # utterance unpaced (up to audio_burst_s of it at once), but not more than
     # audio_realtime_factor x real time for longer.
     audio_realtime_factor: float = 20.0
     audio_burst_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.auth_token and "default" not in self.tokens:
+            self.tokens = parse_tokens([], self.auth_token) | self.tokens
 
 
 # --------------------------------------------------------------------------- sessions
@@ -141,6 +179,9 @@ class SessionState:
     known_segments: set[tuple[int, int]] = field(default_factory=set)
     ready: set[tuple[int, int]] = field(default_factory=set)
     limited_at: float = -1e9
+    bad_audio_at: float = -1e9
+    bad_audio_suppressed: int = 0
+    owner_mark: tuple[int, int] = (0, 0)  # id of the events entry by which we took it over
 
 
 class ConnectionCore:
@@ -149,7 +190,8 @@ class ConnectionCore:
     def __init__(self, limits: Limits, personas: dict[str, str]):
         self.limits = limits
         self.personas = personas  # persona id -> voice
-        self.authenticated = not limits.auth_token
+        self.authenticated = not limits.tokens
+        self.token: Token | None = None  # the token hello authenticated with
         self.hello_seen = False
         self.sessions: dict[str, SessionState] = {}
         self.by_channel: dict[int, SessionState] = {}
@@ -201,21 +243,39 @@ class ConnectionCore:
                 f"audio for channel {frame.channel}, which no open session has; "
                 "open a session and use the channel from its 'opened' reply")
         if len(frame.pcm) % state.frame_bytes:
-            return [self._error(ErrorCode.BAD_AUDIO,
-                                f"audio payload of {len(frame.pcm)} bytes is not a whole number of "
-                                f"{state.frame_bytes}-byte sample frames", state.session)]
+            return self._bad_audio(state, now,
+                                   f"audio payload of {len(frame.pcm)} bytes is not a whole number "
+                                   f"of {state.frame_bytes}-byte sample frames")
         if not state.audio_bucket.take(now, len(frame.pcm)):
             return self._limited(state, now, what="audio faster than real time allows")
+        if state.next_mic_seq > P.U32:
+            return self._bad_audio(state, now,
+                                   f"mic seq {P.U32} (the largest u32) was used: this session "
+                                   "takes no more audio; close it and open a new one")
         if frame.seq < state.next_mic_seq:
             return []  # a resend after a reconnect: Redis has it already
         out: list[Action] = []
         if frame.seq > state.next_mic_seq:
-            out.append(self._error(ErrorCode.BAD_AUDIO,
-                                   f"mic chunks {state.next_mic_seq}..{frame.seq - 1} never "
-                                   "arrived; continuing", state.session))
+            out += self._bad_audio(state, now, f"mic chunks {state.next_mic_seq}..{frame.seq - 1} "
+                                               "never arrived; continuing")
         state.next_mic_seq = frame.seq + 1
         out.append(AppendMic(state.session, state.sid, frame.seq, frame.pcm))
         return out
+
+    def _bad_audio(self, state: SessionState, now: float, message: str) -> list[Action]:
+        """At most one bad_audio per second per session; the next one counts those held back
+        (a flood of bad chunks must not become a flood of answers)."""
+        if now - state.bad_audio_at < 1.0:
+            state.bad_audio_suppressed += 1
+            return []
+        state.bad_audio_at = now
+        err = self._error(ErrorCode.BAD_AUDIO, message, state.session)
+        if state.bad_audio_suppressed:
+            err.message.suppressed = state.bad_audio_suppressed
+            err.message.message += (f" ({state.bad_audio_suppressed} more bad_audio errors "
+                                    "suppressed since the last one)")
+            state.bad_audio_suppressed = 0
+        return [err]
 
     def _refuse(self, now: float, code: str, message: str) -> list[Action]:
         """An error for a frame that names no session: it costs the connection's bucket, so a
@@ -280,14 +340,31 @@ class ConnectionCore:
         if msg.protocol != P.PROTOCOL_VERSION:
             raise ProtocolError(ErrorCode.UNSUPPORTED_PROTOCOL,
                                 f"protocol {msg.protocol} is not supported; this server speaks "
-                                f"{P.PROTOCOL_VERSION}")
-        if self.limits.auth_token and not secrets.compare_digest(
-                (msg.token or "").encode(), self.limits.auth_token.encode()):
-            raise ProtocolError(ErrorCode.AUTH_FAILED, "hello: wrong or missing token")
+                                f"{P.PROTOCOL_VERSION} (see 'Changes for client authors' in the "
+                                "protocol document)")
+        if self.limits.tokens:
+            token = self.limits.tokens.get(msg.token_name or "default")
+            # compare even for an unknown name, so the answer's timing tells nothing
+            want = token.secret if token is not None else secrets.token_hex(16)
+            if not hmac.compare_digest((msg.token or "").encode(), want.encode()) or not token:
+                raise ProtocolError(ErrorCode.AUTH_FAILED,
+                                    "hello: unknown token_name or wrong token")
+            self.token = token
         self.authenticated = True
         self.hello_seen = True
         return [Send(P.Welcome(max_frame_bytes=self.limits.max_frame_bytes,
-                               max_sessions=self.limits.max_sessions))]
+                               max_sessions=self.limits.max_sessions,
+                               npcs=self.allowed_npcs(),
+                               token_name=self.token.name if self.token else None))]
+
+    def allowed_npcs(self) -> list[str]:
+        return sorted(p for p in self.personas if self.token is None or self.token.allows(p))
+
+    def check_allowed(self, npc: str, session: str) -> None:
+        if self.token is not None and not self.token.allows(npc):
+            raise ProtocolError(ErrorCode.NPC_NOT_ALLOWED,
+                                f"token {self.token.name!r} may not open npc {npc!r}",
+                                session=session)
 
     def _new_state(self, session: str, sid: str, rate: int, channels: int, fmt: str,
                    now: float) -> SessionState:
@@ -323,9 +400,12 @@ class ConnectionCore:
         if persona not in self.personas:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_NPC,
-                f"no persona {persona!r}; known: {', '.join(sorted(self.personas))}",
-                session=msg.session)
-        sid = f"{msg.session}.{secrets.token_hex(4)}"
+                f"no persona {persona!r}; this connection may open: "
+                f"{', '.join(self.allowed_npcs())}", session=msg.session)
+        self.check_allowed(msg.npc, msg.session)
+        self.check_allowed(persona, msg.session)
+        # readable in logs, unique, and at most 64 characters; it is no credential (see resume)
+        sid = f"{msg.session[:47]}.{secrets.token_hex(8)}"
         state = self._new_state(msg.session, sid, msg.sample_rate, msg.channels, msg.format, now)
         return [OpenAction(msg.session, sid, state.channel, msg, persona, self.personas[persona])]
 
@@ -337,8 +417,14 @@ class ConnectionCore:
         bad = set(msg.last) - set(CHANNELS)
         if bad:
             raise ProtocolError(ErrorCode.BAD_MESSAGE,
-                                f"resume: unknown channel(s) {', '.join(sorted(bad))}",
+                                f"resume: unknown channel(s) {P.clip(sorted(bad))}",
                                 session=msg.session)
+        for other in self.sessions.values():
+            if other.sid == msg.sid:  # twice on one link would double every output
+                raise ProtocolError(ErrorCode.SESSION_EXISTS,
+                                    f"resume: sid {msg.sid!r} is already attached on this "
+                                    f"connection as session {other.session!r}",
+                                    session=msg.session)
         # The I/O layer checks the sid against Redis and calls resumed() with the format.
         return [ResumeAction(msg.session, 0, msg)]
 

@@ -9,6 +9,8 @@ gateway keeps nothing that Redis does not also hold, so a restarted gateway lose
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 import time
 import zlib
 
@@ -17,6 +19,7 @@ from redis.exceptions import ResponseError
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from gateway import access
 from gateway import core as C
 from gateway.admission import Admission, FleetLoad
 from gateway.lifecycle import SessionLifecycle
@@ -60,9 +63,14 @@ class Gateway:
             max_frame_bytes=g.max_frame_bytes, max_sessions=g.max_sessions,
             msgs_per_s=g.msgs_per_s, msgs_burst=g.msgs_burst,
             conn_msgs_per_s=g.conn_msgs_per_s, conn_msgs_burst=g.conn_msgs_burst,
-            auth_token=g.auth_token, audio_realtime_factor=g.audio_realtime_factor,
-            audio_burst_s=g.audio_burst_s,
+            tokens=C.parse_tokens(g.tokens, g.auth_token),
+            audio_realtime_factor=g.audio_realtime_factor, audio_burst_s=g.audio_burst_s,
         )
+        # names this process in session owners; connections add a counter
+        self.gateway_id = secrets.token_hex(6)
+        self._conn_ids = itertools.count(1)
+        self.attachments = access.Attachments(self.redis, config.redis.prefix)
+        self._lease_task: asyncio.Task | None = None
         self.log = structlog.get_logger().bind(component="gateway")
         self.connections: set[Connection] = set()
         self.server = None
@@ -70,14 +78,19 @@ class Gateway:
 
     async def start(self, host: str | None = None, port: int | None = None):
         g = self.config.gateway
+        host = g.host if host is None else host
+        access.check_listen(host, bool(self.limits.tokens), g.insecure_no_auth)
+        tls = access.ssl_context(g.tls_cert, g.tls_key)
+        self._lease_task = asyncio.create_task(self._refresh_leases())
         if self.config.lipsync.livelink:
             # The target comes from configuration only: a client must never aim our UDP.
             target = parse_target(self.config.lipsync.livelink)
             self.livelink = await LiveLinkSender(target, fps=self.config.lipsync.fps).open()
             self.log.info("livelink_target", host=target[0], port=target[1])
         self.server = await serve(
-            self._handler, host or g.host, g.port if port is None else port,
-            max_size=g.ws_max_size, ping_interval=20, ping_timeout=20,
+            self._handler, host or None, g.port if port is None else port,
+            max_size=g.ws_max_size, ping_interval=g.ping_interval_s,
+            ping_timeout=g.ping_timeout_s, ssl=tls,
             compression=None,  # audio does not compress; deflate only adds latency
         )
         sock = next(iter(self.server.sockets))
@@ -116,6 +129,8 @@ class Gateway:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        if self._lease_task is not None:
+            self._lease_task.cancel()
         if self.livelink is not None:
             self.livelink.close()
         await self.redis.aclose()
@@ -127,6 +142,18 @@ class Gateway:
             await conn.run()
         finally:
             self.connections.discard(conn)
+
+    async def _refresh_leases(self) -> None:
+        """Keeps this gateway's attachments counted; those of a dead gateway lapse."""
+        while True:
+            await asyncio.sleep(access.Attachments.LEASE_S / 3)
+            held = [(c.member(sid), principal) for c in list(self.connections)
+                    for sid, principal in list(c.attached.items())]
+            try:
+                if held:
+                    await self.attachments.refresh(held)
+            except RETRYABLE as exc:
+                self.log.warning("redis_unavailable", during="lease_refresh", error=str(exc))
 
 
 class Connection:
@@ -144,19 +171,29 @@ class Connection:
         self.redis = gw.redis
         self.keys = gw.keys
         peer = ws.remote_address
-        self.log = gw.log.bind(peer=f"{peer[0]}:{peer[1]}" if peer else "?")
+        g = gw.config.gateway
+        headers = ws.request.headers if ws.request is not None else None
+        self.address = access.client_address(peer[0] if peer else "?", headers,
+                                              g.proxy_header, g.trusted_proxies)
+        self.conn_id = f"{gw.gateway_id}.{next(gw._conn_ids)}"
+        self.attached: dict[str, str] = {}  # sid -> the principal it counts against
+        self.log = gw.log.bind(peer=f"{peer[0]}:{peer[1]}" if peer else "?", conn=self.conn_id,
+                               client=self.address)
+
+    @property
+    def principal(self) -> str:
+        """Whose sessions these count as: the token's, else the client address's."""
+        token = self.core.token
+        return f"token:{token.name}" if token is not None else f"addr:{self.address}"
+
+    def member(self, sid: str) -> str:
+        return f"{self.conn_id}|{sid}"
 
     async def run(self) -> None:
         self.log.info("client_connected")
         try:
             async for message in self.ws:
-                now = time.monotonic()
-                if isinstance(message, str):
-                    actions = self.core.receive_text(message, now)
-                else:
-                    actions = self.core.receive_binary(message, now)
-                for action in actions:
-                    await self._do(action)
+                await self._receive(message)
         except ConnectionClosed:
             pass
         finally:
@@ -164,7 +201,52 @@ class Connection:
                 task.cancel()
             await asyncio.gather(*(t for _, t in self.relays.values()), return_exceptions=True)
             await self._detach_all()
+            await self._release_all()
             self.log.info("client_disconnected", sessions=len(self.relays))
+
+    async def _receive(self, message: str | bytes) -> None:
+        now = time.monotonic()
+        try:
+            if isinstance(message, str):
+                actions = self.core.receive_text(message, now)
+            else:
+                actions = self.core.receive_binary(message, now)
+            for action in actions:
+                await self._do(action)
+        except (ConnectionClosed, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a server fault answers this message, and the link lives on
+            self.log.exception("message_failed", error=repr(exc)[:200])
+            await self.send(P.ErrorEvent(code=P.ErrorCode.INTERNAL,
+                                         message="the server failed on this message"))
+
+    async def _release(self, sid: str) -> None:
+        principal = self.attached.pop(sid, None)
+        if principal is None:
+            return
+        try:
+            await self.gw.attachments.release(self.member(sid), principal)
+        except RETRYABLE:
+            pass  # the lease lapses on its own
+
+    async def _release_all(self) -> None:
+        for sid in list(self.attached):
+            await self._release(sid)
+
+    async def _admit(self, session: str, sid: str) -> bool:
+        """Fleet-wide caps: in total, and per token (or per address without one)."""
+        g = self.gw.config.gateway
+        token = self.core.token
+        cap = (token.max_sessions if token is not None else g.max_sessions_per_address)
+        why = await self.gw.attachments.admit(self.member(sid), self.principal,
+                                              g.max_sessions_total, cap)
+        if why is None:
+            self.attached[sid] = self.principal
+            return True
+        self.log.warning("session_refused", session=sid, reason=why)
+        await self.send(P.ErrorEvent(code=P.ErrorCode.TOO_MANY_SESSIONS, message=why,
+                                     session=session))
+        return False
 
     async def send(self, message: P.Message | bytes) -> None:
         data = message if isinstance(message, bytes) else P.encode(message)
@@ -248,6 +330,9 @@ class Connection:
                            voice=a.voice, sample_rate=req.sample_rate, channels=req.channels,
                            format=req.format, endpoint=req.endpoint or "vad")
         try:
+            if not await self._admit(a.session, a.sid):
+                self.core.drop(a.session)
+                return
             async with self.redis.pipeline(transaction=False) as p:
                 p.hset(self.keys.session(a.sid, "meta"), mapping=meta.to_fields())
                 p.zadd(self.keys.sessions(),
@@ -257,26 +342,19 @@ class Connection:
             self.core.drop(a.session)
             raise
         state = self.core.sessions[a.session]
+        secret = await self._own_new(a.sid)
         self.log.info("session_opened", session=a.sid, npc=req.npc, persona=a.persona,
                       rate=req.sample_rate, channels=req.channels, format=req.format)
         await self.send(P.SessionOpened(session=a.session, channel=a.channel, sid=a.sid,
                                         npc=req.npc, persona=a.persona, voice=a.voice,
-                                        reply_sample_rate=22050, next_mic_seq=1))
+                                        reply_sample_rate=22050, next_mic_seq=1,
+                                        resume_secret=secret))
         self._start_relay(state, {s: "0-0" for s in C.Relay.STREAMS}, min_turn=0)
 
     async def _resume(self, a: C.ResumeAction) -> None:
         req = a.request
-        raw = await self.redis.hgetall(self.keys.session(req.sid, "meta")) if req.sid else {}
-        if not raw:
-            await self.send(P.ErrorEvent(code=P.ErrorCode.SESSION_NOT_OPEN,
-                                         message=f"resume: no stored session {req.sid!r}",
-                                         session=req.session))
-            return
-        meta = SessionMeta.from_fields(raw)
-        if meta.state == "closed":
-            await self.send(P.ErrorEvent(code=P.ErrorCode.SESSION_NOT_OPEN,
-                                         message=f"resume: session {req.sid!r} was closed",
-                                         session=req.session))
+        meta = await self._owned_meta(req)
+        if meta is None:
             return
         top = await self.redis.xrevrange(self.keys.session(req.sid, "mic"), count=1)
         next_mic = parse_id(top[0][0])[0] + 1 if top else 1
@@ -288,6 +366,8 @@ class Connection:
             seg = f.get(b"segment")
             if seg is not None:
                 segments.add((req.turn, int(seg)))
+        if not await self._admit(req.session, req.sid):
+            return
         state = self.core.resumed(req, meta.sample_rate, meta.channels, meta.format, next_mic,
                                   segments, ready, time.monotonic())
         await self.redis.hset(self.keys.session(req.sid, "meta"), mapping={"state": "open"})
@@ -297,12 +377,71 @@ class Connection:
                       "face": "face"}
         for stream, ch in channel_of.items():
             cursors[stream] = f"{req.turn}-{req.last.get(ch, 0)}" if req.turn else "0-0"
+        state.owner_mark = await self._take_over(req.sid)
         self.log.info("session_resumed", session=req.sid, turn=req.turn, last=req.last)
         await self.send(P.SessionOpened(session=req.session, channel=state.channel, sid=req.sid,
                                         npc=meta.npc, persona=meta.persona, voice=meta.voice,
                                         reply_sample_rate=22050, next_mic_seq=next_mic,
                                         resumed=True))
         self._start_relay(state, cursors, min_turn=req.turn, live_since_ms=now_ms())
+
+    async def _owned_meta(self, req: P.Resume) -> SessionMeta | None:
+        """The stored session, when the resume proves it may have it; else the error is sent."""
+        raw = await self.redis.hgetall(self.keys.session(req.sid, "meta"))
+        stored = raw.get(b"secret_hash", b"").decode()
+        # One answer for an unknown sid and a wrong secret: no oracle for valid sids.
+        if not raw or not access.secret_matches(req.resume_secret, stored):
+            self.log.warning("resume_refused", session=req.sid)
+            await self.send(P.ErrorEvent(
+                code=P.ErrorCode.SESSION_NOT_OPEN,
+                message="resume: no stored session with this sid and resume_secret",
+                session=req.session))
+            return None
+        meta = SessionMeta.from_fields(raw)
+        if meta.state == "closed":
+            await self.send(P.ErrorEvent(code=P.ErrorCode.SESSION_NOT_OPEN,
+                                         message=f"resume: session {req.sid!r} was closed",
+                                         session=req.session))
+            return None
+        try:
+            self.core.check_allowed(meta.npc, req.session)
+            self.core.check_allowed(meta.persona, req.session)
+        except P.ProtocolError as exc:
+            await self.send(P.ErrorEvent(code=exc.code, message=exc.message,
+                                         session=req.session))
+            return None
+        return meta
+
+    async def _own_new(self, sid: str) -> str:
+        """A new session's resume secret: the client gets it, Redis only its hash."""
+        secret, secret_hash = access.new_secret()
+        await self.redis.hset(self.keys.session(sid, "meta"),
+                              mapping={"secret_hash": secret_hash, "owner": self.conn_id})
+        return secret
+
+    async def _take_over(self, sid: str) -> tuple[int, int]:
+        """Make this connection the session's one owner. The events entry tells the previous
+        owner, on whichever gateway, through the stream its relay already tails; owner entries
+        up to the returned id are older than this attachment."""
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hset(self.keys.session(sid, "meta"),
+                   mapping={"state": "open", "owner": self.conn_id})
+            p.xadd(self.keys.session(sid, "events"),
+                   EventEntry(kind="owner", turn=0, code=self.conn_id).to_fields())
+            _, mark = await p.execute()
+        return parse_id(mark.decode() if isinstance(mark, bytes) else mark)
+
+    async def _taken_over(self, relay: C.Relay) -> None:
+        """Another connection resumed this session: stop serving it here and say so."""
+        state = relay.state
+        self.relays.pop(state.session, None)
+        for key, (_, task) in list(self.players.items()):
+            if key[0] == state.session:
+                task.cancel()
+        self.core.drop(state.session)
+        await self._release(state.sid)
+        self.log.info("session_taken_over", session=state.sid)
+        await self.send(P.TakenOver(session=state.session))
 
     def _timing(self, state: C.SessionState, turn: int, name: str) -> None:
         """Latency waterfall: first time ``name`` happened in ``turn`` (off the hot path)."""
@@ -433,6 +572,7 @@ class Connection:
             if key[0] == session:
                 task.cancel()
         await self._mark(sid, "closed")
+        await self._release(sid)
         await self.send(P.SessionClosed(session=session))
         self.log.info("session_closed", session=sid)
 
@@ -481,6 +621,12 @@ class Connection:
                 for eid, fields in entries:
                     eid = eid.decode() if isinstance(eid, bytes) else eid
                     ids[key] = eid
+                    if stream == "events" and fields.get(b"kind") == b"owner":
+                        if (parse_id(eid) > relay.state.owner_mark
+                                and fields.get(b"code", b"").decode() != self.conn_id):
+                            await self._taken_over(relay)
+                            return
+                        continue
                     try:
                         if self.gw.livelink is not None:
                             self._livelink_feed(relay, stream, eid, fields)

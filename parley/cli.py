@@ -111,7 +111,22 @@ def _make_fleet(args, config: Config):
                  livelink=args.livelink)
 
 
+def _listen_refused(host: str, config: Config) -> str | None:
+    """Why the gateway would refuse to listen on ``host`` (no auth beyond loopback), if so."""
+    from gateway.access import check_listen
+
+    g = config.gateway
+    try:
+        check_listen(host, bool(g.tokens or g.auth_token), g.insecure_no_auth)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def cmd_up(args, config: Config) -> int:
+    if why := _listen_refused(args.host, config):
+        print(f"parley up: {why}", file=sys.stderr)
+        return 2
     fleet = _make_fleet(args, config).start()
     stop = False
 
@@ -146,6 +161,9 @@ def cmd_gateway(args, config: Config) -> int:
     from parley.logs import configure
 
     configure("gateway")
+    if why := _listen_refused(args.host or config.gateway.host, config):
+        print(f"parley gateway: {why}", file=sys.stderr)
+        return 2
     asyncio.run(run_gateway(config, args.host, args.port))
     return 0
 

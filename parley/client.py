@@ -249,12 +249,14 @@ class Client:
             turn = max([t for t, _ in tr.seq.last] or [0])
             last = {ch: seq for (t, ch), seq in tr.seq.last.items() if t == turn}
             self._waiters.pop(f"opened:{session}", None)
-            await self.send(P.Resume(session=session, sid=opened.sid, turn=turn, last=last,
-                                     mic_seq=self.next_seq.get(session)))
+            await self.send(P.Resume(session=session, sid=opened.sid,
+                                     resume_secret=opened.resume_secret or "", turn=turn,
+                                     last=last, mic_seq=self.next_seq.get(session)))
             again = await self.wait_for(f"opened:{session}")
             if isinstance(again, P.ErrorEvent):
                 raise RuntimeError(f"resume {session}: {again.code}: {again.message}")
             self.by_channel.pop(opened.channel, None)
+            again.resume_secret = opened.resume_secret  # sent only in answer to open
             self.opened[session] = again
             self.by_channel[again.channel] = session
             # a ready the dead gateway never stored would hold the face back: send them again

@@ -30,7 +30,19 @@ class RedisConfig:
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8765
-    auth_token: str = ""  # when set, `hello` must carry it
+    auth_token: str = ""  # one token named "default": `hello` must carry it
+    # named tokens "NAME:SECRET[:MAX_SESSIONS[:NPC|NPC...]]"; any token makes `hello` required
+    tokens: list[str] = field(default_factory=list)
+    # listening on a non-loopback address without a token is refused unless this is set
+    insecure_no_auth: bool = False
+    max_sessions_total: int = 10_000  # attached sessions, fleet-wide (all gateways on one Redis)
+    max_sessions_per_address: int = 256  # fleet-wide, for connections without a token
+    proxy_header: str = ""  # e.g. X-Forwarded-For: its last address is the client's
+    trusted_proxies: list[str] = field(default_factory=list)  # peers whose header counts; []: any
+    tls_cert: str = ""  # PEM certificate chain: serve wss:// directly
+    tls_key: str = ""  # PEM private key of tls_cert
+    ping_interval_s: float = 20.0  # WebSocket pings; no pong within ping_timeout_s: closed
+    ping_timeout_s: float = 20.0
     max_frame_bytes: int = 64 * 1024  # larger frames get frame_too_large; the link stays up
     ws_max_size: int = 4 * 1024 * 1024  # beyond this websockets itself closes the link (1009)
     max_sessions: int = 64  # per connection

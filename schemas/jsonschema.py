@@ -1,17 +1,18 @@
 """JSON Schemas (draft 2020-12) of the Unreal-facing protocol, derived from schemas/protocol.py.
 
 Every JSON control message in ``CLIENT_MESSAGES`` and ``SERVER_MESSAGES`` gets one schema, built
-from its dataclass: field names, types (``int``, ``str``, ``bool``, ``dict[str, int]``; ``X | None``
-is optional and may be omitted or null), defaults and the ``type`` constant. The few value rules
-the gateway enforces beyond types (id syntax, audio format ranges, resume channel names, error
-codes) are added from the same constants the gateway uses. The binary frame layouts are described
-for documentation in ``binary-frames.json`` (and under ``x-binary-frames`` in ``protocol.json``),
-with offsets computed from the ``struct`` formats the codec packs with.
+from its dataclass: field names, types (``int``, ``str``, ``bool``, ``dict[str, int]``,
+``list[str]``), defaults, the ``type`` constant, and the rules in each field's metadata
+(``protocol.spec``: required, ranges, enums, patterns, lengths, map keys), which are the rules
+the decoder enforces. The binary frame layouts are described for documentation in
+``binary-frames.json`` (and under ``x-binary-frames`` in ``protocol.json``), with offsets computed
+from the ``struct`` formats the codec packs with.
 
-Client schemas are strict (``additionalProperties: false``, every non-optional field required),
-which is what the gateway accepts as a contract; the gateway itself also fills an omitted field
-with its ``default``. Server schemas require every field the server always sends and allow extra
-properties, so a client built against them keeps working when a later version adds a field.
+Client schemas are strict (``additionalProperties: false``); a field is required when its
+metadata says so, and the others take their ``default`` when left out (``X | None`` fields may
+also be null). Server schemas require every field the server always sends; its optional fields
+are left out when unset, never null. They allow extra properties, so a client built against them
+keeps working when a later version adds a field.
 
 Run ``python -m schemas.jsonschema`` to rewrite schemas/json/; a unit test keeps the committed
 files equal to :func:`build_all`.
@@ -31,33 +32,38 @@ from typing import Any
 
 from schemas import protocol as P
 from schemas.arkit import FACE_VALUE_NAMES, NUM_BLENDSHAPES, NUM_FACE_VALUES
-from schemas.streams import CHANNELS
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 ID_PREFIX = f"urn:parley:protocol:{P.PROTOCOL_VERSION}:"
 OUT_DIR = Path(__file__).resolve().parent / "json"
-ID_PATTERN = f"^[A-Za-z0-9_.-]{{1,{P.MAX_ID_LENGTH}}}$"
+ID_PATTERN = P.ID_PATTERN
 
 # --------------------------------------------------------------------------- descriptions
 
 MESSAGE_DOCS: dict[str, str] = {
     # client -> server
-    "hello": "First message on a connection: protocol version, client name and auth token.",
+    "hello": "First message on a connection: protocol version, client name, token name and "
+             "secret.",
     "open": "Opens an NPC session on this connection and negotiates the mic audio format.",
     "close": "Closes a session for good; its stored data expires and it cannot be resumed.",
     "end_of_utterance": "The player stopped talking (push-to-talk released): ends the "
                         "utterance after the last mic chunk sent, without waiting for the VAD.",
     "ready": "UE is about to play this reply segment: the gateway may now send its face frames.",
-    "interrupt": "UE stops the NPC's reply (its own decision, or its answer to `stop`): "
-                 "played_samples says how much was heard. Answered with `not_playing` when "
-                 "no reply plays any more.",
-    "resume": "After a reconnect: re-attaches a stored session (by sid) and replays what the "
-              "client missed after `last` in `turn`, and every later turn.",
+    "interrupt": "UE stopped the NPC (its own decision, or the answer to `stop`): the turn is "
+                 "cancelled and the history keeps only the words heard up to played_samples. "
+                 "Answered with `not_playing` when no reply plays any more.",
+    "resume": "After a reconnect: re-attaches a stored session (by sid, proven by its "
+              "resume_secret), takes it from any other connection, and replays what the client "
+              "missed after `last` in `turn`, and every later turn.",
     "ping": "Application-level ping; answered with a pong carrying the same id.",
     # server -> client
-    "welcome": "Answer to hello: the server's protocol version and this connection's limits.",
-    "opened": "Answer to open or resume: the session's binary channel, stored id and voice.",
+    "welcome": "Answer to hello: the server's protocol version, this connection's limits and "
+               "the NPCs it may open.",
+    "opened": "Answer to open or resume: the session's binary channel, stored id, voice and (on "
+              "open) its resume secret.",
     "closed": "Answer to close.",
+    "taken_over": "The session was resumed on another connection: this connection gets nothing "
+                  "more of it and its channel is freed.",
     "transcript": "What the player said: partial hypotheses, then one final per turn.",
     "reply": "The NPC's reply text: one message per segment, then a final one with the full "
              "text.",
@@ -78,7 +84,15 @@ FIELD_DOCS: dict[str, str] = {
     "final": "True on the last message of this channel in the turn.",
     "protocol": "Protocol version.",
     "client": "Free-form client name, for logs.",
-    "token": "Auth token; required when the gateway has one configured.",
+    "token": "The token's secret; required when the gateway has tokens configured.",
+    "token_name": "Name of the token (gateway.tokens); omitted: \"default\".",
+    "resume_secret": "The session's resume secret from `opened`; keep it private.",
+    "npcs": "Persona ids this connection may open.",
+    "suppressed": "Errors of the same kind left unsent since the last one.",
+    "endpoint": "Who ends an utterance: \"vad\" (the server's VAD or end_of_utterance) or "
+                "\"client\" (end_of_utterance only).",
+    "timings": "Wall-clock ms (Unix epoch) of each step of the turn; keys in the protocol "
+               "document.",
     "npc": "NPC id; also the persona when `persona` is omitted.",
     "persona": "Persona id; defaults to the npc id.",
     "sample_rate": "Mic audio sample rate in Hz.",
@@ -120,20 +134,6 @@ FIELD_DOCS_BY_TYPE: dict[tuple[str, str], str] = {
     ("resume", "session"): "The handle to use for the session on this connection.",
 }
 
-# Value rules the gateway enforces beyond the field types (client messages only).
-CONSTRAINTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("open", "npc"): {"pattern": ID_PATTERN},
-    ("open", "format"): {"enum": list(P.SAMPLE_FORMATS)},
-    ("open", "sample_rate"): {"minimum": 1, "maximum": P.MAX_INPUT_RATE},
-    ("open", "channels"): {"minimum": 1, "maximum": P.MAX_CHANNELS},
-    ("resume", "last"): {"propertyNames": {"enum": list(CHANNELS)}},
-}
-SERVER_CONSTRAINTS: dict[tuple[str, str], dict[str, Any]] = {
-    ("opened", "channel"): {"minimum": 1, "maximum": 0xFFFF},
-    ("error", "code"): {"enum": sorted(v for k, v in vars(P.ErrorCode).items()
-                                       if k.isupper())},
-}
-
 # --------------------------------------------------------------------------- messages
 
 _SCALARS = {int: "integer", str: "string", bool: "boolean"}
@@ -146,14 +146,34 @@ def _json_type(tp: Any) -> tuple[dict[str, Any], bool]:
         if len(args) != 1 or len(typing.get_args(tp)) != 2:
             raise TypeError(f"unsupported union {tp!r}")
         inner, _ = _json_type(args[0])
-        return {**inner, "type": [inner["type"], "null"]}, True
+        return inner, True
     if tp in _SCALARS:
         return {"type": _SCALARS[tp]}, False
     if typing.get_origin(tp) is dict and typing.get_args(tp) == (str, int):
         return {"type": "object", "additionalProperties": {"type": "integer"}}, False
     if typing.get_origin(tp) is dict and typing.get_args(tp) == (str, float):
         return {"type": "object", "additionalProperties": {"type": "number"}}, False
+    if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
+        return {"type": "array", "items": {"type": "string"}}, False
     raise TypeError(f"unsupported field type {tp!r}")
+
+
+def _rules(meta: Any, schema: dict[str, Any]) -> None:
+    """The field's metadata rules, as JSON Schema keywords."""
+    for key, keyword in (("minimum", "minimum"), ("maximum", "maximum"),
+                         ("pattern", "pattern"), ("max_length", "maxLength")):
+        if key in meta:
+            schema[keyword] = meta[key]
+    if "enum" in meta:
+        schema["enum"] = list(meta["enum"])
+    if "keys" in meta:
+        schema["propertyNames"] = {"enum": list(meta["keys"])}
+    values = schema.get("additionalProperties")
+    if isinstance(values, dict):
+        if "values_minimum" in meta:
+            values["minimum"] = meta["values_minimum"]
+        if "values_maximum" in meta:
+            values["maximum"] = meta["values_maximum"]
 
 
 def _default(f) -> Any:
@@ -172,19 +192,18 @@ def message_schema(cls: type[P.Message], direction: str) -> dict[str, Any]:
     required = ["type"]
     for f in fields(cls):
         schema, optional = _json_type(hints[f.name])
+        if optional and client:  # a client may send null for an optional field
+            schema["type"] = [schema["type"], "null"]
         doc = FIELD_DOCS_BY_TYPE.get((cls.TYPE, f.name), FIELD_DOCS.get(f.name))
         if doc:
             schema["description"] = doc
-        if client and f.name == "session":
-            schema["pattern"] = ID_PATTERN
-        extra = (CONSTRAINTS if client else SERVER_CONSTRAINTS).get((cls.TYPE, f.name), {})
-        schema.update(extra)
+        _rules(f.metadata, schema)
         default = _default(f)
-        # A default the field's own rules refuse (an empty id) is left out, not advertised.
-        if default is not MISSING and default is not None and not validate(default, schema):
+        must = f.metadata.get("required", False) if client else not optional
+        if client and not must and default is not MISSING and default is not None:
             schema["default"] = default
         props[f.name] = schema
-        if not optional:
+        if must:
             required.append(f.name)
     schema: dict[str, Any] = {
         "$schema": DRAFT,
@@ -273,7 +292,7 @@ def binary_frames_schema() -> dict[str, Any]:
                 "header": _layout(P.REPLY_AUDIO_HEADER, _HEADER_FIELDS["reply_audio"]),
                 "flags": {"last_in_segment": P.FLAG_LAST_IN_SEGMENT,
                           "last_in_turn": P.FLAG_LAST_IN_TURN},
-                "flags_note": "last_in_turn is reserved: v1 servers never set it; the turn ends "
+                "flags_note": "last_in_turn is reserved: servers never set it; the turn ends "
                               "with the turn_done message.",
                 "payload": "Mono s16le PCM at sample_rate.",
             },
@@ -283,7 +302,7 @@ def binary_frames_schema() -> dict[str, Any]:
                 "header_size": P.FACE_HEADER.size,
                 "header": _layout(P.FACE_HEADER, _HEADER_FIELDS["face_frames"]),
                 "flags": {"last_in_turn": P.FLAG_LAST_IN_TURN},
-                "flags_note": "v1 servers send 0; the turn ends with the turn_done message.",
+                "flags_note": "servers send 0; the turn ends with the turn_done message.",
                 "payload": "frame_count face records.",
                 "record_size": rec.itemsize,
                 "record": [
@@ -324,7 +343,8 @@ def validate(instance: Any, schema: dict[str, Any], root: dict[str, Any] | None 
     """Errors of ``instance`` against ``schema``; [] when valid.
 
     Covers exactly the keywords these schemas use (type, const, enum, properties, required,
-    additionalProperties, propertyNames, pattern, minimum, maximum, oneOf, local $ref) and
+    additionalProperties, propertyNames, pattern, maxLength, items, minimum, maximum, oneOf,
+    local $ref) and
     raises on any other assertion keyword, so a schema can never be silently under-checked.
     """
     root = schema if root is None else root
@@ -355,6 +375,13 @@ def validate(instance: Any, schema: dict[str, Any], root: dict[str, Any] | None 
         elif key == "minimum":
             if _PY_TYPES["number"](instance) and instance < want:
                 errors.append(f"{path}: {instance} < {want}")
+        elif key == "maxLength":
+            if isinstance(instance, str) and len(instance) > want:
+                errors.append(f"{path}: longer than {want} characters")
+        elif key == "items":
+            if isinstance(instance, list):
+                for i, v in enumerate(instance):
+                    errors += validate(v, want, root, f"{path}[{i}]")
         elif key == "maximum":
             if _PY_TYPES["number"](instance) and instance > want:
                 errors.append(f"{path}: {instance} > {want}")

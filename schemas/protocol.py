@@ -5,26 +5,67 @@ message or raise :class:`ProtocolError` with a stable ``code``; ``encode`` goes 
 Control messages are JSON text frames; audio and face frames are binary, little-endian (every
 platform Unreal ships on is little-endian, so a client can memcpy the header).
 
-See docs/protocol.md for message order and examples.
+Every field's rules (required, range, enum, pattern, length) live in its dataclass field's
+metadata (:func:`spec`): the decoder enforces them and schemas/jsonschema.py publishes them, so
+code, JSON Schemas and docs/protocol.md (the normative text, checked by a test) cannot drift.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
 
 from schemas.arkit import NUM_FACE_VALUES
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 SAMPLE_FORMATS = ("s16le", "f32le")
+ENDPOINTS = ("vad", "client")
 BYTES_PER_SAMPLE = {"s16le": 2, "f32le": 4}
 MAX_INPUT_RATE = 192_000
 MAX_CHANNELS = 8
 MAX_ID_LENGTH = 64
+ID_PATTERN = f"^[A-Za-z0-9_.-]{{1,{MAX_ID_LENGTH}}}$"
+U16 = 0xFFFF
+U32 = 0xFFFFFFFF
+# Largest integer every JSON parser holds exactly (IEEE double): positions may grow past u32.
+MAX_SAFE_INT = 2**53 - 1
+# Deepest JSON nesting accepted in a text frame; the protocol's own messages need 2.
+MAX_JSON_DEPTH = 16
+MAX_SECRET_LENGTH = 256
+MAX_CLIENT_NAME = 128
+
+
+def spec(default: Any = MISSING, *, required: bool = False,
+         minimum: int | None = None, maximum: int | None = None,
+         enum: tuple[str, ...] | None = None, pattern: str | None = None,
+         max_length: int | None = None, values_minimum: int | None = None,
+         values_maximum: int | None = None, keys: tuple[str, ...] | None = None,
+         code: str | None = None) -> Any:
+    """A message field with its wire rules; ``required`` fields have no default on the wire."""
+    meta = {k: v for k, v in dict(
+        required=required, minimum=minimum, maximum=maximum, enum=enum, pattern=pattern,
+        max_length=max_length, values_minimum=values_minimum, values_maximum=values_maximum,
+        keys=keys, code=code).items() if v is not None and v is not False}
+    return field(default=default, metadata=meta)
+
+
+def _id(**kw) -> Any:
+    return spec("", required=True, pattern=ID_PATTERN, max_length=MAX_ID_LENGTH, **kw)
+
+
+def _u32(default: Any = 0, **kw) -> Any:
+    return spec(default, minimum=0, maximum=U32, **kw)
+
+
+def clip(value: Any, limit: int = 40) -> str:
+    """A client value quoted in an error, cut short: an error never echoes kilobytes back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class ErrorCode:
@@ -40,6 +81,7 @@ class ErrorCode:
     SESSION_EXISTS = "session_exists"
     TOO_MANY_SESSIONS = "too_many_sessions"
     UNKNOWN_NPC = "unknown_npc"
+    NPC_NOT_ALLOWED = "npc_not_allowed"
     UNSUPPORTED_FORMAT = "unsupported_format"
     BAD_SAMPLE_RATE = "bad_sample_rate"
     BAD_CHANNELS = "bad_channels"
@@ -52,6 +94,9 @@ class ErrorCode:
     INTERNAL = "internal"
     UNAVAILABLE = "unavailable"
     OVERLOADED = "overloaded"  # open refused: the fleet is at capacity (admission control)
+
+
+ERROR_CODES = tuple(sorted(v for k, v in vars(ErrorCode).items() if k.isupper()))
 
 
 class ProtocolError(Exception):
@@ -85,72 +130,74 @@ class Message:
 @dataclass
 class Hello(Message):
     TYPE: ClassVar[str] = "hello"
-    protocol: int = PROTOCOL_VERSION
-    client: str = ""
-    token: str | None = None
+    protocol: int = spec(PROTOCOL_VERSION, required=True, minimum=1, maximum=255)
+    client: str = spec("", max_length=MAX_CLIENT_NAME)
+    token_name: str | None = spec(None, pattern=ID_PATTERN, max_length=MAX_ID_LENGTH)
+    token: str | None = spec(None, max_length=MAX_SECRET_LENGTH)
 
 
 @dataclass
 class OpenSession(Message):
     TYPE: ClassVar[str] = "open"
-    session: str = ""
-    npc: str = ""
-    sample_rate: int = 16000
-    channels: int = 1
-    format: str = "s16le"
-    persona: str | None = None  # defaults to the npc id
-    # "vad": the server's VAD ends an utterance after a silence (default); "client": only
+    session: str = _id()
+    npc: str = _id()
+    sample_rate: int = spec(16000, minimum=1, maximum=MAX_INPUT_RATE, code="bad_sample_rate")
+    channels: int = spec(1, minimum=1, maximum=MAX_CHANNELS, code="bad_channels")
+    format: str = spec("s16le", enum=SAMPLE_FORMATS, code="unsupported_format")
+    persona: str | None = spec(None, pattern=ID_PATTERN, max_length=MAX_ID_LENGTH)
+    # "vad": the server's VAD ends an utterance after a silence; "client": only
     # end_of_utterance does (push-to-talk, or a recorded question sent as one turn)
-    endpoint: str | None = None
+    endpoint: str = spec("vad", enum=ENDPOINTS)
 
 
 @dataclass
 class CloseSession(Message):
     TYPE: ClassVar[str] = "close"
-    session: str = ""
+    session: str = _id()
 
 
 @dataclass
 class EndOfUtterance(Message):
     TYPE: ClassVar[str] = "end_of_utterance"
-    session: str = ""
+    session: str = _id()
 
 
 @dataclass
 class Ready(Message):
     TYPE: ClassVar[str] = "ready"
-    session: str = ""
-    turn: int = 0
-    segment: int = 0
+    session: str = _id()
+    turn: int = _u32(required=True)
+    segment: int = _u32(required=True)
 
 
 @dataclass
 class Interrupt(Message):
     TYPE: ClassVar[str] = "interrupt"
-    session: str = ""
-    played_samples: int | None = None  # reply-audio samples UE had played when it stopped
+    session: str = _id()
+    # reply-audio samples of the current turn UE had played when it stopped
+    played_samples: int | None = spec(None, minimum=0, maximum=MAX_SAFE_INT)
 
 
 @dataclass
 class Resume(Message):
-    """After a reconnect: re-open ``session`` and replay what was missed after ``last``.
-
-    ``last`` maps a channel (transcript, reply, audio, face) to the last sequence number seen in
-    ``turn``; everything after it, and every later turn, is sent again.
-    """
+    """After a reconnect: re-attach ``sid`` (proving ownership with ``resume_secret``) and
+    replay what was missed after ``last`` in ``turn``, and every later turn."""
 
     TYPE: ClassVar[str] = "resume"
-    session: str = ""
-    sid: str = ""
-    turn: int = 0
-    last: dict[str, int] = field(default_factory=dict)
-    mic_seq: int | None = None
+    session: str = _id()
+    sid: str = _id()
+    resume_secret: str = spec("", required=True, max_length=MAX_SECRET_LENGTH)
+    turn: int = _u32()
+    last: dict[str, int] = field(default_factory=dict, metadata={
+        "keys": ("transcript", "reply", "audio", "face"), "values_minimum": 0,
+        "values_maximum": U32})
+    mic_seq: int | None = _u32(None)
 
 
 @dataclass
 class Ping(Message):
     TYPE: ClassVar[str] = "ping"
-    id: int | None = None
+    id: int | None = _u32(None)
 
 
 # server -> client
@@ -163,20 +210,24 @@ class Welcome(Message):
     server: str = "parley"
     max_frame_bytes: int = 0
     max_sessions: int = 0
+    npcs: list[str] = field(default_factory=list)  # the NPCs this connection may open
+    token_name: str | None = None  # the token the connection authenticated with
 
 
 @dataclass
 class SessionOpened(Message):
     TYPE: ClassVar[str] = "opened"
     session: str = ""
-    channel: int = 0  # the u16 that binary frames of this session carry
+    channel: int = spec(0, minimum=1, maximum=U16)  # the u16 binary frames of it carry
     sid: str = ""  # the stored session id: for resume, replay, export and status
     npc: str = ""
     persona: str = ""
     voice: str = ""
     reply_sample_rate: int = 0
-    next_mic_seq: int = 1  # first mic chunk sequence number the gateway expects
+    next_mic_seq: int = _u32(1)  # first mic chunk sequence number the gateway expects
     resumed: bool = False
+    # only when answering open: the credential resume needs; the server keeps only its hash
+    resume_secret: str | None = None
 
 
 @dataclass
@@ -186,24 +237,32 @@ class SessionClosed(Message):
 
 
 @dataclass
+class TakenOver(Message):
+    """The session was resumed on another connection: this one no longer gets its output."""
+
+    TYPE: ClassVar[str] = "taken_over"
+    session: str = ""
+
+
+@dataclass
 class Transcript(Message):
     TYPE: ClassVar[str] = "transcript"
     session: str = ""
-    turn: int = 0
-    seq: int = 0
+    turn: int = _u32()
+    seq: int = _u32()
     text: str = ""
     final: bool = False
-    start_sample: int | None = None  # utterance bounds, 16 kHz samples since session open
-    end_sample: int | None = None
+    start_sample: int | None = spec(None, minimum=0, maximum=MAX_SAFE_INT)  # 16 kHz samples
+    end_sample: int | None = spec(None, minimum=0, maximum=MAX_SAFE_INT)
 
 
 @dataclass
 class ReplyText(Message):
     TYPE: ClassVar[str] = "reply"
     session: str = ""
-    turn: int = 0
-    seq: int = 0
-    segment: int = 0
+    turn: int = _u32()
+    seq: int = _u32()
+    segment: int = _u32()
     text: str = ""
     final: bool = False
 
@@ -212,13 +271,12 @@ class ReplyText(Message):
 class TurnDone(Message):
     TYPE: ClassVar[str] = "turn_done"
     session: str = ""
-    turn: int = 0
-    audio_samples: int = 0
-    face_frames: int = 0
-    segments: int = 0
+    turn: int = _u32()
+    audio_samples: int = spec(0, minimum=0, maximum=MAX_SAFE_INT)
+    face_frames: int = _u32()
+    segments: int = _u32()
     interrupted: bool = False
-    # Wall-clock ms (epoch) of each step of the turn: eos, final_transcript, first_token,
-    # first_fragment, tts_first_chunk, first_face, gw_first_audio, ready, gw_first_face, ...
+    # Wall-clock ms (Unix epoch) of each step of the turn; keys in docs/protocol.md
     timings: dict[str, float] | None = None
 
 
@@ -229,22 +287,23 @@ class StopPlayback(Message):
 
     TYPE: ClassVar[str] = "stop"
     session: str = ""
-    turn: int = 0
+    turn: int = _u32()
 
 
 @dataclass
 class ErrorEvent(Message):
     TYPE: ClassVar[str] = "error"
-    code: str = ErrorCode.INTERNAL
+    code: str = spec(ErrorCode.INTERNAL, enum=ERROR_CODES)
     message: str = ""
     session: str | None = None
-    turn: int | None = None
+    turn: int | None = _u32(None)
+    suppressed: int | None = _u32(None)  # like errors left unsent since the last one
 
 
 @dataclass
 class Pong(Message):
     TYPE: ClassVar[str] = "pong"
-    id: int | None = None
+    id: int | None = _u32(None)
 
 
 CLIENT_MESSAGES: dict[str, type[Message]] = {
@@ -253,12 +312,12 @@ CLIENT_MESSAGES: dict[str, type[Message]] = {
 }
 SERVER_MESSAGES: dict[str, type[Message]] = {
     m.TYPE: m
-    for m in (Welcome, SessionOpened, SessionClosed, Transcript, ReplyText, TurnDone, ErrorEvent,
-              Pong, StopPlayback)
+    for m in (Welcome, SessionOpened, SessionClosed, TakenOver, Transcript, ReplyText, TurnDone,
+              ErrorEvent, Pong, StopPlayback)
 }
 
 _FIELD_TYPES = {"int": int, "str": str, "bool": bool, "dict[str, int]": dict,
-                "dict[str, float]": dict}
+                "dict[str, float]": dict, "list[str]": list}
 
 
 def _check_type(name: str, annotation: str, value: Any) -> Any:
@@ -280,7 +339,40 @@ def _check_type(name: str, annotation: str, value: Any) -> Any:
         for k, v in value.items()
     ):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {name!r} must map names to numbers")
+    if want is list and not all(isinstance(v, str) for v in value):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {name!r} must be a list of strings")
     return value
+
+
+def _check_rules(kind: str, name: str, meta: Any, value: Any) -> None:
+    """The field's metadata rules (range, enum, pattern, length, map keys)."""
+    code = meta.get("code", ErrorCode.BAD_MESSAGE)
+    if value is None:
+        return
+    if isinstance(value, int) and not isinstance(value, bool):
+        lo, hi = meta.get("minimum"), meta.get("maximum")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ProtocolError(code, f"{kind}: {name!r} must be {lo}..{hi}, got {clip(value)}")
+    if isinstance(value, str):
+        if len(value) > meta.get("max_length", len(value)):
+            raise ProtocolError(code, f"{kind}: {name!r} is longer than "
+                                      f"{meta['max_length']} characters")
+        if "enum" in meta and value not in meta["enum"]:
+            raise ProtocolError(code, f"{kind}: {name!r} must be one of "
+                                      f"{', '.join(meta['enum'])}; got {clip(value)}")
+        if "pattern" in meta and not _valid_id(value):
+            raise ProtocolError(code, f"{kind}: {name!r} must be 1..{MAX_ID_LENGTH} characters "
+                                      f"of [A-Za-z0-9_.-]; got {clip(value)}")
+    if isinstance(value, dict):
+        bad = set(value) - set(meta.get("keys", value))
+        if bad:
+            raise ProtocolError(code, f"{kind}: {name!r} has unknown key(s) "
+                                      f"{clip(sorted(bad))}; allowed: {', '.join(meta['keys'])}")
+        lo, hi = meta.get("values_minimum"), meta.get("values_maximum")
+        for k, v in value.items():
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise ProtocolError(code, f"{kind}: {name}[{k!r}] must be {lo}..{hi}, "
+                                          f"got {clip(v)}")
 
 
 def _from_dict(cls: type[Message], data: dict[str, Any], strict: bool = True) -> Message:
@@ -289,21 +381,31 @@ def _from_dict(cls: type[Message], data: dict[str, Any], strict: bool = True) ->
     if unknown and not strict:
         data = {k: v for k, v in data.items() if k not in unknown}
     elif unknown:
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE, f"{cls.TYPE}: unknown field(s) {', '.join(sorted(unknown))}"
-        )
+        raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                            f"{cls.TYPE}: unknown field(s) {clip(sorted(unknown), 80)}")
     kwargs = {}
     for name, f in known.items():
-        if name in data:
-            kwargs[name] = _check_type(name, str(f.type), data[name])
-    msg = cls(**kwargs)
-    session = getattr(msg, "session", None)
-    if session is not None and cls.TYPE not in ("hello", "ping") and not _valid_id(session):
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE,
-            f"{cls.TYPE}: 'session' must be 1..{MAX_ID_LENGTH} characters of [A-Za-z0-9_.-]",
-        )
-    return msg
+        if name not in data:
+            if strict and f.metadata.get("required"):
+                raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                                    f"{cls.TYPE}: missing required field {name!r}",
+                                    session=_session_of(data))
+            continue
+        value = _check_type(name, str(f.type), data[name])
+        if strict:
+            try:
+                _check_rules(cls.TYPE, name, f.metadata, value)
+            except ProtocolError as exc:
+                if name != "session":
+                    exc.session = _session_of(data)
+                raise
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _session_of(data: dict[str, Any]) -> str | None:
+    s = data.get("session")
+    return s if isinstance(s, str) and _valid_id(s) else None
 
 
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
@@ -313,17 +415,41 @@ def _valid_id(value: str) -> bool:
     return 0 < len(value) <= MAX_ID_LENGTH and all(c in _ID_CHARS for c in value)
 
 
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_OPEN = np.zeros(256, np.int8)
+_OPEN[[ord("["), ord("{")]] = 1
+_OPEN[[ord("]"), ord("}")]] = -1
+
+
+def json_depth_exceeds(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Does ``text`` nest arrays/objects deeper than ``limit``? Checked before parsing, so a
+    hostile frame never reaches the recursive parser (1000 levels would raise RecursionError).
+    Strings are cut out first (their brackets do not nest); the rest is a running sum in C."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    rest = np.frombuffer(_JSON_STRING.sub("", text).encode(), np.uint8)
+    return bool(rest.size) and int(np.cumsum(_OPEN[rest], dtype=np.int32).max()) > limit
+
+
 def decode_text(text: str | bytes, registry: dict[str, type[Message]] = CLIENT_MESSAGES,
                 strict: bool = True) -> Message:
     """Parse one JSON text frame into its typed message.
 
-    ``strict=False`` drops unknown fields instead of refusing them: a client reading a newer
-    server's messages should not break on a field it does not know.
+    ``strict=False`` drops unknown fields and skips the value rules instead of refusing them: a
+    client reading a newer server's messages should not break on a field it does not know.
     """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError(ErrorCode.BAD_JSON, "a text frame must be UTF-8") from None
+    if json_depth_exceeds(text):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE,
+                            f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(ErrorCode.BAD_JSON, f"malformed JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"malformed JSON: {clip(str(exc), 120)}") from None
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "a message must be a JSON object")
     kind = data.get("type")
@@ -333,7 +459,7 @@ def decode_text(text: str | bytes, registry: dict[str, type[Message]] = CLIENT_M
     if cls is None:
         raise ProtocolError(
             ErrorCode.UNKNOWN_TYPE,
-            f"unknown message type {kind!r}; expected one of {', '.join(sorted(registry))}",
+            f"unknown message type {clip(kind)}; expected one of {', '.join(sorted(registry))}",
         )
     return _from_dict(cls, data, strict)
 
@@ -342,34 +468,17 @@ def encode(msg: Message) -> str:
     return json.dumps(msg.to_dict(), separators=(",", ":"))
 
 
-def validate_open(msg: OpenSession) -> None:
-    """Checks the audio format of an ``open``; raises ProtocolError naming the bad field."""
-    if not _valid_id(msg.npc):
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, "open: 'npc' must be a non-empty id",
-                            session=msg.session)
-    if msg.format not in SAMPLE_FORMATS:
-        raise ProtocolError(
-            ErrorCode.UNSUPPORTED_FORMAT,
-            f"sample format {msg.format!r} is not supported; "
-            f"use one of {', '.join(SAMPLE_FORMATS)}",
-            session=msg.session,
-        )
-    if not 0 < msg.sample_rate <= MAX_INPUT_RATE:
-        raise ProtocolError(
-            ErrorCode.BAD_SAMPLE_RATE,
-            f"sample_rate must be 1..{MAX_INPUT_RATE} Hz, got {msg.sample_rate}",
-            session=msg.session,
-        )
-    if msg.endpoint not in (None, "vad", "client"):
-        raise ProtocolError(
-            ErrorCode.BAD_MESSAGE,
-            f"endpoint must be 'vad' or 'client', got {msg.endpoint!r}", session=msg.session)
-    if not 1 <= msg.channels <= MAX_CHANNELS:
-        raise ProtocolError(
-            ErrorCode.BAD_CHANNELS,
-            f"channels must be 1..{MAX_CHANNELS}, got {msg.channels}",
-            session=msg.session,
-        )
+def validate(msg: Message) -> None:
+    """Checks a message built in code against the same rules the decoder applies."""
+    for f in fields(msg):
+        try:
+            _check_rules(msg.TYPE, f.name, f.metadata, getattr(msg, f.name))
+        except ProtocolError as exc:
+            exc.session = getattr(msg, "session", None)
+            raise
+
+
+validate_open = validate
 
 
 # --------------------------------------------------------------------------- binary frames

@@ -30,6 +30,13 @@ def _optional(cls: type[P.Message], name: str) -> bool:
     return type(None) in typing.get_args(tp)
 
 
+def _required(direction: str, cls: type[P.Message], name: str) -> bool:
+    """Client fields: required when their metadata says so; server fields: unless optional."""
+    if direction == "client":
+        return bool(next(f for f in fields(cls) if f.name == name).metadata.get("required"))
+    return not _optional(cls, name)
+
+
 def _schema(direction: str, cls: type[P.Message]) -> dict:
     return J.build_all()[f"{direction}.{cls.TYPE}.json"]
 
@@ -76,12 +83,12 @@ def test_properties_and_required_match_fields(direction, cls):
     assert s["$schema"] == J.DRAFT
     assert list(s["properties"]) == ["type", *names]
     assert s["properties"]["type"]["const"] == cls.TYPE
-    assert s["required"] == ["type", *[n for n in names if not _optional(cls, n)]]
+    assert s["required"] == ["type", *[n for n in names if _required(direction, cls, n)]]
     if direction == "client":
         assert s["additionalProperties"] is False
     else:
         assert "additionalProperties" not in s
-    want = {int: "integer", str: "string", bool: "boolean", dict: "object"}
+    want = {int: "integer", str: "string", bool: "boolean", dict: "object", list: "array"}
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         tp = hints[f.name]
@@ -89,7 +96,9 @@ def test_properties_and_required_match_fields(direction, cls):
                 if _optional(cls, f.name) else tp)
         jt = s["properties"][f.name]["type"]
         expect = want[typing.get_origin(base) or base]
-        assert jt == ([expect, "null"] if _optional(cls, f.name) else expect), f.name
+        # a client may send null for an optional field; the server never sends null
+        nullable = _optional(cls, f.name) and direction == "client"
+        assert jt == ([expect, "null"] if nullable else expect), f.name
 
 
 @pytest.mark.parametrize("direction,cls", ALL, ids=IDS)
@@ -100,15 +109,17 @@ def test_defaults_are_the_dataclass_defaults(direction, cls):
         prop = s["properties"][f.name]
         if "default" in prop:
             assert prop["default"] == getattr(d, f.name)
-        else:  # None, or an empty id the field's own rules refuse
-            assert getattr(d, f.name) is None or J.validate(getattr(d, f.name), prop)
+            assert not _required(direction, cls, f.name)
+        else:  # None, a required field, or a server field (always sent)
+            assert (getattr(d, f.name) is None or _required(direction, cls, f.name)
+                    or direction == "server")
 
 
 # ------------------------------------------------------------------ examples validate
 
 S = "npc-1"
 EXAMPLES: list[P.Message] = [
-    P.Hello(client="ue", token="t"),
+    P.Hello(client="ue", token_name="game", token="t"),
     P.Hello(),
     P.OpenSession(session=S, npc="guard", sample_rate=48000, channels=2, format="f32le"),
     P.OpenSession(session=S, npc="guard", persona="wizard"),
@@ -117,14 +128,17 @@ EXAMPLES: list[P.Message] = [
     P.Ready(session=S, turn=2, segment=1),
     P.Interrupt(session=S, played_samples=1234),
     P.Interrupt(session=S),
-    P.Resume(session=S, sid="npc-1.ab12cd34", turn=3, last={"audio": 5, "face": 9}, mic_seq=40),
-    P.Resume(session=S, sid="npc-1.ab12cd34"),
+    P.Resume(session=S, sid="npc-1.ab12cd34", resume_secret="s" * 32, turn=3,
+             last={"audio": 5, "face": 9}, mic_seq=40),
+    P.Resume(session=S, sid="npc-1.ab12cd34", resume_secret="s" * 32),
     P.Ping(id=7),
     P.Ping(),
     P.Welcome(max_frame_bytes=65536, max_sessions=64),
+    P.Welcome(max_frame_bytes=65536, max_sessions=64, npcs=["guard"], token_name="game"),
     P.SessionOpened(session=S, channel=1, sid="npc-1.ab12cd34", npc="guard", persona="guard",
                     voice="en-us", reply_sample_rate=22050, next_mic_seq=1),
     P.SessionClosed(session=S),
+    P.TakenOver(session=S),
     P.Transcript(session=S, turn=1, seq=1, text="hi", final=False, start_sample=0,
                  end_sample=8000),
     P.Transcript(session=S, turn=1, seq=2, text="hi there", final=True),
@@ -135,6 +149,7 @@ EXAMPLES: list[P.Message] = [
     P.StopPlayback(session=S, turn=2),
     P.ErrorEvent(code=P.ErrorCode.TURN_FAILED, message="x", session=S, turn=1),
     P.ErrorEvent(code=P.ErrorCode.BAD_JSON, message="x"),
+    P.ErrorEvent(code=P.ErrorCode.BAD_AUDIO, message="x", session=S, suppressed=12),
     P.Pong(id=7),
 ]
 
@@ -173,8 +188,18 @@ def test_every_message_has_an_example(direction, cls):
      "channels": 1, "format": "s16le"},
     {"type": "ready", "session": S, "turn": 1},  # missing segment
     {"type": "ready", "session": S, "turn": None, "segment": 0},  # null for a required field
-    {"type": "resume", "session": S, "sid": "x", "turn": 1, "last": {"audio": "5"}},
-    {"type": "resume", "session": S, "sid": "x", "turn": 1, "last": {"voice": 5}},
+    {"type": "resume", "session": S, "sid": "x", "resume_secret": "s", "turn": 1,
+     "last": {"audio": "5"}},
+    {"type": "resume", "session": S, "sid": "x", "resume_secret": "s", "turn": 1,
+     "last": {"voice": 5}},
+    {"type": "resume", "session": S, "sid": "x", "resume_secret": "s", "turn": 1,
+     "last": {"audio": -1}},
+    {"type": "resume", "session": S, "sid": "x"},  # no resume_secret
+    {"type": "ping", "id": 2**64},
+    {"type": "ready", "session": S, "turn": -1, "segment": 0},
+    {"type": "open", "session": S, "npc": "guard", "endpoint": "later"},
+    {"type": "open", "session": S, "npc": "guard", "persona": "x" * 65},
+    {"type": "hello", "client": "ue"},  # no protocol
     {"type": "close"},
     {"type": "dance"},
 ])
@@ -190,6 +215,10 @@ def test_bad_client_messages_fail(bad):
     '{"type": "ready", "session": "bad id!", "turn": 1, "segment": 0}',
     '{"type": "resume", "session": "a", "last": {"audio": "x"}}',
     '{"type": "ready", "session": "a", "turn": null, "segment": 0}',
+    '{"type": "ping", "id": 18446744073709551616}',
+    '{"type": "resume", "session": "a", "sid": "a.1"}',
+    '{"type": "open", "session": "a", "npc": "g", "endpoint": "later"}',
+    '{"type": "interrupt", "session": "a", "played_samples": -5}',
 ])
 def test_what_the_decoder_refuses_the_schema_refuses(text):
     with pytest.raises(P.ProtocolError):

@@ -96,3 +96,20 @@ def test_to_dict_drops_unset_optionals():
     d = P.ErrorEvent(code="x", message="y").to_dict()
     assert d == {"type": "error", "code": "x", "message": "y"}
     assert json.loads(P.encode(P.Pong())) == {"type": "pong"}
+
+
+@pytest.mark.parametrize("text,deep", [
+    ("[" * 17 + "]" * 17, True),
+    ("[" * 16 + "]" * 16, False),
+    ('{"a":"' + "[" * 100 + '"}', False),  # brackets inside a string do not nest
+    ('{"a":"\\"' + "[" * 100 + '"}', False),  # nor after an escaped quote
+    ("[" + "[]," * 1000 + "[]]", False),  # wide is fine
+])
+def test_json_depth(text, deep):
+    assert P.json_depth_exceeds(text) is deep
+
+
+def test_deep_json_is_bad_message_not_recursion_error():
+    with pytest.raises(P.ProtocolError) as err:
+        P.decode_text("[" * 100_000 + "]" * 100_000)
+    assert err.value.code == ErrorCode.BAD_MESSAGE
