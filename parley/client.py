@@ -224,11 +224,12 @@ class Client:
         self._turn_events: dict[tuple[str, int], asyncio.Event] = {}
 
     @classmethod
-    async def connect(cls, url: str, token: str | None = None, **kw) -> Client:
+    async def connect(cls, url: str, token: str | None = None, token_name: str | None = None,
+                      **kw) -> Client:
         ws = await connect(url, max_size=16 * 1024 * 1024, compression=None)
         client = cls(ws, **kw)
         client._reader = asyncio.create_task(client._read_loop())
-        await client.send(P.Hello(client="parley-say", token=token))
+        await client.send(P.Hello(client="parley-say", token=token, token_name=token_name))
         client.welcome = await client.wait_for("welcome")
         return client
 

@@ -19,6 +19,7 @@ from tests.conftest import FLEET_ENV, speech
 pytestmark = pytest.mark.slow
 
 GRACE_S = 3
+TOKEN = "lifecycle-test-secret"
 RATE = 16000
 KEYS = Keys()
 
@@ -28,7 +29,9 @@ def idle_fleet(tmp_path_factory):
     server = RedisServer().start()
     log = tmp_path_factory.mktemp("lifecycle") / "fleet.log"
     env = {**FLEET_ENV, "PARLEY_REDIS_DETACHED_GRACE_S": str(GRACE_S),
-           "PARLEY_GATEWAY_SWEEP_S": "0.5", "PARLEY_GATEWAY_MAX_SESSIONS": "1000"}
+           "PARLEY_GATEWAY_SWEEP_S": "0.5", "PARLEY_GATEWAY_MAX_SESSIONS": "1000",
+           # a game server with a token may hold hundreds of NPC sessions
+           "PARLEY_GATEWAY_TOKENS": f"town:{TOKEN}"}
     f = Fleet(port=free_port(), workers=1, redis_url=server.url, log_path=str(log), env=env)
     f.start()
     f.wait_ready(60)
@@ -48,7 +51,7 @@ def stt_pending(r: redis.Redis) -> int:
 
 
 async def speak_and_wait(url: str, session: str, text: str, timeout: float = 60.0):
-    client = await Client.connect(url)
+    client = await Client.connect(url, token=TOKEN, token_name="town")
     try:
         await client.open(session, "guard", RATE, 1)
         await client.stream(session, speech(text, RATE), RATE, realtime=False)
@@ -58,7 +61,7 @@ async def speak_and_wait(url: str, session: str, text: str, timeout: float = 60.
 
 
 async def open_idle(url: str, n: int, prefix: str) -> Client:
-    client = await Client.connect(url)
+    client = await Client.connect(url, token=TOKEN, token_name="town")
     await asyncio.gather(*(client.open(f"{prefix}{i}", "guard", RATE, 1) for i in range(n)))
     return client
 
@@ -79,7 +82,7 @@ async def test_abandoned_sessions_expire_with_all_their_keys(idle_fleet):
     r = idle_fleet.r
     clients = [await open_idle(url, 125, f"npc{c}-") for c in range(8)]  # 1,000 sessions
     # two of them had a whole turn, so every kind of key and job guard exists
-    spoken = await Client.connect(url)
+    spoken = await Client.connect(url, token=TOKEN, token_name="town")
     await spoken.open("spoken", "guard", RATE, 1)
     await spoken.stream("spoken", speech("What is your name?", RATE), RATE, realtime=False)
     assert (await spoken.wait_done("spoken", 60)).done is not None
