@@ -21,7 +21,6 @@ files equal to :func:`build_all`.
 from __future__ import annotations
 
 import json
-import re
 import struct
 import sys
 import types
@@ -321,101 +320,6 @@ def binary_frames_schema() -> dict[str, Any]:
             "rotations": f"indices {NUM_BLENDSHAPES}..{NUM_FACE_VALUES - 1}, radians, signed",
         },
     }
-
-
-# --------------------------------------------------------------------------- validation
-
-_ANNOTATIONS = {"$schema", "$id", "$defs", "$comment", "title", "description", "default",
-                "examples"}
-_PY_TYPES = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "null": lambda v: v is None,
-}
-
-
-def validate(instance: Any, schema: dict[str, Any], root: dict[str, Any] | None = None,
-             path: str = "$") -> list[str]:
-    """Errors of ``instance`` against ``schema``; [] when valid.
-
-    Covers exactly the keywords these schemas use (type, const, enum, properties, required,
-    additionalProperties, propertyNames, pattern, maxLength, items, minimum, maximum, oneOf,
-    local $ref) and
-    raises on any other assertion keyword, so a schema can never be silently under-checked.
-    """
-    root = schema if root is None else root
-    errors: list[str] = []
-    for key, want in schema.items():
-        if key in _ANNOTATIONS or key.startswith("x-") or key in ("properties",):
-            continue
-        if key == "$ref":
-            if not want.startswith("#/"):
-                raise NotImplementedError(f"non-local $ref {want}")
-            target: Any = root
-            for part in want[2:].split("/"):
-                target = target[part]
-            errors += validate(instance, target, root, path)
-        elif key == "type":
-            names = want if isinstance(want, list) else [want]
-            if not any(_PY_TYPES[n](instance) for n in names):
-                errors.append(f"{path}: expected {' or '.join(names)}, got {instance!r}")
-        elif key == "const":
-            if instance != want or type(instance) is not type(want):
-                errors.append(f"{path}: expected {want!r}")
-        elif key == "enum":
-            if not any(instance == w and type(instance) is type(w) for w in want):
-                errors.append(f"{path}: {instance!r} is not one of {want}")
-        elif key == "pattern":
-            if isinstance(instance, str) and not re.search(want, instance):
-                errors.append(f"{path}: {instance!r} does not match {want}")
-        elif key == "minimum":
-            if _PY_TYPES["number"](instance) and instance < want:
-                errors.append(f"{path}: {instance} < {want}")
-        elif key == "maxLength":
-            if isinstance(instance, str) and len(instance) > want:
-                errors.append(f"{path}: longer than {want} characters")
-        elif key == "items":
-            if isinstance(instance, list):
-                for i, v in enumerate(instance):
-                    errors += validate(v, want, root, f"{path}[{i}]")
-        elif key == "maximum":
-            if _PY_TYPES["number"](instance) and instance > want:
-                errors.append(f"{path}: {instance} > {want}")
-        elif key == "required":
-            if isinstance(instance, dict):
-                errors += [f"{path}: missing {k!r}" for k in want if k not in instance]
-        elif key == "additionalProperties":
-            if isinstance(instance, dict):
-                known = schema.get("properties", {})
-                for k, v in instance.items():
-                    if k in known:
-                        continue
-                    if want is False:
-                        errors.append(f"{path}: unknown property {k!r}")
-                    elif isinstance(want, dict):
-                        errors += validate(v, want, root, f"{path}.{k}")
-        elif key == "propertyNames":
-            if isinstance(instance, dict):
-                for k in instance:
-                    errors += validate(k, want, root, f"{path}[{k!r}]")
-        elif key == "oneOf":
-            matches = [s for s in want if not validate(instance, s, root, path)]
-            if len(matches) != 1:
-                errors.append(f"{path}: matches {len(matches)} of the oneOf alternatives")
-        else:
-            raise NotImplementedError(f"schema keyword {key!r}")
-    if isinstance(instance, dict):
-        for k, sub in schema.get("properties", {}).items():
-            if k in instance:
-                errors += validate(instance[k], sub, root, f"{path}.{k}")
-    return errors
-
-
-# --------------------------------------------------------------------------- bundle, files
 
 
 def _messages() -> list[tuple[str, type[P.Message]]]:

@@ -25,6 +25,18 @@ ALL = [("client", c) for c in P.CLIENT_MESSAGES.values()] + [
 IDS = [f"{d}.{c.TYPE}" for d, c in ALL]
 
 
+
+def errors(instance, schema: dict, root: dict | None = None) -> list[str]:
+    """What the reference JSON Schema validator (the `jsonschema` package, draft 2020-12) finds
+    wrong with ``instance``; [] when valid. ``root`` resolves local $refs."""
+    import jsonschema
+
+    if root is not None:
+        schema = {**root, **schema}
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    cls.check_schema(schema)
+    return [e.message for e in cls(schema).iter_errors(instance)]
+
 def _optional(cls: type[P.Message], name: str) -> bool:
     tp = typing.get_type_hints(cls)[name]
     return type(None) in typing.get_args(tp)
@@ -162,10 +174,10 @@ def _direction(msg: P.Message) -> str:
 def test_encoded_examples_validate(msg):
     d = _direction(msg)
     wire = json.loads(P.encode(msg))
-    assert J.validate(wire, _schema(d, type(msg))) == []
+    assert errors(wire, _schema(d, type(msg))) == []
     bundle = J.build_all()["protocol.json"]
-    assert J.validate(wire, bundle) == []
-    assert J.validate(wire, {"$ref": f"#/$defs/{d}"}, bundle) == []
+    assert errors(wire, bundle) == []
+    assert errors(wire, {"$ref": f"#/$defs/{d}"}, bundle) == []
 
 
 @pytest.mark.parametrize("direction,cls", ALL, ids=IDS)
@@ -205,7 +217,7 @@ def test_every_message_has_an_example(direction, cls):
 ])
 def test_bad_client_messages_fail(bad):
     bundle = J.build_all()["protocol.json"]
-    assert J.validate(bad, {"$ref": "#/$defs/client"}, bundle)
+    assert errors(bad, {"$ref": "#/$defs/client"}, bundle)
 
 
 @pytest.mark.parametrize("text", [
@@ -224,12 +236,7 @@ def test_what_the_decoder_refuses_the_schema_refuses(text):
     with pytest.raises(P.ProtocolError):
         P.decode_text(text)
     data = json.loads(text)
-    assert J.validate(data, _schema("client", P.CLIENT_MESSAGES[data["type"]]))
-
-
-def test_validator_refuses_keywords_it_does_not_implement():
-    with pytest.raises(NotImplementedError):
-        J.validate(1, {"multipleOf": 2})
+    assert errors(data, _schema("client", P.CLIENT_MESSAGES[data["type"]]))
 
 
 # ------------------------------------------------------------------ binary frames
@@ -301,7 +308,7 @@ def test_doc_json_examples_are_exact_wire_messages():
             reg = P.CLIENT_MESSAGES if cls.TYPE in P.CLIENT_MESSAGES else P.SERVER_MESSAGES
             msg = P.decode_text(line, reg)
             assert P.encode(msg) == line, f"not the codec's own encoding: {line}"
-            assert J.validate(data, bundle) == [], line
+            assert errors(data, bundle) == [], line
             seen.add(cls.TYPE)
     assert seen == set(registry), f"no example for {set(registry) - seen}"
 
