@@ -8,10 +8,12 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import fields
 
 import numpy as np
 import pytest
 
+from gateway.core import ConnectionCore, Limits
 from schemas import protocol as P
 from schemas import vectors as V
 from schemas.protocol import ProtocolError
@@ -72,15 +74,44 @@ def test_python_codec_decodes_every_binary_vector(vector):
 
 def _gateway_verdict(text: str, direction: str) -> dict:
     """What the gateway (client messages) or a client (server messages) makes of a text frame:
-    the decoding, with the value checks the gateway runs before acting on it."""
+    the decoding; a hello also goes through the gateway's own connection logic, which refuses
+    a protocol version it does not speak."""
     if direction == "server->client":
         return P.decode_text(text, P.SERVER_MESSAGES, strict=False).to_dict()
     msg = P.decode_text(text)
-    if isinstance(msg, P.OpenSession):
-        P.validate_open(msg)
-    if isinstance(msg, P.Resume) and set(msg.last) - set(CHANNELS):
-        raise ProtocolError(P.ErrorCode.BAD_MESSAGE, "resume: unknown channel")
+    if isinstance(msg, P.Hello):
+        [answer] = ConnectionCore(Limits(), {}).receive_text(text, 0.0)
+        if isinstance(answer.message, P.ErrorEvent):
+            raise ProtocolError(answer.message.code, answer.message.message)
     return msg.to_dict()
+
+
+def test_resume_channels_are_the_stored_channels():
+    last = next(f for f in fields(P.Resume) if f.name == "last")
+    assert set(last.metadata["keys"]) == set(CHANNELS)
+
+
+def test_every_rule_of_every_client_field_has_vectors():
+    """A rule added to a field's metadata gets vectors without touching schemas/vectors.py."""
+    names = {v["name"] for v in VECTORS["json"]}
+    for cls in P.CLIENT_MESSAGES.values():
+        for f in fields(cls):
+            meta = f.metadata
+            if meta.get("required"):
+                assert f"{cls.TYPE}.{f.name}.missing" in names
+            for rule, label in (("minimum", "below_minimum"), ("maximum", "above_maximum"),
+                                ("enum", "not_in_enum"), ("pattern", "bad_id_1"),
+                                ("keys", "unknown_key")):
+                if rule in meta:
+                    assert f"{cls.TYPE}.{f.name}.{label}" in names, (cls.TYPE, f.name, rule)
+
+
+def test_over_deep_json_is_refused_before_parsing():
+    deep = next(v for v in VECTORS["json"] if v["name"] == "text.nested_far_too_deep")
+    with pytest.raises(ProtocolError) as exc:
+        P.decode_text(deep["text"])
+    assert exc.value.code == P.ErrorCode.BAD_MESSAGE
+    assert "nested deeper" in exc.value.message
 
 
 @pytest.mark.parametrize("vector", VECTORS["json"], ids=lambda v: v["name"])
