@@ -257,6 +257,13 @@ def _frames_that_are_not_messages() -> list[dict[str, Any]]:
         _vector("text.nested_far_too_deep", d, None, error=E.BAD_MESSAGE, text=_nested(1000)),
         _vector("text.brackets_in_a_string_do_not_nest", d, brackets,
                 _expect(P.Hello, brackets)),
+        # NaN and Infinity are not JSON, though some parsers take them
+        _vector("text.nan", d, None, error=E.BAD_JSON, text='{"type":"ping","id":NaN}'),
+        _vector("text.infinity", d, None, error=E.BAD_JSON,
+                text='{"type":"ping","id":-Infinity}'),
+        # valid JSON, far outside any field's range (and past what some parsers convert)
+        _vector("text.integer_of_5000_digits", d, None, error=E.BAD_MESSAGE,
+                text='{"type":"ping","id":' + "9" * 5000 + "}"),
     ]
 
 
