@@ -45,8 +45,9 @@ E = P.ErrorCode
 EXAMPLES: dict[str, Any] = {
     "session": "guard-01", "npc": "guard", "persona": "guard", "sample_rate": 48000,
     "channels": 2, "format": "f32le", "endpoint": "client", "client": "MyGame-UE5.4",
-    "token_name": "studio", "token": "s3cret", "protocol": P.PROTOCOL_VERSION,
-    "sid": "guard-01.9f3c2a7b", "resume_secret": "q7Zk2v0xN4cA1mRt8yWb5eLd3uHs6gPj", "turn": 2,
+    "token_name": "game-server", "token": "s3cret", "protocol": P.PROTOCOL_VERSION,
+    "sid": "guard-01.9f3c2a7b5e01d4c8",
+    "resume_secret": "kq3V0f5tQm1xW8rYb2nH7cJ4dL6eP9sAzU0iO3gT", "turn": 2,
     "segment": 1, "seq": 3, "played_samples": 44100, "last": {"transcript": 2, "audio": 9},
     "mic_seq": 412, "id": 42, "text": "The gate opens at dawn.", "final": True,
     "code": E.UNKNOWN_SEGMENT, "message": "ready for turn 1 segment 5, whose audio was never sent",
