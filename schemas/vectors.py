@@ -65,8 +65,9 @@ WRONG: dict[str, list[Any]] = {
     "dict[str, float]": [[1.0], {"eos": "1"}],
     "list[str]": ["guard", [1], [None], {"guard": True}],
 }
-# Ids that break the id rule (protocol.ID_PATTERN): empty, too long, a space, non-ASCII, a slash
-BAD_IDS = ["", "x" * (P.MAX_ID_LENGTH + 1), "guard 01", "gu\u00e4rd", "guard/01"]
+# Ids that break the id rule (protocol.ID_PATTERN): empty, too long, a space, non-ASCII, a slash,
+# a final newline (which a regex `$` lets through in Python, Perl and PCRE, not in JSON Schema)
+BAD_IDS = ["", "x" * (P.MAX_ID_LENGTH + 1), "guard 01", "gu\u00e4rd", "guard/01", "guard-01\n"]
 assert not any(re.fullmatch(P.ID_PATTERN[1:-1], bad) for bad in BAD_IDS)
 
 

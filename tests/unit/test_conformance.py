@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gateway.core import ConnectionCore, Limits
+from schemas import jsonschema as J
 from schemas import protocol as P
 from schemas import vectors as V
 from schemas.protocol import ProtocolError
@@ -157,3 +158,40 @@ def test_cpp_codec_passes_the_binary_vectors(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     n = len(VECTORS["binary"])
     assert f"{n} of {n} binary vectors passed" in run.stdout, run.stdout
+
+
+def _schemas() -> dict:
+    return {name.removesuffix(".json"): schema for name, schema in J.build_all().items()}
+
+
+NEWLINE_ID = "bad_id_" + str(V.BAD_IDS.index("guard-01\n") + 1)
+RULE_CODES = {P.ErrorCode.BAD_MESSAGE, P.ErrorCode.BAD_SAMPLE_RATE, P.ErrorCode.BAD_CHANNELS,
+              P.ErrorCode.UNSUPPORTED_FORMAT}
+
+
+def test_vectors_agree_with_the_json_schemas():
+    """Vectors, codec and the published JSON Schemas say the same: a valid message is valid
+    under its schema, a message refused for its fields is not."""
+    schemas, checked = _schemas(), 0
+    for v in VECTORS["json"]:
+        try:
+            data = json.loads(v["text"])
+        except (ValueError, RecursionError):  # not JSON, or too deep for Python's parser
+            continue
+        side = "client" if v["direction"] == "client->server" else "server"
+        if not isinstance(data, dict) or f"{side}.{data.get('type')}" not in schemas:
+            continue
+        schema = schemas[f"{side}.{data['type']}"]
+        # a client takes null for an optional server field; the schema says a server never sends it
+        lenient = side == "server" and v["name"].endswith("optional_fields_null")
+        if "expect" in v and not lenient:
+            assert J.validate(data, schema) == [], v["name"]
+            checked += 1
+        # schemas.jsonschema.validate matches patterns with Python's re.search, whose `$` also
+        # matches before a final newline (ECMA-262's, which JSON Schema uses, does not)
+        if v["name"].endswith(NEWLINE_ID):
+            continue
+        if v.get("error") in RULE_CODES:
+            assert J.validate(data, schema) != [], v["name"]
+            checked += 1
+    assert checked > 300
