@@ -448,6 +448,10 @@ def _cpp_struct(cls: type[P.Message], direction: str) -> list[str]:
             doc += _rule_text(f.metadata)
         lines += _comment(doc.strip(), "    ")
         lines.append(f"    {_cpp_type(tp, optional)} {f.name}{_cpp_default(f, tp, optional)};")
+    names = ", ".join(f'"{f.name}"' for f in fields(cls))
+    assert names, f"{cls.TYPE}: a C++ array needs at least one field"
+    lines += ["    // The JSON keys of the fields above, besides `type`.",
+              f"    static constexpr const char* kFields[] = {{{names}}};"]
     return [*lines, "};", ""]
 
 
@@ -495,8 +499,20 @@ def cpp_messages() -> str:
             *[f"    client::{_camel(t)}::kType," for t in P.CLIENT_MESSAGES], "};",
             "inline constexpr const char* kServerMessageTypes[] = {",
             *[f"    server::{_camel(t)}::kType," for t in P.SERVER_MESSAGES], "};",
+            "",
+            "// Every message struct, by direction, for code that treats them alike (a template",
+            "// taking MessageList<M...> sees each one as M).",
+            "template <typename... M>", "struct MessageList", "{", "};",
+            "using ClientMessages = MessageList<",
+            *_cpp_list([f"client::{_camel(t)}" for t in P.CLIENT_MESSAGES]),
+            "using ServerMessages = MessageList<",
+            *_cpp_list([f"server::{_camel(t)}" for t in P.SERVER_MESSAGES]),
             "", "}  // namespace parley", ""]
     return "\n".join(re.sub(r"\s+$", "", line) for line in out)
+
+
+def _cpp_list(names: list[str]) -> list[str]:
+    return [f"    {n}," for n in names[:-1]] + [f"    {names[-1]}>;"]
 
 
 def dump(vectors: dict[str, Any]) -> str:

@@ -58,6 +58,8 @@ struct Hello
     // The token's secret; required when the gateway has tokens configured. Optional: leave it out
     // when unset. At most 256 characters.
     std::optional<std::string> token;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"protocol", "client", "token_name", "token"};
 };
 
 // Opens an NPC session on this connection and negotiates the mic audio format.
@@ -83,6 +85,8 @@ struct Open
     // Who ends an utterance: "vad" (the server's VAD or end_of_utterance) or "client"
     // (end_of_utterance only). One of: vad, client.
     std::string endpoint = "vad";
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "npc", "sample_rate", "channels", "format", "persona", "endpoint"};
 };
 
 // Closes a session for good; its stored data expires and it cannot be resumed.
@@ -92,6 +96,8 @@ struct Close
     // The client's handle of the NPC session, unique on this connection. Required. An id: 1..64
     // characters of [A-Za-z0-9_.-].
     std::string session;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session"};
 };
 
 // The player stopped talking (push-to-talk released): ends the utterance after the last mic chunk
@@ -102,6 +108,8 @@ struct EndOfUtterance
     // The client's handle of the NPC session, unique on this connection. Required. An id: 1..64
     // characters of [A-Za-z0-9_.-].
     std::string session;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session"};
 };
 
 // UE is about to play this reply segment: the gateway may now send its face frames.
@@ -115,6 +123,8 @@ struct Ready
     int64_t turn = 0;
     // Segment index, as in its reply audio frames. Required. Range 0..4294967295.
     int64_t segment = 0;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "turn", "segment"};
 };
 
 // UE stopped the NPC (its own decision, or the answer to `stop`): the turn is cancelled and the
@@ -129,6 +139,8 @@ struct Interrupt
     // Reply-audio samples UE had played when it stopped. Optional: leave it out when unset. Range
     // 0..9007199254740991.
     std::optional<int64_t> played_samples;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "played_samples"};
 };
 
 // After a reconnect: re-attaches a stored session (by sid, proven by its resume_secret), takes it
@@ -155,6 +167,8 @@ struct Resume
     // Next mic chunk seq the client would send (informational). Optional: leave it out when unset.
     // Range 0..4294967295.
     std::optional<int64_t> mic_seq;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "sid", "resume_secret", "turn", "last", "mic_seq"};
 };
 
 // Application-level ping; answered with a pong carrying the same id.
@@ -163,6 +177,8 @@ struct Ping
     static constexpr const char* kType = "ping";
     // Echoed in the pong. Optional: leave it out when unset. Range 0..4294967295.
     std::optional<int64_t> id;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"id"};
 };
 
 }  // namespace client
@@ -188,6 +204,8 @@ struct Welcome
     // Name of the token (gateway.tokens); omitted: "default". Optional: absent when unset, never
     // null.
     std::optional<std::string> token_name;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"protocol", "server", "max_frame_bytes", "max_sessions", "npcs", "token_name"};
 };
 
 // Answer to open or resume: the session's binary channel, stored id, voice and (on open) its
@@ -217,6 +235,8 @@ struct Opened
     // The session's resume secret from `opened`; keep it private. Optional: absent when unset,
     // never null.
     std::optional<std::string> resume_secret;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "channel", "sid", "npc", "persona", "voice", "reply_sample_rate", "next_mic_seq", "resumed", "resume_secret"};
 };
 
 // Answer to close.
@@ -225,6 +245,8 @@ struct Closed
     static constexpr const char* kType = "closed";
     // The client's handle of the NPC session, unique on this connection.
     std::string session;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session"};
 };
 
 // The session was resumed on another connection: this connection gets nothing more of it and its
@@ -234,6 +256,8 @@ struct TakenOver
     static constexpr const char* kType = "taken_over";
     // The client's handle of the NPC session, unique on this connection.
     std::string session;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session"};
 };
 
 // What the player said: partial hypotheses, then one final per turn.
@@ -256,6 +280,8 @@ struct Transcript
     // Utterance end, in 16 kHz samples of the session's mic audio. Optional: absent when unset,
     // never null.
     std::optional<int64_t> end_sample;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "turn", "seq", "text", "final", "start_sample", "end_sample"};
 };
 
 // The NPC's reply text: one message per segment, then a final one with the full text.
@@ -274,6 +300,8 @@ struct Reply
     std::string text;
     // True on the last message of this channel in the turn.
     bool final = false;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "turn", "seq", "segment", "text", "final"};
 };
 
 // Everything of this turn has been sent (all audio, and all face frames of the segments UE said
@@ -295,6 +323,8 @@ struct TurnDone
     // Wall-clock ms (Unix epoch) of each step of the turn; keys in the protocol document.
     // Optional: absent when unset, never null.
     std::optional<std::map<std::string, double>> timings;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "turn", "audio_samples", "face_frames", "segments", "interrupted", "timings"};
 };
 
 // Something was refused or failed. The connection and all other sessions go on.
@@ -314,6 +344,8 @@ struct Error
     // Errors of the same kind left unsent since the last one. Optional: absent when unset, never
     // null.
     std::optional<int64_t> suppressed;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"code", "message", "session", "turn", "suppressed"};
 };
 
 // Answer to ping.
@@ -322,6 +354,8 @@ struct Pong
     static constexpr const char* kType = "pong";
     // Echoed in the pong. Optional: absent when unset, never null.
     std::optional<int64_t> id;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"id"};
 };
 
 // The player barged in: stop playing this turn now and answer with `interrupt` carrying
@@ -333,6 +367,8 @@ struct Stop
     std::string session;
     // Turn number within the session, from 1; one turn per final transcript.
     int64_t turn = 0;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "turn"};
 };
 
 }  // namespace server
@@ -360,5 +396,32 @@ inline constexpr const char* kServerMessageTypes[] = {
     server::Pong::kType,
     server::Stop::kType,
 };
+
+// Every message struct, by direction, for code that treats them alike (a template
+// taking MessageList<M...> sees each one as M).
+template <typename... M>
+struct MessageList
+{
+};
+using ClientMessages = MessageList<
+    client::Hello,
+    client::Open,
+    client::Close,
+    client::EndOfUtterance,
+    client::Ready,
+    client::Interrupt,
+    client::Resume,
+    client::Ping>;
+using ServerMessages = MessageList<
+    server::Welcome,
+    server::Opened,
+    server::Closed,
+    server::TakenOver,
+    server::Transcript,
+    server::Reply,
+    server::TurnDone,
+    server::Error,
+    server::Pong,
+    server::Stop>;
 
 }  // namespace parley

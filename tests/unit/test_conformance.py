@@ -158,6 +158,8 @@ def test_cpp_codec_passes_the_binary_vectors(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     n = len(VECTORS["binary"])
     assert f"{n} of {n} binary vectors passed" in run.stdout, run.stdout
+    m = sum("expect" in v for v in VECTORS["json"])
+    assert f"{m} of {m} valid JSON vectors match the structs" in run.stdout, run.stdout
 
 
 def _schemas() -> dict:
