@@ -197,3 +197,17 @@ def test_vectors_agree_with_the_json_schemas():
             assert J.validate(data, schema) != [], v["name"]
             checked += 1
     assert checked > 300
+
+
+def test_the_gateway_answers_each_refused_vector_with_its_code():
+    """Not only the codec: the gateway's connection logic sends exactly this error code, once,
+    and stays usable (a ping right after is answered)."""
+    refused = [v for v in VECTORS["json"] if v["direction"] == "client->server" and "error" in v]
+    assert len(refused) > 200
+    for v in refused:
+        core = ConnectionCore(Limits(), {})
+        [answer] = core.receive_text(v["text"], 0.0)
+        assert isinstance(answer.message, P.ErrorEvent), v["name"]
+        assert answer.message.code == v["error"], (v["name"], answer.message.message)
+        [pong] = core.receive_text('{"type":"ping","id":1}', 0.0)
+        assert pong.message == P.Pong(id=1), v["name"]
