@@ -9,10 +9,12 @@ Writes two files that are checked in and kept equal to a fresh generation by a u
   the field types (wrong JSON type, null), each field's wire rules in its ``protocol.spec``
   metadata (required, range, enum, id pattern, length, map keys: the rules the decoder
   enforces, so the vectors cannot drift from it) and the protocol's fixed rules (JSON depth,
-  frame sizes). Expectations follow from how each vector was built,
-  not from running the codec, so testing the codec against them means something.
-* ``clients/cpp/parley_messages.hpp``: the JSON messages as plain C++17 structs, for a client
-  to fill from its own JSON library.
+  JSON itself, frame sizes). Server messages get valid and wrong-type vectors only: a client
+  takes the values a server sends. Expectations follow from how each vector was built, not
+  from running the codec, so testing the codec against them means something.
+* ``clients/cpp/parley_messages.hpp``: the JSON messages as plain C++17 structs (with their
+  rules in comments and their JSON keys in ``kFields``), for a client to fill from its own
+  JSON library.
 
 Run ``python -m schemas.vectors`` after changing the protocol.
 """
