@@ -431,6 +431,20 @@ def json_depth_exceeds(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
     return bool(rest.size) and int(np.cumsum(_OPEN[rest], dtype=np.int32).max()) > limit
 
 
+def _json_int(digits: str) -> int:
+    # Valid JSON, but Python refuses to convert over 4300 digits (a ValueError, read as bad
+    # JSON); no field takes more than 20 digits, so a longer integer is only out of range
+    if len(digits) > 32:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"an integer of {len(digits)} digits is "
+                                                   "out of range")
+    return int(digits)
+
+
+def _not_json(name: str) -> Any:
+    # json.loads takes NaN and Infinity, which JSON does not have (RFC 8259)
+    raise ProtocolError(ErrorCode.BAD_JSON, f"malformed JSON: {name} is not a JSON value")
+
+
 def decode_text(text: str | bytes, registry: dict[str, type[Message]] = CLIENT_MESSAGES,
                 strict: bool = True) -> Message:
     """Parse one JSON text frame into its typed message.
@@ -447,7 +461,7 @@ def decode_text(text: str | bytes, registry: dict[str, type[Message]] = CLIENT_M
         raise ProtocolError(ErrorCode.BAD_MESSAGE,
                             f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_int=_json_int, parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"malformed JSON: {clip(str(exc), 120)}") from None
     if not isinstance(data, dict):

@@ -6,11 +6,15 @@ Writes two files that are checked in and kept equal to a fresh generation by a u
   kind and every JSON message, valid and invalid: the exact bytes or text, and either the
   expected decoding or the error code the gateway answers with. Valid vectors come from the
   message dataclasses (every field filled, optional ones left out or null); invalid ones from
-  the field types (wrong JSON type, null), the value rules of ``schemas.jsonschema`` and the
-  protocol's fixed rules (ids, frame sizes). Expectations follow from how each vector was built,
-  not from running the codec, so testing the codec against them means something.
-* ``clients/cpp/parley_messages.hpp``: the JSON messages as plain C++17 structs, for a client
-  to fill from its own JSON library.
+  the field types (wrong JSON type, null), each field's wire rules in its ``protocol.spec``
+  metadata (required, range, enum, id pattern, length, map keys: the rules the decoder
+  enforces, so the vectors cannot drift from it) and the protocol's fixed rules (JSON depth,
+  JSON itself, frame sizes). Server messages get valid and wrong-type vectors only: a client
+  takes the values a server sends. Expectations follow from how each vector was built, not
+  from running the codec, so testing the codec against them means something.
+* ``clients/cpp/parley_messages.hpp``: the JSON messages as plain C++17 structs (with their
+  rules in comments and their JSON keys in ``kFields``), for a client to fill from its own
+  JSON library.
 
 Run ``python -m schemas.vectors`` after changing the protocol.
 """
@@ -32,7 +36,6 @@ import numpy as np
 from schemas import jsonschema as J
 from schemas import protocol as P
 from schemas.arkit import NUM_FACE_VALUES
-from schemas.streams import CHANNELS
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "clients" / "vectors" / "protocol-vectors.json"
@@ -44,15 +47,17 @@ E = P.ErrorCode
 EXAMPLES: dict[str, Any] = {
     "session": "guard-01", "npc": "guard", "persona": "guard", "sample_rate": 48000,
     "channels": 2, "format": "f32le", "endpoint": "client", "client": "MyGame-UE5.4",
-    "token": "s3cret", "protocol": P.PROTOCOL_VERSION, "sid": "guard-01.9f3c2a7b", "turn": 2,
+    "token_name": "game-server", "token": "s3cret", "protocol": P.PROTOCOL_VERSION,
+    "sid": "guard-01.9f3c2a7b5e01d4c8",
+    "resume_secret": "kq3V0f5tQm1xW8rYb2nH7cJ4dL6eP9sAzU0iO3gT", "turn": 2,
     "segment": 1, "seq": 3, "played_samples": 44100, "last": {"transcript": 2, "audio": 9},
     "mic_seq": 412, "id": 42, "text": "The gate opens at dawn.", "final": True,
     "code": E.UNKNOWN_SEGMENT, "message": "ready for turn 1 segment 5, whose audio was never sent",
     "channel": 1, "voice": "en-gb-scotland", "reply_sample_rate": 22050, "next_mic_seq": 409,
     "resumed": True, "max_frame_bytes": 65536, "max_sessions": 64, "server": "parley",
-    "audio_samples": 121275, "face_frames": 330, "segments": 2, "interrupted": False,
-    "timings": {"eos": 1700000000000.0, "ready": 1700000000412.5}, "start_sample": 20480,
-    "end_sample": 44160,
+    "npcs": ["guard", "merchant"], "audio_samples": 121275, "face_frames": 330, "segments": 2,
+    "interrupted": False, "timings": {"eos": 1700000000000.0, "ready": 1700000000412.5},
+    "start_sample": 20480, "end_sample": 44160, "suppressed": 3,
 }
 BY_TYPE: dict[Any, Any] = {int: 7, str: "x", bool: True, float: 0.5}
 # JSON values of the wrong type for a field of each kind: refused with bad_message
@@ -60,11 +65,12 @@ WRONG: dict[str, list[Any]] = {
     "int": ["7", True, 7.5, 7.0], "str": [7, False, ["x"]], "bool": [1, "true"],
     "dict[str, int]": [["audio", 3], {"audio": "3"}, {"audio": True}, {"audio": 1.5}],
     "dict[str, float]": [[1.0], {"eos": "1"}],
+    "list[str]": ["guard", [1], [None], {"guard": True}],
 }
-# open's value rules answer with their own codes; every other rule with bad_message
-RULE_CODES = {("open", "format"): E.UNSUPPORTED_FORMAT,
-              ("open", "sample_rate"): E.BAD_SAMPLE_RATE, ("open", "channels"): E.BAD_CHANNELS}
-BAD_IDS = ["", "x" * (P.MAX_ID_LENGTH + 1), "guard 01", "gu\u00e4rd", "guard/01"]
+# Ids that break the id rule (protocol.ID_PATTERN): empty, too long, a space, non-ASCII, a slash,
+# a final newline (which a regex `$` lets through in Python, Perl and PCRE, not in JSON Schema)
+BAD_IDS = ["", "x" * (P.MAX_ID_LENGTH + 1), "guard 01", "gu\u00e4rd", "guard/01", "guard-01\n"]
+assert not any(re.fullmatch(P.ID_PATTERN[1:-1], bad) for bad in BAD_IDS)
 
 
 def _hints(cls: type[P.Message]) -> dict[str, tuple[Any, bool]]:
@@ -82,8 +88,11 @@ def _hints(cls: type[P.Message]) -> dict[str, tuple[Any, bool]]:
 
 
 def _kind(tp: Any) -> str:
-    if typing.get_origin(tp) is dict:
+    origin = typing.get_origin(tp)
+    if origin is dict:
         return f"dict[str, {typing.get_args(tp)[1].__name__}]"
+    if origin is list:
+        return f"list[{typing.get_args(tp)[0].__name__}]"
     return tp.__name__
 
 
@@ -92,11 +101,18 @@ def _example(name: str, tp: Any) -> Any:
         return EXAMPLES[name]
     if typing.get_origin(tp) is dict:
         return {"a": BY_TYPE[typing.get_args(tp)[1]]}
+    if typing.get_origin(tp) is list:
+        return [BY_TYPE[typing.get_args(tp)[0]]]
     return BY_TYPE[tp]
 
 
 def _full(cls: type[P.Message]) -> dict[str, Any]:
     return {"type": cls.TYPE, **{n: _example(n, tp) for n, (tp, _) in _hints(cls).items()}}
+
+
+def _meta(cls: type[P.Message]) -> dict[str, Any]:
+    """field -> its wire rules (protocol.spec metadata), the ones the decoder enforces."""
+    return {f.name: f.metadata for f in fields(cls)}
 
 
 def _expect(cls: type[P.Message], data: dict[str, Any]) -> dict[str, Any]:
@@ -134,6 +150,12 @@ def _valid(cls: type[P.Message], direction: str) -> list[dict[str, Any]]:
         nulls = {**full, **dict.fromkeys(optional)}
         out.append(_vector(f"{cls.TYPE}.optional_fields_null", direction, nulls,
                            _expect(cls, left_out)))
+    if direction == "client->server":  # only the required fields: the rest take defaults
+        required = {k: v for k, v in full.items()
+                    if k == "type" or _meta(cls)[k].get("required")}
+        if required != full:
+            out.append(_vector(f"{cls.TYPE}.required_fields_only", direction, required,
+                               _expect(cls, required)))
     if direction == "server->client":  # a client ignores fields a later server adds
         out.append(_vector(f"{cls.TYPE}.unknown_field_ignored", direction,
                            {**full, "added_later": {"x": 1}}, _expect(cls, full)))
@@ -153,45 +175,77 @@ def _wrong_types(cls: type[P.Message], direction: str) -> list[dict[str, Any]]:
 
 
 def _rule_breaks(cls: type[P.Message]) -> list[dict[str, Any]]:
-    """Client messages only: values of the right type that the gateway refuses."""
+    """Client messages only: values of the right type that the gateway refuses, and the
+    edge values it still takes, each from the field's metadata."""
     full, out, d = _full(cls), [], "client->server"
-    hints = _hints(cls)
-    if "session" in hints and cls.TYPE not in ("hello", "ping"):
-        out += [_vector(f"{cls.TYPE}.session.bad_id_{i + 1}", d, {**full, "session": bad},
-                        error=E.BAD_MESSAGE) for i, bad in enumerate(BAD_IDS)]
     out.append(_vector(f"{cls.TYPE}.unknown_field", d, {**full, "colour": "red"},
                        error=E.BAD_MESSAGE))
-    for (mtype, name), rule in J.CONSTRAINTS.items():
-        if mtype != cls.TYPE:
-            continue
-        code = RULE_CODES.get((mtype, name), E.BAD_MESSAGE)
-        for label, bad in _breaking_values(rule):
-            out.append(_vector(f"{mtype}.{name}.{label}", d, {**full, name: bad}, error=code))
-    if cls is P.OpenSession:  # endpoint: a closed set the schema does not carry yet
-        out.append(_vector("open.endpoint.unknown", d, {**full, "endpoint": "push_to_talk"},
-                           error=E.BAD_MESSAGE))
+    for name, meta in _meta(cls).items():
+        if meta.get("required"):
+            left_out = {k: v for k, v in full.items() if k != name}
+            out.append(_vector(f"{cls.TYPE}.{name}.missing", d, left_out, error=E.BAD_MESSAGE))
+        code = meta.get("code", E.BAD_MESSAGE)
+        for label, bad in _breaking_values(name, meta):
+            out.append(_vector(f"{cls.TYPE}.{name}.{label}", d, {**full, name: bad}, error=code))
+        for label, edge in _edge_values(meta):
+            data = {**full, name: edge}
+            if cls is P.Hello and name == "protocol" and edge != P.PROTOCOL_VERSION:
+                # decodes, but the gateway speaks only its own version
+                out.append(_vector(f"hello.protocol.{label}", d, data,
+                                   error=E.UNSUPPORTED_PROTOCOL))
+            else:
+                out.append(_vector(f"{cls.TYPE}.{name}.{label}", d, data, _expect(cls, data)))
     return out
 
 
-def _breaking_values(rule: dict[str, Any]) -> list[tuple[str, Any]]:
+def _breaking_values(name: str, meta: Any) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
-    if "enum" in rule:
-        out.append(("not_in_enum", "s24le" if "s16le" in rule["enum"] else "nope"))
-    if "minimum" in rule:
-        out.append(("below_minimum", rule["minimum"] - 1))
-    if "maximum" in rule:
-        out.append(("above_maximum", rule["maximum"] + 1))
-    if "pattern" in rule:
+    if "enum" in meta:
+        out.append(("not_in_enum", "s24le" if "s16le" in meta["enum"] else "nope"))
+    if "minimum" in meta:
+        out.append(("below_minimum", meta["minimum"] - 1))
+    if "maximum" in meta:
+        out.append(("above_maximum", meta["maximum"] + 1))
+        out.append(("far_above_maximum", 2**64))  # past u64 and a double's exact range
+    if "pattern" in meta:
         out += [(f"bad_id_{i + 1}", bad) for i, bad in enumerate(BAD_IDS)]
-    if "propertyNames" in rule:
+    elif "max_length" in meta:
+        out.append(("too_long", "x" * (meta["max_length"] + 1)))
+    if "keys" in meta:
         unknown = "sound"
-        assert unknown not in CHANNELS
-        out.append(("unknown_channel", {unknown: 1}))
+        assert unknown not in meta["keys"]
+        out.append(("unknown_key", {unknown: 1}))
+    if "values_minimum" in meta:
+        out.append(("value_below_minimum", {meta["keys"][0]: meta["values_minimum"] - 1}))
+    if "values_maximum" in meta:
+        out.append(("value_above_maximum", {meta["keys"][0]: meta["values_maximum"] + 1}))
     return out
+
+
+def _edge_values(meta: Any) -> list[tuple[str, Any]]:
+    """Values on the edge of a rule, which the gateway accepts."""
+    out: list[tuple[str, Any]] = []
+    if "minimum" in meta:
+        out.append(("at_minimum", meta["minimum"]))
+    if "maximum" in meta:
+        out.append(("at_maximum", meta["maximum"]))
+    if "max_length" in meta:
+        out.append(("at_max_length", "x" * meta["max_length"]))
+    if "keys" in meta:
+        lo, hi = meta.get("values_minimum", 0), meta.get("values_maximum", 1)
+        out.append(("every_key", {k: (lo, hi)[i % 2] for i, k in enumerate(meta["keys"])}))
+    return out
+
+
+def _nested(depth: int) -> str:
+    """A ping whose unknown field nests ``depth`` levels in all (the message is level 1)."""
+    return '{"type":"ping","x":' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
 
 
 def _frames_that_are_not_messages() -> list[dict[str, Any]]:
     d = "client->server"
+    brackets = {"type": "hello", "protocol": P.PROTOCOL_VERSION,
+                "client": "[" * (P.MAX_JSON_DEPTH + 1) + "{\\\"" + "]" * 3}
     return [
         _vector("text.not_json", d, None, error=E.BAD_JSON, text='{"type":"ping"'),
         _vector("text.empty", d, None, error=E.BAD_JSON, text=""),
@@ -201,6 +255,19 @@ def _frames_that_are_not_messages() -> list[dict[str, Any]]:
         _vector("text.type_not_a_string", d, {"type": 5}, error=E.BAD_MESSAGE),
         _vector("text.unknown_type", d, {"type": "dance"}, error=E.UNKNOWN_TYPE),
         _vector("text.server_type_from_client", d, _full(P.Welcome), error=E.UNKNOWN_TYPE),
+        # nesting is checked before parsing: a deep frame is refused, never parsed
+        _vector("text.nested_too_deep", d, None, error=E.BAD_MESSAGE,
+                text=_nested(P.MAX_JSON_DEPTH + 1)),
+        _vector("text.nested_far_too_deep", d, None, error=E.BAD_MESSAGE, text=_nested(1000)),
+        _vector("text.brackets_in_a_string_do_not_nest", d, brackets,
+                _expect(P.Hello, brackets)),
+        # NaN and Infinity are not JSON, though some parsers take them
+        _vector("text.nan", d, None, error=E.BAD_JSON, text='{"type":"ping","id":NaN}'),
+        _vector("text.infinity", d, None, error=E.BAD_JSON,
+                text='{"type":"ping","id":-Infinity}'),
+        # valid JSON, far outside any field's range (and past what some parsers convert)
+        _vector("text.integer_of_5000_digits", d, None, error=E.BAD_MESSAGE,
+                text='{"type":"ping","id":' + "9" * 5000 + "}"),
     ]
 
 
@@ -323,6 +390,8 @@ _CPP = {int: "int64_t", str: "std::string", bool: "bool", float: "double"}
 def _cpp_type(tp: Any, optional: bool) -> str:
     if typing.get_origin(tp) is dict:
         base = f"std::map<std::string, {_CPP[typing.get_args(tp)[1]]}>"
+    elif typing.get_origin(tp) is list:
+        base = f"std::vector<{_CPP[typing.get_args(tp)[0]]}>"
     else:
         base = _CPP[tp]
     return f"std::optional<{base}>" if optional else base
@@ -343,6 +412,25 @@ def _cpp_default(f, tp: Any, optional: bool) -> str:
     return ""
 
 
+def _rule_text(meta: Any) -> str:
+    """The field's wire rules in words, as the gateway enforces them."""
+    out = [" Required."] if meta.get("required") else []
+    if "pattern" in meta:
+        out.append(f" An id: 1..{P.MAX_ID_LENGTH} characters of [A-Za-z0-9_.-].")
+    elif "max_length" in meta:
+        out.append(f" At most {meta['max_length']} characters.")
+    if "minimum" in meta or "maximum" in meta:
+        out.append(f" Range {meta.get('minimum', '')}..{meta.get('maximum', '')}.")
+    if "enum" in meta:
+        out.append(f" One of: {', '.join(meta['enum'])}.")
+    if "keys" in meta:
+        out.append(f" Keys: {', '.join(meta['keys'])}; values "
+                   f"{meta.get('values_minimum', '')}..{meta.get('values_maximum', '')}.")
+    if "code" in meta:
+        out.append(f" Refused with {meta['code']}.")
+    return "".join(out)
+
+
 def _camel(name: str) -> str:
     return "".join(part.title() for part in name.split("_"))
 
@@ -358,8 +446,14 @@ def _cpp_struct(cls: type[P.Message], direction: str) -> list[str]:
         if optional:
             doc += (" Optional: leave it out when unset." if direction == "client"
                     else " Optional: absent when unset, never null.")
+        if direction == "client":
+            doc += _rule_text(f.metadata)
         lines += _comment(doc.strip(), "    ")
         lines.append(f"    {_cpp_type(tp, optional)} {f.name}{_cpp_default(f, tp, optional)};")
+    names = ", ".join(f'"{f.name}"' for f in fields(cls))
+    assert names, f"{cls.TYPE}: a C++ array needs at least one field"
+    lines += ["    // The JSON keys of the fields above, besides `type`.",
+              f"    static constexpr const char* kFields[] = {{{names}}};"]
     return [*lines, "};", ""]
 
 
@@ -380,6 +474,7 @@ def cpp_messages() -> str:
         "#include <map>",
         "#include <optional>",
         "#include <string>",
+        "#include <vector>",
         "",
         "namespace parley {",
         "",
@@ -406,8 +501,20 @@ def cpp_messages() -> str:
             *[f"    client::{_camel(t)}::kType," for t in P.CLIENT_MESSAGES], "};",
             "inline constexpr const char* kServerMessageTypes[] = {",
             *[f"    server::{_camel(t)}::kType," for t in P.SERVER_MESSAGES], "};",
+            "",
+            "// Every message struct, by direction, for code that treats them alike (a template",
+            "// taking MessageList<M...> sees each one as M).",
+            "template <typename... M>", "struct MessageList", "{", "};",
+            "using ClientMessages = MessageList<",
+            *_cpp_list([f"client::{_camel(t)}" for t in P.CLIENT_MESSAGES]),
+            "using ServerMessages = MessageList<",
+            *_cpp_list([f"server::{_camel(t)}" for t in P.SERVER_MESSAGES]),
             "", "}  // namespace parley", ""]
     return "\n".join(re.sub(r"\s+$", "", line) for line in out)
+
+
+def _cpp_list(names: list[str]) -> list[str]:
+    return [f"    {n}," for n in names[:-1]] + [f"    {names[-1]}>;"]
 
 
 def dump(vectors: dict[str, Any]) -> str:

@@ -1,10 +1,11 @@
 // Runs parley_protocol.hpp against the binary vectors of clients/vectors/protocol-vectors.json,
-// and checks that parley_messages.hpp has a struct for every JSON message the vectors name.
+// and checks that parley_messages.hpp has a struct for every JSON message the vectors name, with
+// exactly the fields the vectors have.
 //
 //   c++ -std=c++17 -Wall -Wextra -Werror conformance_test.cpp -o conformance
 //   ./conformance ../vectors/protocol-vectors.json
 //
-// Prints "N of M binary vectors passed" and exits 0 when all pass. The small JSON reader
+// Prints "N of M binary vectors passed; ..." and exits 0 when all pass. The small JSON reader
 // below exists only so this test needs nothing but a compiler; it is not part of the codec.
 #include "parley_messages.hpp"
 #include "parley_protocol.hpp"
@@ -317,17 +318,35 @@ std::string CheckFrame(const std::vector<uint8_t>& bytes, const parley::Frame& f
     return check.problems;
 }
 
-bool KnownType(const std::string& type, const std::string& direction)
+// When `expect` is a message of type M: clears `problem`, then notes every key of `expect` M
+// has no field for and, for an all-fields vector, every field of M that `expect` lacks.
+template <typename M>
+bool Match(const Json& expect, bool all_fields, std::string& problem)
 {
-    if (direction == "client->server")
+    if (expect.Get("type")->string != M::kType) return false;
+    problem.clear();
+    for (const auto& kv : expect.object)
     {
-        for (const char* t : parley::kClientMessageTypes)
-            if (type == t) return true;
-        return false;
+        bool found = kv.first == "type";
+        for (const char* f : M::kFields) found = found || kv.first == f;
+        if (!found) problem += " '" + kv.first + "' is not a field of the struct;";
     }
-    for (const char* t : parley::kServerMessageTypes)
-        if (type == t) return true;
-    return false;
+    for (const char* f : M::kFields)
+        if (all_fields && !expect.Get(f)) problem += std::string(" no '") + f + "' in the vector;";
+    return true;
+}
+
+template <typename... M>
+std::string StructProblem(parley::MessageList<M...>, const Json& expect, bool all_fields)
+{
+    std::string problem = " no struct in parley_messages.hpp";
+    (void)(Match<M>(expect, all_fields, problem) || ...);
+    return problem;
+}
+
+bool EndsWith(const std::string& s, const std::string& tail)
+{
+    return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 
 }  // namespace
@@ -375,17 +394,22 @@ int main(int argc, char** argv)
         if (problem.empty()) ++passed;
         else std::printf("FAIL %s:%s\n", name.c_str(), problem.c_str());
     }
-    size_t unknown = 0;
+    size_t matched = 0, valid = 0;
     for (const Json& v : vectors.Get("json")->array)
     {
         const Json* expect = v.Get("expect");
-        if (expect && !KnownType(expect->Get("type")->string, v.Get("direction")->string))
-        {
-            ++unknown;
-            std::printf("FAIL no struct in parley_messages.hpp for %s\n", v.Get("name")->string.c_str());
-        }
+        if (!expect) continue;
+        ++valid;
+        const std::string& name = v.Get("name")->string;
+        const bool all_fields = EndsWith(name, ".all_fields");
+        const std::string problem =
+            v.Get("direction")->string == "client->server"
+                ? StructProblem(parley::ClientMessages{}, *expect, all_fields)
+                : StructProblem(parley::ServerMessages{}, *expect, all_fields);
+        if (problem.empty()) ++matched;
+        else std::printf("FAIL %s:%s\n", name.c_str(), problem.c_str());
     }
-    std::printf("%zu of %zu binary vectors passed; %zu JSON message types without a struct\n",
-                passed, total, unknown);
-    return passed == total && unknown == 0 ? 0 : 1;
+    std::printf("%zu of %zu binary vectors passed; %zu of %zu valid JSON vectors match the "
+                "structs of parley_messages.hpp\n", passed, total, matched, valid);
+    return passed == total && matched == valid ? 0 : 1;
 }

@@ -8,10 +8,11 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace parley {
 
-inline constexpr int64_t kProtocolVersion = 1;
+inline constexpr int64_t kProtocolVersion = 2;
 
 // Stable error codes of `error` messages: switch on these, not on the message text.
 namespace error_code {
@@ -25,6 +26,7 @@ inline constexpr const char* kFrameTooLarge = "frame_too_large";
 inline constexpr const char* kInternal = "internal";
 inline constexpr const char* kNotAuthenticated = "not_authenticated";
 inline constexpr const char* kNotPlaying = "not_playing";
+inline constexpr const char* kNpcNotAllowed = "npc_not_allowed";
 inline constexpr const char* kOverloaded = "overloaded";
 inline constexpr const char* kRateLimited = "rate_limited";
 inline constexpr const char* kSessionExists = "session_exists";
@@ -42,44 +44,60 @@ inline constexpr const char* kUnsupportedProtocol = "unsupported_protocol";
 // Messages a client sends (text frames).
 namespace client {
 
-// First message on a connection: protocol version, client name and auth token.
+// First message on a connection: protocol version, client name, token name and secret.
 struct Hello
 {
     static constexpr const char* kType = "hello";
-    // Protocol version.
-    int64_t protocol = 1;
-    // Free-form client name, for logs.
+    // Protocol version. Required. Range 1..255.
+    int64_t protocol = 2;
+    // Free-form client name, for logs. At most 128 characters.
     std::string client;
-    // Auth token; required when the gateway has one configured. Optional: leave it out when unset.
+    // Name of the token (gateway.tokens); omitted: "default". Optional: leave it out when unset.
+    // An id: 1..64 characters of [A-Za-z0-9_.-].
+    std::optional<std::string> token_name;
+    // The token's secret; required when the gateway has tokens configured. Optional: leave it out
+    // when unset. At most 256 characters.
     std::optional<std::string> token;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"protocol", "client", "token_name", "token"};
 };
 
 // Opens an NPC session on this connection and negotiates the mic audio format.
 struct Open
 {
     static constexpr const char* kType = "open";
-    // The client's handle of the NPC session, unique on this connection.
+    // The client's handle of the NPC session, unique on this connection. Required. An id: 1..64
+    // characters of [A-Za-z0-9_.-].
     std::string session;
-    // NPC id; also the persona when `persona` is omitted.
+    // NPC id; also the persona when `persona` is omitted. Required. An id: 1..64 characters of
+    // [A-Za-z0-9_.-].
     std::string npc;
-    // Mic audio sample rate in Hz.
+    // Mic audio sample rate in Hz. Range 1..192000. Refused with bad_sample_rate.
     int64_t sample_rate = 16000;
-    // Interleaved mic audio channels.
+    // Interleaved mic audio channels. Range 1..8. Refused with bad_channels.
     int64_t channels = 1;
-    // Mic sample format: s16le (int16) or f32le (float32), little-endian.
+    // Mic sample format: s16le (int16) or f32le (float32), little-endian. One of: s16le, f32le.
+    // Refused with unsupported_format.
     std::string format = "s16le";
-    // Persona id; defaults to the npc id. Optional: leave it out when unset.
+    // Persona id; defaults to the npc id. Optional: leave it out when unset. An id: 1..64
+    // characters of [A-Za-z0-9_.-].
     std::optional<std::string> persona;
-    // Optional: leave it out when unset.
-    std::optional<std::string> endpoint;
+    // Who ends an utterance: "vad" (the server's VAD or end_of_utterance) or "client"
+    // (end_of_utterance only). One of: vad, client.
+    std::string endpoint = "vad";
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "npc", "sample_rate", "channels", "format", "persona", "endpoint"};
 };
 
 // Closes a session for good; its stored data expires and it cannot be resumed.
 struct Close
 {
     static constexpr const char* kType = "close";
-    // The client's handle of the NPC session, unique on this connection.
+    // The client's handle of the NPC session, unique on this connection. Required. An id: 1..64
+    // characters of [A-Za-z0-9_.-].
     std::string session;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session"};
 };
 
 // The player stopped talking (push-to-talk released): ends the utterance after the last mic chunk
@@ -87,57 +105,80 @@ struct Close
 struct EndOfUtterance
 {
     static constexpr const char* kType = "end_of_utterance";
-    // The client's handle of the NPC session, unique on this connection.
+    // The client's handle of the NPC session, unique on this connection. Required. An id: 1..64
+    // characters of [A-Za-z0-9_.-].
     std::string session;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session"};
 };
 
 // UE is about to play this reply segment: the gateway may now send its face frames.
 struct Ready
 {
     static constexpr const char* kType = "ready";
-    // The client's handle of the NPC session, unique on this connection.
+    // The client's handle of the NPC session, unique on this connection. Required. An id: 1..64
+    // characters of [A-Za-z0-9_.-].
     std::string session;
-    // Turn of the segment, as in its reply audio frames.
+    // Turn of the segment, as in its reply audio frames. Required. Range 0..4294967295.
     int64_t turn = 0;
-    // Segment index, as in its reply audio frames.
+    // Segment index, as in its reply audio frames. Required. Range 0..4294967295.
     int64_t segment = 0;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "turn", "segment"};
 };
 
-// UE stops the NPC's reply (its own decision, or its answer to `stop`): played_samples says how
-// much was heard. Answered with `not_playing` when no reply plays any more.
+// UE stopped the NPC (its own decision, or the answer to `stop`): the turn is cancelled and the
+// history keeps only the words heard up to played_samples. Answered with `not_playing` when no
+// reply plays any more.
 struct Interrupt
 {
     static constexpr const char* kType = "interrupt";
-    // The client's handle of the NPC session, unique on this connection.
+    // The client's handle of the NPC session, unique on this connection. Required. An id: 1..64
+    // characters of [A-Za-z0-9_.-].
     std::string session;
-    // Reply-audio samples UE had played when it stopped. Optional: leave it out when unset.
+    // Reply-audio samples UE had played when it stopped. Optional: leave it out when unset. Range
+    // 0..9007199254740991.
     std::optional<int64_t> played_samples;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "played_samples"};
 };
 
-// After a reconnect: re-attaches a stored session (by sid) and replays what the client missed
-// after `last` in `turn`, and every later turn.
+// After a reconnect: re-attaches a stored session (by sid, proven by its resume_secret), takes it
+// from any other connection, and replays what the client missed after `last` in `turn`, and every
+// later turn.
 struct Resume
 {
     static constexpr const char* kType = "resume";
-    // The handle to use for the session on this connection.
+    // The handle to use for the session on this connection. Required. An id: 1..64 characters of
+    // [A-Za-z0-9_.-].
     std::string session;
-    // The stored session id, as received in `opened`.
+    // The stored session id, as received in `opened`. Required. An id: 1..64 characters of
+    // [A-Za-z0-9_.-].
     std::string sid;
-    // The turn `last` refers to; 0 replays everything stored.
+    // The session's resume secret from `opened`; keep it private. Required. At most 256
+    // characters.
+    std::string resume_secret;
+    // The turn `last` refers to; 0 replays everything stored. Range 0..4294967295.
     int64_t turn = 0;
     // Last sequence number seen in `turn`, per channel (transcript, reply, audio, face); a missing
-    // channel means nothing of it was seen.
+    // channel means nothing of it was seen. Keys: transcript, reply, audio, face; values
+    // 0..4294967295.
     std::map<std::string, int64_t> last;
     // Next mic chunk seq the client would send (informational). Optional: leave it out when unset.
+    // Range 0..4294967295.
     std::optional<int64_t> mic_seq;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "sid", "resume_secret", "turn", "last", "mic_seq"};
 };
 
 // Application-level ping; answered with a pong carrying the same id.
 struct Ping
 {
     static constexpr const char* kType = "ping";
-    // Echoed in the pong. Optional: leave it out when unset.
+    // Echoed in the pong. Optional: leave it out when unset. Range 0..4294967295.
     std::optional<int64_t> id;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"id"};
 };
 
 }  // namespace client
@@ -145,21 +186,30 @@ struct Ping
 // Messages the server sends (text frames).
 namespace server {
 
-// Answer to hello: the server's protocol version and this connection's limits.
+// Answer to hello: the server's protocol version, this connection's limits and the NPCs it may
+// open.
 struct Welcome
 {
     static constexpr const char* kType = "welcome";
     // Protocol version.
-    int64_t protocol = 1;
+    int64_t protocol = 2;
     // Server name.
     std::string server = "parley";
     // Largest text or binary frame the gateway accepts.
     int64_t max_frame_bytes = 0;
     // Most sessions open at once on this connection.
     int64_t max_sessions = 0;
+    // Persona ids this connection may open.
+    std::vector<std::string> npcs;
+    // Name of the token (gateway.tokens); omitted: "default". Optional: absent when unset, never
+    // null.
+    std::optional<std::string> token_name;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"protocol", "server", "max_frame_bytes", "max_sessions", "npcs", "token_name"};
 };
 
-// Answer to open or resume: the session's binary channel, stored id and voice.
+// Answer to open or resume: the session's binary channel, stored id, voice and (on open) its
+// resume secret.
 struct Opened
 {
     static constexpr const char* kType = "opened";
@@ -182,6 +232,11 @@ struct Opened
     int64_t next_mic_seq = 1;
     // True when this answers a resume.
     bool resumed = false;
+    // The session's resume secret from `opened`; keep it private. Optional: absent when unset,
+    // never null.
+    std::optional<std::string> resume_secret;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "channel", "sid", "npc", "persona", "voice", "reply_sample_rate", "next_mic_seq", "resumed", "resume_secret"};
 };
 
 // Answer to close.
@@ -190,6 +245,19 @@ struct Closed
     static constexpr const char* kType = "closed";
     // The client's handle of the NPC session, unique on this connection.
     std::string session;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session"};
+};
+
+// The session was resumed on another connection: this connection gets nothing more of it and its
+// channel is freed.
+struct TakenOver
+{
+    static constexpr const char* kType = "taken_over";
+    // The client's handle of the NPC session, unique on this connection.
+    std::string session;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session"};
 };
 
 // What the player said: partial hypotheses, then one final per turn.
@@ -212,6 +280,8 @@ struct Transcript
     // Utterance end, in 16 kHz samples of the session's mic audio. Optional: absent when unset,
     // never null.
     std::optional<int64_t> end_sample;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "turn", "seq", "text", "final", "start_sample", "end_sample"};
 };
 
 // The NPC's reply text: one message per segment, then a final one with the full text.
@@ -230,6 +300,8 @@ struct Reply
     std::string text;
     // True on the last message of this channel in the turn.
     bool final = false;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "turn", "seq", "segment", "text", "final"};
 };
 
 // Everything of this turn has been sent (all audio, and all face frames of the segments UE said
@@ -248,8 +320,11 @@ struct TurnDone
     // Number of reply segments with audio in the turn.
     int64_t segments = 0;
     bool interrupted = false;
+    // Wall-clock ms (Unix epoch) of each step of the turn; keys in the protocol document.
     // Optional: absent when unset, never null.
     std::optional<std::map<std::string, double>> timings;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "turn", "audio_samples", "face_frames", "segments", "interrupted", "timings"};
 };
 
 // Something was refused or failed. The connection and all other sessions go on.
@@ -266,6 +341,11 @@ struct Error
     // Set when a turn failed; that turn gets no turn_done. Optional: absent when unset, never
     // null.
     std::optional<int64_t> turn;
+    // Errors of the same kind left unsent since the last one. Optional: absent when unset, never
+    // null.
+    std::optional<int64_t> suppressed;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"code", "message", "session", "turn", "suppressed"};
 };
 
 // Answer to ping.
@@ -274,6 +354,8 @@ struct Pong
     static constexpr const char* kType = "pong";
     // Echoed in the pong. Optional: absent when unset, never null.
     std::optional<int64_t> id;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"id"};
 };
 
 // The player barged in: stop playing this turn now and answer with `interrupt` carrying
@@ -285,6 +367,8 @@ struct Stop
     std::string session;
     // Turn number within the session, from 1; one turn per final transcript.
     int64_t turn = 0;
+    // The JSON keys of the fields above, besides `type`.
+    static constexpr const char* kFields[] = {"session", "turn"};
 };
 
 }  // namespace server
@@ -304,6 +388,7 @@ inline constexpr const char* kServerMessageTypes[] = {
     server::Welcome::kType,
     server::Opened::kType,
     server::Closed::kType,
+    server::TakenOver::kType,
     server::Transcript::kType,
     server::Reply::kType,
     server::TurnDone::kType,
@@ -311,5 +396,32 @@ inline constexpr const char* kServerMessageTypes[] = {
     server::Pong::kType,
     server::Stop::kType,
 };
+
+// Every message struct, by direction, for code that treats them alike (a template
+// taking MessageList<M...> sees each one as M).
+template <typename... M>
+struct MessageList
+{
+};
+using ClientMessages = MessageList<
+    client::Hello,
+    client::Open,
+    client::Close,
+    client::EndOfUtterance,
+    client::Ready,
+    client::Interrupt,
+    client::Resume,
+    client::Ping>;
+using ServerMessages = MessageList<
+    server::Welcome,
+    server::Opened,
+    server::Closed,
+    server::TakenOver,
+    server::Transcript,
+    server::Reply,
+    server::TurnDone,
+    server::Error,
+    server::Pong,
+    server::Stop>;
 
 }  // namespace parley

@@ -8,10 +8,13 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import fields
 
 import numpy as np
 import pytest
 
+from gateway.core import ConnectionCore, Limits
+from schemas import jsonschema as J
 from schemas import protocol as P
 from schemas import vectors as V
 from schemas.protocol import ProtocolError
@@ -72,15 +75,44 @@ def test_python_codec_decodes_every_binary_vector(vector):
 
 def _gateway_verdict(text: str, direction: str) -> dict:
     """What the gateway (client messages) or a client (server messages) makes of a text frame:
-    the decoding, with the value checks the gateway runs before acting on it."""
+    the decoding; a hello also goes through the gateway's own connection logic, which refuses
+    a protocol version it does not speak."""
     if direction == "server->client":
         return P.decode_text(text, P.SERVER_MESSAGES, strict=False).to_dict()
     msg = P.decode_text(text)
-    if isinstance(msg, P.OpenSession):
-        P.validate_open(msg)
-    if isinstance(msg, P.Resume) and set(msg.last) - set(CHANNELS):
-        raise ProtocolError(P.ErrorCode.BAD_MESSAGE, "resume: unknown channel")
+    if isinstance(msg, P.Hello):
+        [answer] = ConnectionCore(Limits(), {}).receive_text(text, 0.0)
+        if isinstance(answer.message, P.ErrorEvent):
+            raise ProtocolError(answer.message.code, answer.message.message)
     return msg.to_dict()
+
+
+def test_resume_channels_are_the_stored_channels():
+    last = next(f for f in fields(P.Resume) if f.name == "last")
+    assert set(last.metadata["keys"]) == set(CHANNELS)
+
+
+def test_every_rule_of_every_client_field_has_vectors():
+    """A rule added to a field's metadata gets vectors without touching schemas/vectors.py."""
+    names = {v["name"] for v in VECTORS["json"]}
+    for cls in P.CLIENT_MESSAGES.values():
+        for f in fields(cls):
+            meta = f.metadata
+            if meta.get("required"):
+                assert f"{cls.TYPE}.{f.name}.missing" in names
+            for rule, label in (("minimum", "below_minimum"), ("maximum", "above_maximum"),
+                                ("enum", "not_in_enum"), ("pattern", "bad_id_1"),
+                                ("keys", "unknown_key")):
+                if rule in meta:
+                    assert f"{cls.TYPE}.{f.name}.{label}" in names, (cls.TYPE, f.name, rule)
+
+
+def test_over_deep_json_is_refused_before_parsing():
+    deep = next(v for v in VECTORS["json"] if v["name"] == "text.nested_far_too_deep")
+    with pytest.raises(ProtocolError) as exc:
+        P.decode_text(deep["text"])
+    assert exc.value.code == P.ErrorCode.BAD_MESSAGE
+    assert "nested deeper" in exc.value.message
 
 
 @pytest.mark.parametrize("vector", VECTORS["json"], ids=lambda v: v["name"])
@@ -126,3 +158,56 @@ def test_cpp_codec_passes_the_binary_vectors(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     n = len(VECTORS["binary"])
     assert f"{n} of {n} binary vectors passed" in run.stdout, run.stdout
+    m = sum("expect" in v for v in VECTORS["json"])
+    assert f"{m} of {m} valid JSON vectors match the structs" in run.stdout, run.stdout
+
+
+def _schemas() -> dict:
+    return {name.removesuffix(".json"): schema for name, schema in J.build_all().items()}
+
+
+NEWLINE_ID = "bad_id_" + str(V.BAD_IDS.index("guard-01\n") + 1)
+RULE_CODES = {P.ErrorCode.BAD_MESSAGE, P.ErrorCode.BAD_SAMPLE_RATE, P.ErrorCode.BAD_CHANNELS,
+              P.ErrorCode.UNSUPPORTED_FORMAT}
+
+
+def test_vectors_agree_with_the_json_schemas():
+    """Vectors, codec and the published JSON Schemas say the same: a valid message is valid
+    under its schema, a message refused for its fields is not."""
+    schemas, checked = _schemas(), 0
+    for v in VECTORS["json"]:
+        try:
+            data = json.loads(v["text"])
+        except (ValueError, RecursionError):  # not JSON, or too deep for Python's parser
+            continue
+        side = "client" if v["direction"] == "client->server" else "server"
+        if not isinstance(data, dict) or f"{side}.{data.get('type')}" not in schemas:
+            continue
+        schema = schemas[f"{side}.{data['type']}"]
+        # a client takes null for an optional server field; the schema says a server never sends it
+        lenient = side == "server" and v["name"].endswith("optional_fields_null")
+        if "expect" in v and not lenient:
+            assert J.validate(data, schema) == [], v["name"]
+            checked += 1
+        # schemas.jsonschema.validate matches patterns with Python's re.search, whose `$` also
+        # matches before a final newline (ECMA-262's, which JSON Schema uses, does not)
+        if v["name"].endswith(NEWLINE_ID):
+            continue
+        if v.get("error") in RULE_CODES:
+            assert J.validate(data, schema) != [], v["name"]
+            checked += 1
+    assert checked > 300
+
+
+def test_the_gateway_answers_each_refused_vector_with_its_code():
+    """Not only the codec: the gateway's connection logic sends exactly this error code, once,
+    and stays usable (a ping right after is answered)."""
+    refused = [v for v in VECTORS["json"] if v["direction"] == "client->server" and "error" in v]
+    assert len(refused) > 200
+    for v in refused:
+        core = ConnectionCore(Limits(), {})
+        [answer] = core.receive_text(v["text"], 0.0)
+        assert isinstance(answer.message, P.ErrorEvent), v["name"]
+        assert answer.message.code == v["error"], (v["name"], answer.message.message)
+        [pong] = core.receive_text('{"type":"ping","id":1}', 0.0)
+        assert pong.message == P.Pong(id=1), v["name"]
