@@ -19,6 +19,7 @@ from schemas import protocol as P
 from schemas import vectors as V
 from schemas.protocol import ProtocolError
 from schemas.streams import CHANNELS
+from tests.unit.test_jsonschema import errors
 
 VECTORS = json.loads(V.VECTORS.read_text(encoding="utf-8"))
 CPP_DIR = V.ROOT / "clients" / "cpp"
@@ -187,14 +188,17 @@ def test_vectors_agree_with_the_json_schemas():
         # a client takes null for an optional server field; the schema says a server never sends it
         lenient = side == "server" and v["name"].endswith("optional_fields_null")
         if "expect" in v and not lenient:
-            assert J.validate(data, schema) == [], v["name"]
+            assert errors(data, schema) == [], v["name"]
             checked += 1
-        # schemas.jsonschema.validate matches patterns with Python's re.search, whose `$` also
-        # matches before a final newline (ECMA-262's, which JSON Schema uses, does not)
+        # the jsonschema package matches patterns with Python's re.search, whose `$` also
+        # matches before a final newline (ECMA-262's, which JSON Schema means, does not)
         if v["name"].endswith(NEWLINE_ID):
             continue
+        # JSON Schema counts 7.0 as an integer; the codec, stricter, refuses it
+        if any(isinstance(x, float) and x.is_integer() for x in data.values()):
+            continue
         if v.get("error") in RULE_CODES:
-            assert J.validate(data, schema) != [], v["name"]
+            assert errors(data, schema) != [], v["name"]
             checked += 1
     assert checked > 300
 
