@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     sy.add_argument("--npc", default="guard")
     sy.add_argument("--fast", action="store_true", help="send the file unpaced")
     sy.add_argument("--token", default=os.environ.get("PARLEY_GATEWAY_AUTH_TOKEN"))
+    sy.add_argument("--token-name", default=os.environ.get("PARLEY_TOKEN_NAME"),
+                    help="the name of the token in the gateway's configuration (default: "
+                         "'default', the one gateway.auth_token sets)")
     sy.add_argument("--timeout", type=float, default=120.0,
                     help="seconds to wait for the reply once the transcript came")
     sy.add_argument("--no-wait", action="store_true",
@@ -188,7 +191,8 @@ def cmd_say(args) -> int:
     try:
         result = asyncio.run(say(args.url, args.wav, args.out, npc=args.npc,
                                  realtime=not args.fast, timeout=args.timeout,
-                                 token=args.token, stay=not args.no_wait))
+                                 token=args.token, stay=not args.no_wait,
+                                 token_name=args.token_name))
     except SayError as exc:
         print(f"parley say: {exc}", file=sys.stderr)
         return 1

@@ -233,7 +233,8 @@ class Client:
         client.welcome = await client.wait_for("welcome")
         return client
 
-    async def reconnect(self, url: str, token: str | None = None) -> None:
+    async def reconnect(self, url: str, token: str | None = None,
+                        token_name: str | None = None) -> None:
         """After the link (or the gateway) died: a new connection, then `resume` for every
         session with the last sequence number seen per channel, so nothing is missed and
         nothing comes twice."""
@@ -243,11 +244,14 @@ class Client:
         self.ws = await connect(url, max_size=16 * 1024 * 1024, compression=None)
         self._reader = asyncio.create_task(self._read_loop())
         self._waiters.pop("welcome", None)
-        await self.send(P.Hello(client="parley-say", token=token))
+        await self.send(P.Hello(client="parley-say", token=token, token_name=token_name))
         await self.wait_for("welcome")
         for session, opened in list(self.opened.items()):
             tr = self.turns[session]
-            turn = max([t for t, _ in tr.seq.last] or [0])
+            # from the oldest turn not yet done (a newer one must not hide it), else the latest
+            seen = {t for t, _ in tr.seq.last}
+            unfinished = [t for t in seen if (session, t) not in self.done_turns]
+            turn = min(unfinished) if unfinished else max(seen or [0])
             last = {ch: seq for (t, ch), seq in tr.seq.last.items() if t == turn}
             self._waiters.pop(f"opened:{session}", None)
             await self.send(P.Resume(session=session, sid=opened.sid,
@@ -505,7 +509,8 @@ class Client:
 
 async def say(url: str, wav: str | Path, out: str | Path | None, npc: str = "guard",
               realtime: bool = True, timeout: float = 120.0, token: str | None = None,
-              session: str = "npc-1", quiet_s: float = 30.0, stay: bool = True) -> TurnResult:
+              session: str = "npc-1", quiet_s: float = 30.0, stay: bool = True,
+              token_name: str | None = None) -> TurnResult:
     """One turn from a sound file. Raises SayError, with what did not come, when the turn
     produced nothing: no transcript and no progress for ``quiet_s`` after the audio, no reply
     within ``timeout``, or a reply without audio. ``stay``: wait until the reply has played."""
@@ -513,7 +518,7 @@ async def say(url: str, wav: str | Path, out: str | Path | None, npc: str = "gua
     if mic.peak_dbfs == float("-inf"):
         raise SayError(f"{wav} is digital silence ({mic.duration_s:.1f} s, every sample 0): "
                        "nothing to say")
-    client = await Client.connect(url, token=token)
+    client = await Client.connect(url, token=token, token_name=token_name)
     try:
         # a recorded question is one turn, however long its pauses: the file's end ends it
         await client.open(session, npc, mic.rate, mic.channels, fmt=mic.format,
