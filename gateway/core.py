@@ -45,7 +45,6 @@ class OpenAction:
 @dataclass
 class ResumeAction:
     session: str
-    channel: int
     request: P.Resume
 
 
@@ -192,7 +191,6 @@ class ConnectionCore:
         self.personas = personas  # persona id -> voice
         self.authenticated = not limits.tokens
         self.token: Token | None = None  # the token hello authenticated with
-        self.hello_seen = False
         self.sessions: dict[str, SessionState] = {}
         self.by_channel: dict[int, SessionState] = {}
         self._next_channel = 1
@@ -351,7 +349,6 @@ class ConnectionCore:
                                     "hello: unknown token_name or wrong token")
             self.token = token
         self.authenticated = True
-        self.hello_seen = True
         return [Send(P.Welcome(max_frame_bytes=self.limits.max_frame_bytes,
                                max_sessions=self.limits.max_sessions,
                                npcs=self.allowed_npcs(),
@@ -426,7 +423,7 @@ class ConnectionCore:
                                     f"connection as session {other.session!r}",
                                     session=msg.session)
         # The I/O layer checks the sid against Redis and calls resumed() with the format.
-        return [ResumeAction(msg.session, 0, msg)]
+        return [ResumeAction(msg.session, msg)]
 
     def resumed(self, msg: P.Resume, rate: int, channels: int, fmt: str, next_mic_seq: int,
                 segments: set[tuple[int, int]], ready: set[tuple[int, int]],
