@@ -11,12 +11,15 @@ from schemas.streams import Job, ReplyEntry, now_ms
 from workers.llm.fragmenter import Fragmenter
 from workers.llm.personas import Persona, load_personas
 from workers.llm.scripted import ScriptedPersonaBackend
+from workers.loader import is_object_ref, load_object
 from workers.runtime import JobContext, Stage
 
 BACKENDS = ("scripted", "openai", "vllm")
 
 
 def make_backend(name: str, config: Config):
+    if is_object_ref(name):  # "package.module:Class", e.g. the benchmarks' simulated models
+        return load_object(name)(config)
     cfg = config.llm
     if name == "scripted":
         return ScriptedPersonaBackend()

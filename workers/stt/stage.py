@@ -16,6 +16,7 @@ import numpy as np
 
 from parley.config import Config
 from schemas.streams import Job, MicEntry, TranscriptEntry, now_ms, parse_id
+from workers.loader import is_object_ref, load_object
 from workers.runtime import HandBack, JobContext, Stage
 from workers.stt.audio import MicConverter
 from workers.stt.pocketsphinx_backend import PocketsphinxBackend
@@ -35,6 +36,8 @@ def _cuda_or_cpu() -> str:
 
 
 def make_backend(name: str, config: Config):
+    if is_object_ref(name):  # "package.module:Class", e.g. the benchmarks' simulated models
+        return load_object(name)(config)
     cfg = config.stt
     if name == "faster-whisper":
         from workers.stt.faster_whisper_backend import FasterWhisperBackend

@@ -9,6 +9,7 @@ import numpy as np
 from parley.config import Config
 from schemas.streams import Job, Mark, ReplyEntry, VoiceEntry, now_ms, parse_id
 from workers.llm.personas import load_personas
+from workers.loader import is_object_ref, load_object
 from workers.runtime import JobContext, Stage
 from workers.tts.espeak import EspeakSynth, SynthChunk
 
@@ -17,6 +18,8 @@ REPLY_WAIT_S = 60.0  # no reply fragment for this long: the LLM side is gone, en
 
 
 def make_backend(name: str, config: Config):
+    if is_object_ref(name):  # "package.module:Class", e.g. the benchmarks' simulated models
+        return load_object(name)(config)
     if name == "coqui":
         from workers.tts.coqui_backend import CoquiBackend
 
