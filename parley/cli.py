@@ -133,8 +133,12 @@ def cmd_up(args, config: Config) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        fleet.wait_ready(on_restart=lambda name: print(
-            f"parley up: restarted {name}", file=sys.stderr, flush=True))
+        try:
+            fleet.wait_ready(on_restart=lambda name: print(
+                f"parley up: restarted {name}", file=sys.stderr, flush=True))
+        except RuntimeError as exc:  # a process that never became ready: say which, stop
+            print(f"parley up: {exc}", file=sys.stderr, flush=True)
+            return 1
         STATE_FILE.write_text(json.dumps({"redis_url": fleet.redis_url, "pid": os.getpid(),
                                           "gateway": f"ws://{args.host}:{fleet.port}",
                                           "children": fleet.pids()}))
