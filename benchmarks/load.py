@@ -1,18 +1,20 @@
 """`parley bench load`: how many players talking at once the fleet carries, and what idle
 NPCs cost.
 
-    parley bench load [--steps 1,2,4,8] [--sim-steps 1,25,50,100,200] [--step-s 20]
-                      [--idle 200] [--workers auto] [--profiles offline,sim]
+    parley bench load [--steps auto] [--sim-steps 1,25,50,100,200] [--step-s 20]
+                      [--stagger-s 2] [--idle 200] [--workers auto] [--profiles offline,sim]
 
 For each profile it starts its own redis-server and fleet (`parley up`'s supervisor: a dead
 process is restarted and counted) on loopback, then ramps concurrent players. Each player has
 its own connection and NPC session (push-to-talk, ``endpoint: client``) and loops: it speaks
 the recorded question at real-time pace in 20 ms chunks, sends ``end_of_utterance``, listens to
 the whole reply as UE plays it (answering ``ready`` per segment, as UE does) and then speaks
-again. Starts are staggered over ``--stagger-s``. A step runs ``--step-s`` seconds; a turn
-begun before that is finished (or given up after 30 s). The ramp stops after the first step
-that does not hold. Last, with ``--idle N``, the offline profile opens N idle sessions (open,
-no audio, 50 per connection) before one player speaks.
+again. Starts are staggered over ``--stagger-s``. A step runs ``--step-s`` seconds (the
+one-player baseline twice that); a turn begun before that is finished (or given up after 30 s).
+The ramp stops after the first step that does not hold. ``--steps auto`` (offline) runs one
+player, then 25, 50, 75, 90, 100 and 110 % of the STT ceiling (below) that step implies.
+Last, with ``--idle N``, the offline profile opens N idle sessions (open, no audio, 50 per
+connection) before one player speaks.
 
 Profiles: ``offline`` (pocketsphinx, scripted persona, espeak-ng: the real cost on this
 machine) and ``sim`` (SIMULATED models with fixed sleeps, see benchmarks/simulated.py: the
@@ -56,7 +58,7 @@ import redis
 from benchmarks import simulated
 from benchmarks.chaos import synthesize
 from parley.client import Client, TurnResult
-from parley.fleet import Fleet
+from parley.fleet import Fleet, cpu_count
 from parley.redis_server import RedisServer, free_port
 from schemas import protocol as P
 from schemas.streams import STAGES, Keys
@@ -65,6 +67,7 @@ RATE = 16000  # the players' mic rate
 BUFFER_S = 0.1  # UE starts a reply after this much audio is buffered
 TURN_TIMEOUT_S = 30.0  # no turn_done by then: the turn is lost
 IDLE_PER_CONNECTION = 50  # under the gateway's default max_sessions (64)
+AUTO_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1)  # of the STT ceiling: --steps auto
 IDLE_LATENCY_RATIO = 1.2  # a player among idle sessions: p50 within this of its alone figure
 NPCS = ("guard", "merchant", "innkeeper", "wizard")
 ENV = {"PARLEY_LOG_LEVEL": "warning"}  # takeovers and dead letters are warnings / errors
@@ -348,33 +351,67 @@ async def open_idle(url: str, count: int) -> list[Client]:
     return clients
 
 
-async def run_profile(rig: Rig, steps: list[int], frames: np.ndarray, step_s: float,
-                      stagger_s: float, idle: int, say=_say) -> tuple[list[Step], dict]:
+def stt_ceiling(stt_rtf: float, share: float, cores: int) -> float:
+    """Players the cores can serve when the recognizer's cost is all there is."""
+    return cores / (stt_rtf * share) if stt_rtf > 0 and share > 0 else float("nan")
+
+
+def auto_steps(ceiling: float) -> list[int]:
+    """Steps at fractions of the STT ceiling, to see how close to it the fleet gets."""
+    out: list[int] = []
+    for f in AUTO_FRACTIONS:
+        n = max(2, round(ceiling * f)) if ceiling == ceiling else 2  # nan: no ceiling known
+        if not out or n > out[-1]:
+            out.append(n)
+    return out
+
+
+async def run_profile(rig: Rig, steps: list[int] | None, frames: np.ndarray, step_s: float,
+                      stagger_s: float, ceiling_of=None, say=_say) -> list[Step]:
+    """The ramp; ``steps`` None: 1 player, then auto_steps(ceiling_of(that step))."""
     out: list[Step] = []
-    for players in steps:
-        step = await run_step(rig, players, frames, step_s, stagger_s)
+    plan = list(steps) if steps else [1]
+    for players in iter_growing(plan):
+        # the baseline runs twice as long: every later step is judged against its p95
+        step = await run_step(rig, players, frames, step_s * (1 if out else 2), stagger_s)
         judge(step, out[0] if out else None)
         out.append(step)
         say(row(step))
         if not step.holds:
             break  # this step is past the limit: the ramp stops
-    memory: dict = {}
-    if idle and out:
-        gw = rig.fleet.pids().get("gateway", 0)
-        rss0, mem0 = _rss_kib(gw), int(rig.r.info("memory")["used_memory"])
-        clients = await open_idle(rig.url, idle)
-        memory = {"gateway_kib_per_idle": (_rss_kib(gw) - rss0) / idle,
-                  "redis_kib_per_idle": (int(rig.r.info("memory")["used_memory"]) - mem0)
-                  / 1024 / idle}
-        try:
-            step = await run_step(rig, 1, frames, step_s, 0.0, idle=idle)
-        finally:
-            for c in clients:
-                await c.close()
-        judge(step, out[0])
-        out.append(step)
-        say(row(step))
-    return out, memory
+        if len(out) == 1 and not steps and ceiling_of is not None:
+            plan += auto_steps(ceiling_of(step))
+            say(f"  steps at {', '.join(f'{f:.0%}' for f in AUTO_FRACTIONS)} of the STT "
+                f"ceiling: {', '.join(map(str, plan[1:]))} players")
+    return out
+
+
+def iter_growing(plan: list[int]):
+    """Iterates a list that may grow while it is iterated."""
+    i = 0
+    while i < len(plan):
+        yield plan[i]
+        i += 1
+
+
+async def run_idle(rig: Rig, idle: int, frames: np.ndarray, step_s: float, base: Step,
+                   say=_say) -> tuple[Step, dict]:
+    """One player speaks while ``idle`` sessions are open with no audio; memory per idle
+    session from the gateway's RSS and Redis's used_memory before and after opening them."""
+    gw = rig.fleet.pids().get("gateway", 0)
+    rss0, mem0 = _rss_kib(gw), int(rig.r.info("memory")["used_memory"])
+    clients = await open_idle(rig.url, idle)
+    memory = {"gateway_kib_per_idle": (_rss_kib(gw) - rss0) / idle,
+              "redis_kib_per_idle": (int(rig.r.info("memory")["used_memory"]) - mem0)
+              / 1024 / idle}
+    try:
+        step = await run_step(rig, 1, frames, step_s, 0.0, idle=idle)
+    finally:
+        for c in clients:
+            await c.close()
+    judge(step, base)
+    say(row(step))
+    return step, memory
 
 
 # --------------------------------------------------------------------------- measuring STT
@@ -444,7 +481,7 @@ def summary(results: dict[str, list[Step]], stt_rtf: float, memory: dict,
     lines = []
     if offline:
         share = offline[0].speaking_share
-        ceiling = cores / (stt_rtf * share) if stt_rtf and share else float("nan")
+        ceiling = stt_ceiling(stt_rtf, share, cores)
         lines.append(f"STT ceiling: {cores} cores / (stt_rtf {stt_rtf:.3f} x speaking share "
                      f"{share:.2f}) = {ceiling:.1f} players; players_max {players_max} is "
                      f"{100 * players_max / ceiling:.0f} % of it")
@@ -468,22 +505,31 @@ def summary(results: dict[str, list[Step]], stt_rtf: float, memory: dict,
 # --------------------------------------------------------------------------- the run
 
 
-def run(profiles: list[str], steps: dict[str, list[int]], step_s: float, stagger_s: float,
-        idle: int, workers: str, say=_say) -> tuple[dict[str, list[Step]], float, dict]:
+def run(profiles: list[str], steps: dict[str, list[int] | None], step_s: float,
+        stagger_s: float, idle: int, workers: str, say=_say
+        ) -> tuple[dict[str, list[Step]], float, dict]:
     frames = synthesize(simulated.QUESTION)
     stt_rtf = measure_stt_rtf(frames)
-    say(f"question {len(frames) / RATE:.2f} s; offline stt_rtf {stt_rtf:.3f}; "
-        f"workers {workers}; {step_s:.0f} s per step")
+    cores = cpu_count()
+    say(f"question {len(frames) / RATE:.2f} s; offline stt_rtf {stt_rtf:.3f}; {cores} cores; "
+        f"workers {workers}; {step_s:.0f} s per step (the 1-player baseline {2 * step_s:.0f} s)")
     say(HEADER)
     results: dict[str, list[Step]] = {}
     memory: dict = {}
     for profile in profiles:
         rig = start_rig(profile, workers)
         try:
-            n_idle = idle if profile == "offline" else 0
-            results[profile], mem = asyncio.run(run_profile(
-                rig, steps[profile], frames, step_s, stagger_s, n_idle, say))
-            memory = memory or mem
+            async def ramp(profile=profile, rig=rig) -> list[Step]:
+                out = await run_profile(
+                    rig, steps[profile], frames, step_s, stagger_s,
+                    lambda s: stt_ceiling(stt_rtf, s.speaking_share, cores), say)
+                if idle and profile == "offline" and out:
+                    step, mem = await run_idle(rig, idle, frames, step_s, out[0], say)
+                    out.append(step)
+                    memory.update(mem)
+                return out
+
+            results[profile] = asyncio.run(ramp())
         finally:
             stop_rig(rig)
         say(f"  ({profile} fleet log: {rig.log})")
@@ -497,7 +543,9 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="parley bench load",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", default="1,2,4,8", help="players per step, offline models")
+    ap.add_argument("--steps", default="auto",
+                    help="players per step, offline models; auto: 1, then 25, 50, 75, 90, 100 "
+                         "and 110 %% of the STT ceiling measured at 1 player")
     ap.add_argument("--sim-steps", default="1,25,50,100,200",
                     help="players per step, SIMULATED models")
     ap.add_argument("--step-s", type=float, default=20.0, help="seconds per step")
@@ -511,13 +559,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(profiles) - set(PROFILES)
     if unknown:
         ap.error(f"unknown profiles {sorted(unknown)}; known: {', '.join(PROFILES)}")
-    steps = {"offline": _ints(args.steps), "sim": _ints(args.sim_steps)}
-    if any(not steps[p] or steps[p][0] != 1 for p in profiles):
+    steps = {p: None if text.strip() == "auto" else _ints(text)
+             for p, text in (("offline", args.steps), ("sim", args.sim_steps))}
+    if any(steps[p] is not None and (not steps[p] or steps[p][0] != 1) for p in profiles):
         ap.error("each profile's steps start with 1 player (the baseline)")
     results, stt_rtf, memory = run(profiles, steps, args.step_s, args.stagger_s, args.idle,
                                    args.workers)
-    cores = len(os.sched_getaffinity(0))
-    for line in summary(results, stt_rtf, memory, cores):
+    for line in summary(results, stt_rtf, memory, cpu_count()):
         print(line, flush=True)
     return 0
 
