@@ -1,7 +1,7 @@
 """`parley bench load`: how many players talking at once the fleet carries, and what idle
 NPCs cost.
 
-    parley bench load [--steps auto] [--sim-steps 1,25,50,100,200] [--step-s 20]
+    parley bench load [--steps auto] [--sim-steps 1,10,25,50,100,200] [--step-s 20]
                       [--stagger-s 2] [--idle 200] [--workers auto] [--profiles offline,sim]
 
 For each profile it starts its own redis-server and fleet (`parley up`'s supervisor: a dead
@@ -22,8 +22,9 @@ fleet's own capacity: gateway, Redis, runtime, lipsync).
 
 Per step: reply latency p50/p95 (client's ``end_of_utterance`` -> first reply audio),
 underruns (a reply-audio chunk that arrives after the player's audio ran dry, playing from a
-100 ms buffer from the first chunk on), face frames per second of reply audio, failed turns
-(``turn_failed``) and turns with no reply (both lost), ``job_taken_over`` and
+100 ms buffer from the first chunk on) and the longest silence one caused (stall, ms), face
+frames per second of reply audio, failed turns (``turn_failed``) and turns with no reply (both
+lost), ``job_taken_over`` and
 ``job_dead_lettered`` in the fleet log and new entries in the dead-letter streams, processes
 that died, and CPU per stage in % of one core (from /proc; ``bench`` is this process: the
 players). A step *holds* when p95 <= 2x the one-player p95 of its profile with zero underruns,
@@ -88,25 +89,28 @@ class Turn:
     status: str = "lost"  # completed | failed (turn_failed) | lost (no reply in time)
     latency_ms: float | None = None
     underruns: int = 0
+    stall_s: float = 0.0  # the longest silence underruns caused
     audio_s: float = 0.0
     face_frames: int = 0
     error: str = ""
 
 
 def underruns(arrivals: list[tuple[float, int, int]], buffer_s: float = BUFFER_S
-              ) -> tuple[int, float]:
+              ) -> tuple[int, float, float]:
     """UE's playback of one reply: ``arrivals`` are (arrival time, samples, rate) per chunk in
     order. Playback starts ``buffer_s`` after the first chunk; a chunk that arrives after the
     audio before it has run out is an underrun, and playback resumes ``buffer_s`` after it.
-    Returns (underruns, the time playback ends)."""
-    count, end = 0, 0.0
+    Returns (underruns, the time playback ends, the longest silence an underrun caused)."""
+    count, end, worst = 0, 0.0, 0.0
     for i, (t, n, rate) in enumerate(arrivals):
         if i and t <= end:
             end += n / rate
             continue
-        count += 1 if i else 0
+        if i:
+            count += 1
+            worst = max(worst, t + buffer_s - end)
         end = t + buffer_s + n / rate
-    return count, end
+    return count, end, worst
 
 
 class PlayerClient(Client):
@@ -142,7 +146,8 @@ async def _one_turn(client: PlayerClient, name: str, sid: str, index: int,
     turn.latency_ms = tr.latency_ms()["first_audio"]
     turn.audio_s = tr.audio_samples / tr.reply_rate if tr.reply_rate else 0.0
     turn.face_frames = tr.face_frames
-    turn.underruns, play_end = underruns(client.arrivals.pop((name, tr.turn), []))
+    arrivals = client.arrivals.pop((name, tr.turn), [])
+    turn.underruns, play_end, turn.stall_s = underruns(arrivals)
     # the player listens to the end of the reply before speaking again
     await asyncio.sleep(max(0.0, play_end - time.perf_counter()))
     return turn
@@ -444,8 +449,8 @@ def measure_stt_rtf(frames: np.ndarray, repeats: int = 3) -> float:
 
 
 HEADER = (f"{'profile':8} {'players':>7} {'idle':>5} {'turns':>5} {'p50_ms':>7} {'p95_ms':>7} "
-          f"{'p95/1p':>6} {'underr':>6} {'face/s':>6} {'failed':>6} {'lost':>4} {'takeov':>6} "
-          f"{'dead':>4} {'died':>4} {'holds':5} cpu % of a core")
+          f"{'p95/1p':>6} {'underr':>6} {'stall':>5} {'face/s':>6} {'failed':>6} {'lost':>4} "
+          f"{'takeov':>6} {'dead':>4} {'died':>4} {'holds':5} cpu % of a core")
 
 
 def row(s: Step) -> str:
@@ -453,8 +458,9 @@ def row(s: Step) -> str:
     noreply = sum(t.status == "lost" for t in s.turns)
     ratio = s.pct(95) / s.base_p95 if s.base_p95 else float("nan")
     cpu = " ".join(f"{k}={v:.0f}" for k, v in s.cpu.items())
+    stall = 1000 * max([t.stall_s for t in s.turns] or [0.0])
     return (f"{s.profile:8} {s.players:>7} {s.idle:>5} {len(s.turns):>5} {s.pct(50):>7.0f} "
-            f"{s.pct(95):>7.0f} {ratio:>6.2f} {s.underruns:>6} {s.face_fps():>6.1f} "
+            f"{s.pct(95):>7.0f} {ratio:>6.2f} {s.underruns:>6} {stall:>5.0f} {s.face_fps():>6.1f} "
             f"{failed:>6} {noreply:>4} {s.takeovers:>6} {s.dead:>4} {s.deaths:>4} "
             f"{'yes' if s.holds else 'NO':5} {cpu}")
 
@@ -546,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", default="auto",
                     help="players per step, offline models; auto: 1, then 25, 50, 75, 90, 100 "
                          "and 110 %% of the STT ceiling measured at 1 player")
-    ap.add_argument("--sim-steps", default="1,25,50,100,200",
+    ap.add_argument("--sim-steps", default="1,10,25,50,100,200",
                     help="players per step, SIMULATED models")
     ap.add_argument("--step-s", type=float, default=20.0, help="seconds per step")
     ap.add_argument("--stagger-s", type=float, default=2.0, help="players start over this")

@@ -8,16 +8,17 @@ from benchmarks.load import Step, Turn, judge, summary, underruns
 def test_reply_audio_that_keeps_ahead_of_playback_never_underruns():
     # 100 ms chunks arriving every 100 ms: the 100 ms buffer never runs dry
     arrivals = [(0.1 * i, 1600, 16000) for i in range(10)]
-    count, end = underruns(arrivals)
-    assert count == 0
+    count, end, stall = underruns(arrivals)
+    assert count == 0 and stall == 0
     assert abs(end - (0.1 + 1.0)) < 1e-9  # buffer + one second of audio
 
 
 def test_a_chunk_after_the_audio_ran_dry_is_one_underrun_and_playback_rebuffers():
     arrivals = [(0.0, 1600, 16000), (0.15, 1600, 16000), (1.0, 1600, 16000),
                 (1.05, 1600, 16000)]
-    count, end = underruns(arrivals)
+    count, end, stall = underruns(arrivals)
     assert count == 1  # the third chunk: the first two ran out at 0.3 s
+    assert abs(stall - 0.8) < 1e-9  # silent from 0.3 s until 1.1 s (arrival + buffer)
     assert abs(end - (1.0 + 0.1 + 0.2)) < 1e-9
 
 
