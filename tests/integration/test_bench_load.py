@@ -22,7 +22,7 @@ def test_tiny_load_benchmark_runs_both_profiles_and_prints_its_line(capsys):
                                                  ("sim", "1", "0")]
     for r in rows:
         assert int(r[3]) >= 1  # turns
-        assert 55 <= float(r[8]) <= 65  # face frames per second of reply audio
+        assert 55 <= float(r[9]) <= 65  # face frames per second of reply audio
     last = out.strip().splitlines()[-1]
     m = re.fullmatch(r"players_max=\d+ sim_players_max=\d+ idle_sessions=\d+ "
                      r"false_takeovers=(?P<false>\d+) lost_turns=(?P<lost>\d+) "
