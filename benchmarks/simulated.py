@@ -89,9 +89,15 @@ class SimulatedLlm:
 
 
 class SimulatedTts:
-    """SIMULATED TTS: espeak-ng's audio and phoneme marks (cached per text, so real PCM of
-    the right length at no synthesis cost), delivered after a fixed first-chunk delay plus
-    ``TTS_RTF`` x its duration."""
+    """SIMULATED streaming TTS: espeak-ng's audio and phoneme marks (cached per text, so real
+    PCM of the right length at no synthesis cost), delivered after a fixed first-chunk delay
+    plus ``TTS_RTF`` x the first chunk.
+
+    The TTS stage takes a fragment's audio all at once, so a streaming model's later chunks
+    cannot be paced here; charging the whole fragment's RTF up front instead would model a
+    non-streaming model, whose long second sentence (4.2 s at RTF 0.1: 0.5 s) reaches UE only
+    ~50 ms before a short first one (1 s) has played: underruns from the model, not from the
+    fleet this profile measures."""
 
     name = "simulated-tts"
 
@@ -112,7 +118,7 @@ class SimulatedTts:
                 chunks = list(self._synth.synthesize(text, voice=voice, rate_wpm=rate_wpm,
                                                      pitch=pitch))
                 self._cache[key] = chunks
-        seconds = sum(len(c.pcm) for c in chunks) / self.sample_rate
+        first_s = len(chunks[0].pcm) / self.sample_rate if chunks else 0.0
         # the stage calls this in a worker thread and takes the whole list
-        time.sleep(TTS_FIRST_CHUNK_MS / 1000 + TTS_RTF * seconds)
+        time.sleep(TTS_FIRST_CHUNK_MS / 1000 + TTS_RTF * first_s)
         return iter(chunks)
