@@ -2,7 +2,7 @@
 NPCs cost.
 
     parley bench load [--steps auto] [--sim-steps 1,10,25,50,100,200] [--step-s 20]
-                      [--stagger-s 2] [--idle 200] [--workers auto] [--profiles offline,sim]
+                      [--stagger-s 2] [--idle 1000] [--workers auto] [--profiles offline,sim]
 
 For each profile it starts its own redis-server and fleet (`parley up`'s supervisor: a dead
 process is restarted and counted) on loopback, then ramps concurrent players. Each player has
@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="players per step, SIMULATED models")
     ap.add_argument("--step-s", type=float, default=20.0, help="seconds per step")
     ap.add_argument("--stagger-s", type=float, default=2.0, help="players start over this")
-    ap.add_argument("--idle", type=int, default=200,
+    ap.add_argument("--idle", type=int, default=1000,
                     help="idle sessions for the last offline step (0: none)")
     ap.add_argument("--workers", default="auto", help="worker processes per stage, or auto")
     ap.add_argument("--profiles", default="offline,sim")
