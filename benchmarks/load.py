@@ -24,11 +24,12 @@ Per step: reply latency p50/p95 (client's ``end_of_utterance`` -> first reply au
 underruns (a reply-audio chunk that arrives after the player's audio ran dry, playing from a
 100 ms buffer from the first chunk on) and the longest silence one caused (stall, ms), face
 frames per second of reply audio, failed turns (``turn_failed``) and turns with no reply (both
-lost), ``job_taken_over`` and
-``job_dead_lettered`` in the fleet log and new entries in the dead-letter streams, processes
-that died, and CPU per stage in % of one core (from /proc; ``bench`` is this process: the
-players). A step *holds* when p95 <= 2x the one-player p95 of its profile with zero underruns,
-lost turns and false takeovers (takeovers while no process died).
+lost), players refused at ``open`` (never spoke: not lost, but the step does not hold),
+``job_taken_over`` and ``job_dead_lettered`` in the fleet log and new entries in the
+dead-letter streams, processes that died, and CPU per stage in % of one core (from /proc;
+``bench`` is this process: the players). A step *holds* when p95 <= 2x the one-player p95 of
+its profile with zero underruns, lost turns, refusals and false takeovers (takeovers while no
+process died).
 
 ``stt_rtf`` is the offline recognizer's own cost, measured here before the fleets start: CPU
 seconds per second of the question's audio, fed in 20 ms chunks. With the speaking share of
@@ -293,6 +294,11 @@ class Step:
         return sum(t.status in ("failed", "lost") for t in self.turns)
 
     @property
+    def refused(self) -> int:
+        """Players whose session was refused at open (never spoke: not lost)."""
+        return sum(t.status == "refused" for t in self.turns)
+
+    @property
     def underruns(self) -> int:
         return sum(t.underruns for t in self.turns)
 
@@ -341,19 +347,27 @@ def judge(step: Step, base: Step | None) -> None:
     ref = base or step
     step.base_p95 = ref.pct(95)
     clean = (step.lost == 0 and step.underruns == 0 and step.false_takeovers == 0
-             and step.dead == 0 and bool(step.latencies()))
+             and step.dead == 0 and step.refused == 0 and bool(step.latencies()))
     step.holds = clean and step.pct(95) <= 2 * step.base_p95
 
 
-async def open_idle(url: str, count: int) -> list[Client]:
-    """``count`` idle sessions (open, never a sound), IDLE_PER_CONNECTION per connection."""
+async def open_idle(url: str, count: int) -> tuple[list[Client], int]:
+    """Up to ``count`` idle sessions (open, never a sound), IDLE_PER_CONNECTION per
+    connection; stops at the first the gateway refuses. Returns the clients and how many
+    opened."""
     clients: list[Client] = []
+    opened = 0
     for c in range(0, count, IDLE_PER_CONNECTION):
         client = await Client.connect(url)
         clients.append(client)
         for i in range(c, min(count, c + IDLE_PER_CONNECTION)):
-            await client.open(f"idle{i}", NPCS[i % len(NPCS)], RATE, 1, endpoint="client")
-    return clients
+            try:
+                await client.open(f"idle{i}", NPCS[i % len(NPCS)], RATE, 1, endpoint="client")
+            except RuntimeError as exc:  # refused (admission control): as many as it takes
+                _say(f"  idle session {i + 1} refused: {exc}")
+                return clients, opened
+            opened += 1
+    return clients, opened
 
 
 def stt_ceiling(stt_rtf: float, share: float, cores: int) -> float:
@@ -405,10 +419,11 @@ async def run_idle(rig: Rig, idle: int, frames: np.ndarray, step_s: float, base:
     session from the gateway's RSS and Redis's used_memory before and after opening them."""
     gw = rig.fleet.pids().get("gateway", 0)
     rss0, mem0 = _rss_kib(gw), int(rig.r.info("memory")["used_memory"])
-    clients = await open_idle(rig.url, idle)
-    memory = {"gateway_kib_per_idle": (_rss_kib(gw) - rss0) / idle,
+    clients, idle = await open_idle(rig.url, idle)
+    n = max(1, idle)
+    memory = {"gateway_kib_per_idle": (_rss_kib(gw) - rss0) / n,
               "redis_kib_per_idle": (int(rig.r.info("memory")["used_memory"]) - mem0)
-              / 1024 / idle}
+              / 1024 / n}
     try:
         step = await run_step(rig, 1, frames, step_s, 0.0, idle=idle)
     finally:
@@ -450,7 +465,7 @@ def measure_stt_rtf(frames: np.ndarray, repeats: int = 3) -> float:
 
 HEADER = (f"{'profile':8} {'players':>7} {'idle':>5} {'turns':>5} {'p50_ms':>7} {'p95_ms':>7} "
           f"{'p95/1p':>6} {'underr':>6} {'stall':>5} {'face/s':>6} {'failed':>6} {'lost':>4} "
-          f"{'takeov':>6} {'dead':>4} {'died':>4} {'holds':5} cpu % of a core")
+          f"{'refus':>5} {'takeov':>6} {'dead':>4} {'died':>4} {'holds':5} cpu % of a core")
 
 
 def row(s: Step) -> str:
@@ -459,9 +474,10 @@ def row(s: Step) -> str:
     ratio = s.pct(95) / s.base_p95 if s.base_p95 else float("nan")
     cpu = " ".join(f"{k}={v:.0f}" for k, v in s.cpu.items())
     stall = 1000 * max([t.stall_s for t in s.turns] or [0.0])
-    return (f"{s.profile:8} {s.players:>7} {s.idle:>5} {len(s.turns):>5} {s.pct(50):>7.0f} "
+    turns = len(s.turns) - s.refused
+    return (f"{s.profile:8} {s.players:>7} {s.idle:>5} {turns:>5} {s.pct(50):>7.0f} "
             f"{s.pct(95):>7.0f} {ratio:>6.2f} {s.underruns:>6} {stall:>5.0f} {s.face_fps():>6.1f} "
-            f"{failed:>6} {noreply:>4} {s.takeovers:>6} {s.dead:>4} {s.deaths:>4} "
+            f"{failed:>6} {noreply:>4} {s.refused:>5} {s.takeovers:>6} {s.dead:>4} {s.deaths:>4} "
             f"{'yes' if s.holds else 'NO':5} {cpu}")
 
 
