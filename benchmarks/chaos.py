@@ -13,14 +13,16 @@ STT workers always hold the sessions' listening jobs, but an LLM, TTS or lipsync
 10 to 200 ms per turn, so a blind kill of one of those almost always finds it idle. ``--aim``
 waits (up to half the period) for such a worker to be in the middle of a job and kills that one.
 
-Per turn: completed (turn_done, no error), failed (a ``turn_failed`` error), lost (neither
-within the timeout), seq gaps and duplicates, whether the audio and face the client received
+Per turn: completed (turn_done, no error), failed (a ``turn_failed`` error: the player spoke
+and got no reply), no reply (neither within the timeout); failed and no-reply turns are both
+lost, seq gaps and duplicates, whether the audio and face the client received
 agree with turn_done and the reply's sample clock, and latency (first reply audio after the
 last mic chunk). A turn is *hit* when a killed worker held one of its jobs. Recovery is the
 extra latency of hit turns over the median of the turns that were not hit.
 
 The last line printed is
-``turns=<n> completed=<n> lost=<n> duplicated=<n> recovery_p95_ms=<ms>``.
+``turns=<n> completed=<n>/<n> failed=<n> no_reply=<n> lost=<n> duplicated=<n>
+recovery_p95_ms=<ms>`` where lost = failed + no_reply.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class TurnRecord:
     session: str
     index: int  # 1.. within the session
     turn: int = 0  # the server's turn number
-    status: str = "lost"  # completed | failed | lost
+    status: str = "no_reply"  # completed | failed (turn_failed) | no_reply
     gaps: int = 0
     duplicates: int = 0
     latency_ms: float | None = None
@@ -138,7 +140,7 @@ async def _turn_end(client: Client, session: str, expected: int,
         if failed:
             return "failed", min(failed)
         await asyncio.sleep(0.02)
-    return "lost", client.turns[session].turn or expected
+    return "no_reply", client.turns[session].turn or expected
 
 
 async def _session(url: str, index: int, turns: int, speech: list[np.ndarray],
@@ -313,7 +315,9 @@ def run(sessions: int = 4, turns: int = 5, workers: int = 2, kill_every_s: float
         "turns": len(records),
         "completed": sum(x.completed for x in records),
         "failed": sum(x.status == "failed" for x in records),
-        "lost": sum(x.status == "lost" for x in records),
+        "no_reply": sum(x.status == "no_reply" for x in records),
+        # a turn_failed is a lost turn too: the player spoke and got no reply
+        "lost": sum(not x.completed for x in records),
         "duplicated": sum(x.duplicates > 0 for x in records),
         "gaps": sum(x.gaps for x in records),
         "av_broken": sum(x.completed and not x.av_ok for x in records),
@@ -369,8 +373,9 @@ def main(argv: list[str] | None = None) -> None:
                  kill_every_s=args.kill_every, seed=args.seed, aim=args.aim)
     print(render(result))
     s = result["summary"]
-    print(f"turns={s['turns']} completed={s['completed']} lost={s['lost']} "
-          f"duplicated={s['duplicated']} recovery_p95_ms={s['recovery_p95_ms']:.0f}")
+    print(f"turns={s['turns']} completed={s['completed']}/{s['turns']} failed={s['failed']} "
+          f"no_reply={s['no_reply']} lost={s['lost']} duplicated={s['duplicated']} "
+          f"recovery_p95_ms={s['recovery_p95_ms']:.0f}")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     bk = sub.add_parser("backends", help="every backend per stage: can it load here, and why not")
     bk.add_argument("--json", action="store_true")
 
-    be = sub.add_parser("bench", help="benchmarks: latency, lipsync, chaos, batching")
-    be.add_argument("which", choices=["latency", "lipsync", "chaos", "batching"])
+    be = sub.add_parser("bench", help="benchmarks: latency, lipsync, chaos, batching, load")
+    be.add_argument("which", choices=["latency", "lipsync", "chaos", "batching", "load"])
     be.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
 
     ex = sub.add_parser("export", help="a stored session's replies as WAV + Live Link Face CSV")
@@ -102,8 +102,20 @@ def main(argv: list[str] | None = None) -> int:
 def _fleet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--workers", type=int, default=1, help="workers per stage")
+    p.add_argument("--workers", type=_workers_arg, default=1,
+                   help="worker processes per stage, or auto: sized from this machine's cores "
+                        "(STT one per core; LLM, TTS, lipsync one each, +1 per 8 cores)")
     p.add_argument("--livelink", help="HOST:PORT for Live Link Face UDP output")
+
+
+def _workers_arg(text: str) -> int | str:
+    from parley.fleet import worker_counts
+
+    try:
+        worker_counts(text, cores=1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"auto or a number >= 1, not {text!r}") from None
+    return "auto" if text.strip().lower() == "auto" else int(text)
 
 
 def _make_fleet(args, config: Config):
@@ -130,6 +142,8 @@ def cmd_up(args, config: Config) -> int:
     if why := _listen_refused(args.host, config):
         print(f"parley up: {why}", file=sys.stderr)
         return 2
+    from parley.fleet import worker_counts
+
     fleet = _make_fleet(args, config).start()
     stop = False
 
@@ -140,12 +154,18 @@ def cmd_up(args, config: Config) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        fleet.wait_ready()
+        try:
+            fleet.wait_ready(on_restart=lambda name: print(
+                f"parley up: restarted {name}", file=sys.stderr, flush=True))
+        except RuntimeError as exc:  # a process that never became ready: say which, stop
+            print(f"parley up: {exc}", file=sys.stderr, flush=True)
+            return 1
         STATE_FILE.write_text(json.dumps({"redis_url": fleet.redis_url, "pid": os.getpid(),
                                           "gateway": f"ws://{args.host}:{fleet.port}",
                                           "children": fleet.pids()}))
+        counts = ", ".join(f"{stage} {n}" for stage, n in worker_counts(args.workers).items())
         print(f"parley up: gateway ws://{args.host}:{fleet.port}, redis {fleet.redis_url}, "
-              f"{args.workers} worker(s) per stage. Ctrl-C stops.", flush=True)
+              f"workers: {counts}. Ctrl-C stops.", flush=True)
         while not stop:
             for name in fleet.supervise_once():
                 print(f"parley up: restarted {name}", file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ worker that dies is restarted (its job is taken over by a sibling meanwhile).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,13 +25,41 @@ class Child:
     proc: subprocess.Popen | None = None
     restarts: int = 0
     started: float = 0.0
+    ready: bool = False  # this incarnation registered (a worker) or listened (the gateway)
+
+
+def cpu_count() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers(cores: int) -> dict[str, int]:
+    """Worker processes per stage for a machine with ``cores`` cores. The offline STT decodes
+    on the CPU and holds the GIL while it does, so it gets one process per core; the offline
+    LLM, TTS and lipsync cost a few ms per turn, so one each serves many players, plus one
+    per 8 cores on big machines."""
+    light = 1 + cores // 8
+    return {"stt": max(1, cores), "llm": light, "tts": light, "lipsync": light}
+
+
+def worker_counts(workers: int | str, cores: int | None = None) -> dict[str, int]:
+    """``--workers``: a number for every stage, or "auto" (auto_workers)."""
+    if str(workers).strip().lower() == "auto":
+        return auto_workers(cores or cpu_count())
+    n = int(workers)
+    if n < 1:
+        raise ValueError(f"--workers must be auto or at least 1, not {workers!r}")
+    return dict.fromkeys(STAGES, n)
 
 
 @dataclass
 class Fleet:
     port: int = 8765
     host: str = "127.0.0.1"
-    workers: int = 1
+    workers: int | str = 1  # per stage, or "auto" (see auto_workers)
     redis_url: str | None = None
     config_path: str | None = None
     livelink: str | None = None
@@ -48,8 +77,8 @@ class Fleet:
             base += ["--config", self.config_path]
         self.children.append(Child("gateway", [*base, "gateway", "--host", self.host,
                                                  "--port", str(self.port)]))
-        for stage in STAGES:
-            for i in range(self.workers):
+        for stage, count in worker_counts(self.workers).items():
+            for i in range(count):
                 self.children.append(Child(f"{stage}-{i + 1}", [*base, "worker", stage]))
         for child in self.children:
             self._spawn(child)
@@ -70,6 +99,7 @@ class Fleet:
         if stderr:
             stderr.close()
         child.started = time.monotonic()
+        child.ready = False
 
     def supervise_once(self) -> list[str]:
         """Restart children that died; returns their names."""
@@ -84,8 +114,12 @@ class Fleet:
                 restarted.append(child.name)
         return restarted
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until the gateway accepts connections and every worker has registered in Redis."""
+    def wait_ready(self, timeout: float = 30.0, on_restart=None) -> None:
+        """Until the gateway accepts connections and every worker has registered in Redis.
+
+        A process that exits before it was ever ready stops the start (a bad config must not
+        spin); one that was ready and then died is restarted, as the supervisor would, and
+        reported to ``on_restart(name)``."""
         import redis as syncredis
 
         from schemas.streams import Keys
@@ -93,18 +127,42 @@ class Fleet:
         r = syncredis.from_url(self.redis_url)
         keys = Keys(self.env.get("PARLEY_REDIS_PREFIX", "parley"))
         deadline = time.monotonic() + timeout
-        want = self.workers * len(STAGES)
-        while time.monotonic() < deadline:
-            for child in self.children:
-                if child.proc is not None and child.proc.poll() is not None:
-                    raise RuntimeError(f"{child.name} exited with {child.proc.returncode} at start")
-            n = sum(1 for _ in r.scan_iter(keys.worker_pattern()))
-            if n >= want and _port_open(self.host, self.port):
-                r.close()
-                return
-            time.sleep(0.1)
-        r.close()
-        raise RuntimeError(f"fleet not ready in {timeout}s")
+        try:
+            while time.monotonic() < deadline:
+                self._note_ready(r, keys)
+                for child in self.children:
+                    if child.proc is None or child.proc.poll() is None:
+                        continue
+                    if not child.ready:
+                        raise RuntimeError(f"{child.name} exited with {child.proc.returncode} "
+                                           "at start, before it was ready")
+                    child.restarts += 1
+                    self._spawn(child)
+                    if on_restart is not None:
+                        on_restart(child.name)
+                if all(c.ready for c in self.children):
+                    return
+                time.sleep(0.1)
+        finally:
+            r.close()
+        waiting = [c.name for c in self.children if not c.ready]
+        raise RuntimeError(f"fleet not ready in {timeout}s: waiting for {', '.join(waiting)}")
+
+    def _note_ready(self, r, keys) -> None:
+        """Marks the children that are ready: workers by their pid in their registration key
+        (``stage@host:pid:tag``; it outlives a kill -9 by a few seconds, long enough to be
+        seen), the gateway by its port."""
+        registered = set()
+        for key in r.scan_iter(keys.worker_pattern()):
+            with contextlib.suppress(IndexError, ValueError):
+                registered.add(int(key.decode().rsplit(":", 2)[1]))
+        for child in self.children:
+            if child.ready or child.proc is None:
+                continue
+            if child.name == "gateway":
+                child.ready = child.proc.poll() is None and _port_open(self.host, self.port)
+            else:
+                child.ready = child.proc.pid in registered
 
     def pids(self) -> dict[str, int]:
         return {c.name: c.proc.pid for c in self.children if c.proc is not None}

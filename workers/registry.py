@@ -19,7 +19,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-STAGES = ("stt", "llm", "tts", "lipsync")
+from schemas.streams import STAGES
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,13 @@ def load_object(path: str) -> Any:
     module, _, attr = path.partition(":")
     if not module or not attr:
         raise ValueError(f"{path!r}: an out-of-tree backend is named package.module:Class")
-    obj: Any = importlib.import_module(module)
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"{path!r}: cannot import {module}: {exc}") from exc
     for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{path!r}: {module} has no {attr}")
         obj = getattr(obj, part)
     return obj
 
