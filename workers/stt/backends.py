@@ -80,6 +80,12 @@ class FallbackRecognizer(FallbackChain):
         for backend in self.backends:
             backend.warm()
 
+    @property
+    def holds_gil(self) -> bool:
+        """Every backend decodes holding the GIL and no call needs a watchdog thread."""
+        return (all(getattr(b, "holds_gil", False) for b in self.backends)
+                and self.timeout_for(len(self.backends) - 1) is None)
+
     def open_stream(self) -> ChainedStream:
         return ChainedStream(self)
 
