@@ -72,7 +72,11 @@ IDLE_PER_CONNECTION = 50  # under the gateway's default max_sessions (64)
 AUTO_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1)  # of the STT ceiling: --steps auto
 IDLE_LATENCY_RATIO = 1.2  # a player among idle sessions: p50 within this of its alone figure
 NPCS = ("guard", "merchant", "innkeeper", "wizard")
-ENV = {"PARLEY_LOG_LEVEL": "warning"}  # takeovers and dead letters are warnings / errors
+# The players are a game server: it authenticates with a token, so the per-address cap for
+# anonymous connections does not apply (a game server holds hundreds of NPC sessions).
+TOKEN_NAME, TOKEN = "bench", "bench-load-token-0123456789abcdef"
+ENV = {"PARLEY_LOG_LEVEL": "warning",  # takeovers and dead letters are warnings / errors
+       "PARLEY_GATEWAY_TOKENS": f"{TOKEN_NAME}:{TOKEN}", "PARLEY_GATEWAY_MAX_SESSIONS": "256"}
 PROFILES = {"offline": {}, "sim": simulated.ENV}
 
 
@@ -158,7 +162,7 @@ async def _player(url: str, index: int, frames: np.ndarray, start_in: float, unt
                   turns: list[Turn], spans: list[float]) -> None:
     await asyncio.sleep(start_in)
     t0 = time.monotonic()
-    client = await PlayerClient.connect(url)
+    client = await PlayerClient.connect(url, token=TOKEN, token_name=TOKEN_NAME)
     name = f"p{index}"
     try:
         opened = await client.open(name, NPCS[index % len(NPCS)], RATE, 1, endpoint="client")
@@ -358,7 +362,7 @@ async def open_idle(url: str, count: int) -> tuple[list[Client], int]:
     clients: list[Client] = []
     opened = 0
     for c in range(0, count, IDLE_PER_CONNECTION):
-        client = await Client.connect(url)
+        client = await Client.connect(url, token=TOKEN, token_name=TOKEN_NAME)
         clients.append(client)
         for i in range(c, min(count, c + IDLE_PER_CONNECTION)):
             try:
