@@ -164,6 +164,8 @@ class Connection:
         self.relays: dict[str, tuple[C.Relay, asyncio.Task]] = {}
         # Live Link Face output per (session, turn), paced on the reply audio's clock
         self.players: dict[tuple[str, int], tuple[LiveLinkPlayer, asyncio.Task]] = {}
+        self.mic_queues: dict[str, list[MicEntry]] = {}  # per sid, not yet in Redis
+        self.mic_writers: dict[str, asyncio.Task] = {}
         self.reply_rates: dict[str, int] = {}
         self._marked: set[tuple[str, int, str]] = set()
         self.session_t0: dict[str, float] = {}  # Live Link timeline of each session
@@ -200,6 +202,7 @@ class Connection:
             for _, task in [*self.relays.values(), *self.players.values()]:
                 task.cancel()
             await asyncio.gather(*(t for _, t in self.relays.values()), return_exceptions=True)
+            await self.flush_mic()
             await self._detach_all()
             await self._release_all()
             self.log.info("client_disconnected", sessions=len(self.relays))
@@ -268,11 +271,12 @@ class Connection:
         if isinstance(action, C.Send):
             await self.send(action.message)
         elif isinstance(action, C.AppendMic):
-            await self._append_mic(action.sid, MicEntry(seq=action.seq, pcm=action.pcm))
+            self._queue_mic(action.session, action.sid, MicEntry(seq=action.seq,
+                                                                 pcm=action.pcm))
         elif isinstance(action, C.AppendEndOfUtterance):
             if action.after_seq >= 1:
-                await self._append_mic(action.sid, MicEntry(seq=action.after_seq,
-                                                            end_of_utterance=True))
+                self._queue_mic(action.session, action.sid,
+                                MicEntry(seq=action.after_seq, end_of_utterance=True))
         elif isinstance(action, C.ReadyAction):
             relay = self.relays.get(action.session)
             if relay is not None:
@@ -299,13 +303,40 @@ class Connection:
         elif isinstance(action, C.InterruptAction):
             await self._client_interrupt(action)
 
-    async def _append_mic(self, sid: str, entry: MicEntry) -> None:
+    def _queue_mic(self, session: str, sid: str, entry: MicEntry) -> None:
+        """Mic audio goes to Redis in order, per session, without holding up this connection's
+        next message: at 50 players a Redis round trip awaited per 20 ms chunk put the gateway
+        450 ms behind its clients. Whatever queued meanwhile goes in one round trip."""
+        queue = self.mic_queues.setdefault(sid, [])
+        queue.append(entry)
+        if sid not in self.mic_writers:
+            task = asyncio.create_task(self._write_mic(session, sid, queue))
+            self.mic_writers[sid] = task
+            task.add_done_callback(lambda _t, s=sid: self.mic_writers.pop(s, None))
+
+    async def _write_mic(self, session: str, sid: str, queue: list[MicEntry]) -> None:
+        while queue:
+            batch = queue[:]
+            del queue[:len(batch)]
+            try:
+                await self._append_mic(sid, batch)
+            except RETRYABLE as exc:
+                self.log.warning("redis_unavailable", during="mic", session=sid, error=str(exc))
+                await self.send(P.ErrorEvent(
+                    code=P.ErrorCode.UNAVAILABLE, session=session,
+                    message=f"storage is unavailable: {len(batch)} mic message(s) were not "
+                            "stored; resend from opened.next_mic_seq after a resume"))
+        self.mic_queues.pop(sid, None)
+
+    async def _append_mic(self, sid: str, entries: list[MicEntry]) -> None:
         """Append, then make sure an STT job listens: a session gets one only while its mic
-        sends (an idle NPC holds no worker). One round trip for both."""
+        sends (an idle NPC holds no worker). One round trip for all of it."""
+        maxlen = self.gw.config.redis.stream_maxlen
         async with self.redis.pipeline(transaction=False) as p:
-            p.xadd(self.keys.session(sid, "mic"), entry.to_fields(),
-                   id=mic_id(entry.seq, entry.end_of_utterance),
-                   maxlen=self.gw.config.redis.stream_maxlen, approximate=True)
+            for entry in entries:
+                p.xadd(self.keys.session(sid, "mic"), entry.to_fields(),
+                       id=mic_id(entry.seq, entry.end_of_utterance), maxlen=maxlen,
+                       approximate=True)
             await self.gw.wake_listener(keys=[self.keys.listener(sid), self.keys.jobs("stt")],
                                         args=[sid, now_ms()], client=p)
             res = await p.execute(raise_on_error=False)
@@ -313,6 +344,11 @@ class Connection:
             # a resend Redis already has is refused by its ID: that is the point of the IDs
             if isinstance(r, ResponseError) and "equal or smaller" not in str(r):
                 raise r
+
+    async def flush_mic(self) -> None:
+        """Until every queued mic message is in Redis (before a session is detached)."""
+        while self.mic_writers:
+            await asyncio.gather(*list(self.mic_writers.values()), return_exceptions=True)
 
     async def _open(self, a: C.OpenAction) -> None:
         req = a.request
@@ -565,6 +601,9 @@ class Connection:
                 player.add(face.samples, face.values)
 
     async def _close(self, session: str, sid: str) -> None:
+        writer = self.mic_writers.get(sid)
+        if writer is not None:  # what the player said before closing still counts
+            await asyncio.gather(writer, return_exceptions=True)
         relay = self.relays.pop(session, None)
         if relay is not None:
             relay[1].cancel()
