@@ -69,7 +69,8 @@ RATE = 16000  # the players' mic rate
 BUFFER_S = 0.1  # UE starts a reply after this much audio is buffered
 TURN_TIMEOUT_S = 30.0  # no turn_done by then: the turn is lost
 IDLE_PER_CONNECTION = 50  # under the gateway's default max_sessions (64)
-AUTO_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1)  # of the STT ceiling: --steps auto
+# of the STT ceiling: --steps auto; the small ones find where latency first gives way
+AUTO_FRACTIONS = (0.08, 0.12, 0.16, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1)
 IDLE_LATENCY_RATIO = 1.2  # a player among idle sessions: p50 within this of its alone figure
 NPCS = ("guard", "merchant", "innkeeper", "wizard")
 # The players are a game server: it authenticates with a token, so the per-address cap for
