@@ -45,9 +45,9 @@ def _stats(values: list[float]) -> str:
 async def _llm(runs: int) -> list[float]:
     from pathlib import Path
 
+    from core.personas import load_personas
     from tests.failing_backends import FailingAfterNTokens
     from workers.llm.backends import FallbackReplyModel
-    from workers.llm.personas import load_personas
     from workers.llm.scripted import ScriptedPersonaBackend
 
     persona = load_personas(Path(__file__).resolve().parents[1] / "personas")["guard"]
@@ -73,7 +73,7 @@ def _tts(runs: int) -> list[float]:
 
 
 async def _lipsync(runs: int, frames: int) -> list[float]:
-    from parley.config import Config
+    from core.config import Config
     from schemas.streams import Mark, VoiceEntry
     from tests.failing_backends import FailingAfterNFrames
     from workers.lipsync.backends import FallbackFaceMapper, PhonemeMapper

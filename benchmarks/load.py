@@ -445,7 +445,7 @@ async def run_idle(rig: Rig, idle: int, frames: np.ndarray, step_s: float, base:
 def measure_stt_rtf(frames: np.ndarray, repeats: int = 3) -> float:
     """CPU seconds the offline recognizer spends per second of the question, fed in 20 ms
     chunks as the STT stage feeds it (median of ``repeats``)."""
-    from parley.config import Config
+    from core.config import Config
     from workers.stt.stage import make_backend
 
     config = Config.load(env={})

@@ -21,8 +21,8 @@ import asyncio
 
 import structlog
 
-from parley.config import Config
-from parley.redisconn import RETRYABLE
+from core.config import Config
+from core.redisconn import RETRYABLE
 from schemas.streams import STAGES, Keys, ListenState, now_ms
 
 RESWEEP_MS = 60_000  # stragglers: a job that was mid-turn at the sweep is long done by then

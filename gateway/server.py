@@ -19,13 +19,14 @@ from redis.exceptions import ResponseError
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from core.config import Config
+from core.personas import load_personas
+from core.redisconn import RETRYABLE, connect
 from gateway import access
 from gateway import core as C
 from gateway.admission import Admission, FleetLoad
 from gateway.lifecycle import SessionLifecycle
 from gateway.livelink import LiveLinkPlayer, LiveLinkSender, parse_target
-from parley.config import Config
-from parley.redisconn import RETRYABLE, connect
 from schemas import protocol as P
 from schemas.streams import (
     WAKE_LISTENER_LUA,
@@ -40,7 +41,6 @@ from schemas.streams import (
     now_ms,
     parse_id,
 )
-from workers.llm.personas import load_personas
 
 
 class Gateway:
@@ -558,7 +558,7 @@ class Connection:
         """Between replies the MetaHuman keeps living: blinks, gaze, slight head motion at the
         configured fps, paused while a reply of this session is playing (its frames carry the
         same idle layer under the speech)."""
-        from workers.lipsync.idle import IdleFace
+        from core.idle_face import IdleFace
 
         fps = self.gw.config.lipsync.fps
         idle = IdleFace(fps=fps, seed=zlib.crc32(sid.encode()))

@@ -22,7 +22,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from parley.config import Config
+from core.config import Config
 from workers.registry import BACKENDS, STAGES, BackendSpec, is_external, load_object
 
 __all__ = ["BACKENDS", "BackendSpec", "cmd_backends", "probe", "render"]

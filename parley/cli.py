@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from parley.config import Config
+from core.config import Config
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "jfk.flac"
 STATE_FILE = Path(tempfile.gettempdir()) / f"parley-up-{os.getuid()}.json"

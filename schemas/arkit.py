@@ -7,6 +7,10 @@ are head and eye rotations (radians, signed).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+
 BLENDSHAPE_NAMES: tuple[str, ...] = (
     "EyeBlinkLeft",
     "EyeLookDownLeft",
@@ -80,3 +84,12 @@ NUM_FACE_VALUES = len(FACE_VALUE_NAMES)  # 61
 INDEX: dict[str, int] = {name: i for i, name in enumerate(FACE_VALUE_NAMES)}
 
 assert NUM_BLENDSHAPES == 52 and NUM_FACE_VALUES == 61
+
+
+@dataclass
+class FaceFrame:
+    """One face frame of a stream: the 61 values, pinned to the audio sample it belongs to."""
+
+    index: int  # frame number from the start of this audio stream
+    sample: int  # audio sample this frame belongs to: round(index * sample_rate / fps)
+    values: np.ndarray  # float32 (61,), EARFaceBlendShape order

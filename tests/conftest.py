@@ -43,7 +43,7 @@ def scratch_url(redis_server) -> str:
 
 @pytest.fixture
 async def redis_client(scratch_url):
-    from parley.redisconn import connect
+    from core.redisconn import connect
 
     r = connect(scratch_url)
     await r.flushdb()

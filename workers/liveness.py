@@ -50,7 +50,7 @@ def alive(pid: int) -> bool | None:
 
 
 async def _beat(url: str, key: str, every_ms: int, ttl_ms: int, pid: int) -> None:
-    from parley.redisconn import RETRYABLE, connect
+    from core.redisconn import RETRYABLE, connect
 
     r = connect(url, max_connections=2)
     try:

@@ -1,7 +1,7 @@
 """Every backend of every stage, in one place: the stages build from it, ``parley backends``
 lists it.
 
-A spec names the function that builds the backend from a :class:`~parley.config.Config`
+A spec names the function that builds the backend from a :class:`~core.config.Config`
 (``module:function``, imported only when that backend is built, so a worker loads only its own
 backends) and what ``parley backends`` needs to say whether it can run here.
 

@@ -23,8 +23,8 @@ from typing import Any
 import structlog
 from redis.exceptions import ResponseError
 
-from parley.config import Config
-from parley.redisconn import RETRYABLE, connect
+from core.config import Config
+from core.redisconn import RETRYABLE, connect
 from schemas.streams import EventEntry, Job, Keys, SessionMeta, entry_id, now_ms, parse_id
 from workers.liveness import Sidecar
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from parley.config import Config
+from core.config import Config
 from workers.runtime import Stage
 
 

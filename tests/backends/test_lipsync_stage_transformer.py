@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from parley.config import Config  # noqa: E402
+from core.config import Config  # noqa: E402
 from schemas.streams import FaceEntry, Job, Keys, SessionMeta, VoiceEntry  # noqa: E402
 from workers.lipsync.stage import LipsyncStage  # noqa: E402
 from workers.lipsync.transformer_model import FaceTransformer, ModelConfig  # noqa: E402

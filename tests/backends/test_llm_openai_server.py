@@ -23,9 +23,9 @@ import httpx
 import pytest
 import structlog
 
+from core.personas import Persona
 from workers.llm.backends import FallbackReplyModel
 from workers.llm.openai_compat import BackendError, OpenAICompatBackend
-from workers.llm.personas import Persona
 from workers.llm.scripted import ScriptedPersonaBackend
 
 pytest.importorskip("torch")

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from benchmarks.random_models import LLAMA_CHARS as CHARS
+from core.personas import Persona
 from workers.llm.backends import FallbackReplyModel
-from workers.llm.personas import Persona
 from workers.llm.vllm_backend import VllmBackend, _token_ids, build_prompt_ids, new_text
 
 PERSONA = Persona(id="guard", name="Brannoc", voice="en-us",

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
+from core.personas import load_personas
 from parley.client import Client, say
 from schemas import protocol as P
 from schemas.protocol import ErrorCode
 from tests.conftest import speech
-from workers.llm.personas import load_personas
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +103,7 @@ async def test_full_turn_at_other_rates(gateway_url, rate, channels):
 
 
 async def test_four_sessions_on_one_connection_each_get_their_persona(gateway_url, jfk_path):
-    personas = load_personas(__import__("parley.config").config.Config().personas_dir())
+    personas = load_personas(__import__("core.config").config.Config().personas_dir())
     npcs = ["guard", "merchant", "innkeeper", "wizard"]
     frames = speech("Who are you? What is your name?", 16000)
     client = await Client.connect(gateway_url)

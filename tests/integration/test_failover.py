@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from core.personas import load_personas
 from tests.backends.fleet_turn import fleet_turn
 from tests.integration.test_e2e import check_turn
-from workers.llm.personas import load_personas
 from workers.llm.scripted import ScriptedPersonaBackend
 
 pytestmark = pytest.mark.slow

@@ -21,9 +21,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from core.config import Config
+from core.redisconn import connect as redis_connect
 from gateway.server import Gateway
-from parley.config import Config
-from parley.redisconn import connect as redis_connect
 from schemas import protocol as P
 from schemas.streams import Keys, TranscriptEntry
 

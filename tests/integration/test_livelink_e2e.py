@@ -9,10 +9,10 @@ import time
 
 import pytest
 
+from core.config import Config
 from gateway.livelink import decode_packet
 from gateway.server import Gateway
 from parley.client import Client
-from parley.config import Config
 from tests.conftest import speech
 
 pytestmark = pytest.mark.slow

@@ -36,15 +36,15 @@ import numpy as np
 import pytest
 import redis
 
+from core.config import Config
+from core.personas import load_personas
 from parley.client import Client, TurnResult
-from parley.config import Config
 from parley.fleet import Fleet
 from parley.redis_server import RedisServer, free_port
 from parley.status import fleet_status
 from schemas import protocol as P
 from schemas.streams import Job, Keys, ListenState
 from tests.conftest import speech
-from workers.llm.personas import load_personas
 
 pytestmark = pytest.mark.slow
 

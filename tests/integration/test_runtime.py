@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from parley.config import Config
+from core.config import Config
 from schemas.streams import EventEntry, Job, Keys
 from workers.runtime import HandBack, Stage, Worker
 

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from core.config import Config
 from parley import backends
 from parley.backends import BACKENDS, cmd_backends, probe, render
-from parley.config import Config
 
 OFFLINE = {("stt", "pocketsphinx"), ("llm", "scripted"), ("llm", "openai"), ("tts", "espeak"),
            ("lipsync", "phoneme"), ("lipsync", "audio")}

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parley.config import Config
+from core.config import Config
+from core.personas import load_personas
 from schemas.streams import Mark, VoiceEntry
 from tests.failing_backends import (
     FailingAfterNChunks,
@@ -24,7 +25,6 @@ from tests.failing_backends import (
 from workers import registry
 from workers.lipsync.backends import FallbackFaceMapper, PhonemeMapper
 from workers.llm.backends import FallbackReplyModel
-from workers.llm.personas import load_personas
 from workers.llm.scripted import ScriptedPersonaBackend
 from workers.stt.backends import FallbackRecognizer
 from workers.stt.pocketsphinx_backend import PocketsphinxBackend

@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.idle_face import MOUTH_SHAPES, IdleFace, blend
 from schemas.arkit import INDEX, NUM_BLENDSHAPES, NUM_FACE_VALUES
 from workers.lipsync.audio_driven import FaceFrame
-from workers.lipsync.idle import MOUTH_SHAPES, IdleFace, blend
 
 FPS = 60
 BLINK_L, BLINK_R = INDEX["EyeBlinkLeft"], INDEX["EyeBlinkRight"]

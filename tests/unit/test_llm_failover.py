@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import structlog
 
-from parley.config import Config
+from core.config import Config
+from core.personas import load_personas
 from parley.redis_server import free_port
 from workers.llm.backends import FallbackReplyModel
 from workers.llm.openai_compat import BackendError, OpenAICompatBackend, chat_messages
-from workers.llm.personas import load_personas
 from workers.llm.scripted import ScriptedPersonaBackend
 from workers.llm.stage import make_backend
 

@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from parley.config import Config
+from core.config import Config
+from core.personas import load_personas
 from workers.llm.fragmenter import Fragmenter
-from workers.llm.personas import load_personas
 from workers.llm.scripted import ScriptedPersonaBackend
 
 PERSONAS = Path(__file__).resolve().parents[2] / "personas"

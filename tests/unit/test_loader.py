@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from parley.config import Config
+from core.config import Config
 from workers.registry import load_object
 
 

@@ -3,7 +3,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from parley.redisconn import connect
+from core.redisconn import connect
 
 
 async def test_every_url_kind_gets_its_client_without_connecting():

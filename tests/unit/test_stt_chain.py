@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import structlog
 
-from parley.config import Config
+from core.config import Config
 from workers.stt.stage import SttStage
 
 
@@ -31,7 +31,7 @@ def test_whisperx_auto_device_follows_ctranslate2_and_threads_come_from_config(m
     import sys
     import types
 
-    from parley.config import Config
+    from core.config import Config
     from workers.stt import stage
 
     made = {}

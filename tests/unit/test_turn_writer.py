@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from parley.config import Config
+from core.config import Config
 from schemas.streams import Job, Keys
 from workers.runtime import JobContext, Stage, Superseded, Worker
 

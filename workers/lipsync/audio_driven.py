@@ -60,11 +60,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.arkit import INDEX, NUM_BLENDSHAPES, NUM_FACE_VALUES
+from schemas.arkit import INDEX, NUM_BLENDSHAPES, NUM_FACE_VALUES, FaceFrame
 
 __all__ = ["AudioLipsync", "FaceFrame", "frame_count", "frame_sample"]
 
@@ -102,13 +101,6 @@ _TAU = {
     "activity": (20.0, 300.0),
 }
 _CHANNELS = tuple(_TAU)
-
-
-@dataclass
-class FaceFrame:
-    index: int  # frame number from the start of this audio stream
-    sample: int  # audio sample this frame belongs to: round(index * sample_rate / fps)
-    values: np.ndarray  # float32 (61,), EARFaceBlendShape order
 
 
 def frame_sample(index: int, sample_rate: int, fps: int) -> int:

@@ -7,12 +7,12 @@ import zlib
 
 import numpy as np
 
-from parley.config import Config
+from core.config import Config
+from core.idle_face import IdleFace
 from schemas.streams import FaceEntry, Job, VoiceEntry
 from workers import registry
 from workers.lipsync.audio_driven import FaceFrame
 from workers.lipsync.backends import ChainedFaceStream, FallbackFaceMapper
-from workers.lipsync.idle import IdleFace
 from workers.runtime import JobContext, Stage
 
 VOICE_WAIT_S = 60.0

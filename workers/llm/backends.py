@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from core.personas import Persona
 from workers.fallback import FallbackChain, NoBackend, StallTimeout
-from workers.llm.personas import Persona
 
 
 class ReplyModel(Protocol):

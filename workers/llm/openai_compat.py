@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from workers.llm.personas import Persona
+from core.personas import Persona
 
 
 class BackendError(RuntimeError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 
-from workers.llm.personas import Persona
+from core.personas import Persona
 
 _WORD = re.compile(r"[a-z0-9']+")
 _STOP = frozenset(["a", "an", "the", "is", "are", "am", "to", "of", "and", "or", "i", "you", "me",

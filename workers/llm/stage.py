@@ -6,12 +6,12 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from parley.config import Config, PipelineConfig
+from core.config import Config, PipelineConfig
+from core.personas import Persona, load_personas
 from schemas.streams import Job, ReplyEntry, now_ms
 from workers import registry
 from workers.llm.backends import FallbackReplyModel
 from workers.llm.fragmenter import Fragmenter
-from workers.llm.personas import Persona, load_personas
 from workers.runtime import JobContext, Stage
 
 

@@ -52,8 +52,8 @@ from typing import Any
 
 import structlog
 
+from core.personas import Persona
 from workers.llm.openai_compat import chat_messages
-from workers.llm.personas import Persona
 
 EXTRA = 'pip install -e ".[llm-vllm]"'
 log = structlog.get_logger()

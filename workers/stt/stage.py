@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from parley.config import Config
+from core.config import Config
 from schemas.streams import (
     WAKE_LISTENER_LUA,
     Job,

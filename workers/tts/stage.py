@@ -6,10 +6,10 @@ import asyncio
 
 import numpy as np
 
-from parley.config import Config
+from core.config import Config
+from core.personas import load_personas
 from schemas.streams import Job, Mark, ReplyEntry, VoiceEntry, now_ms
 from workers import registry
-from workers.llm.personas import load_personas
 from workers.runtime import JobContext, Stage
 from workers.tts.backends import FallbackSynthesizer, drop_samples
 from workers.tts.espeak import SynthChunk

@@ -40,8 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from schemas.arkit import FACE_VALUE_NAMES, INDEX, NUM_BLENDSHAPES, NUM_FACE_VALUES
-from workers.lipsync.audio_driven import FaceFrame
+from schemas.arkit import FACE_VALUE_NAMES, INDEX, NUM_BLENDSHAPES, NUM_FACE_VALUES, FaceFrame
 
 __all__ = ["BLINK_MS", "MOUTH_SHAPES", "IdleFace", "blend"]
 
