@@ -7,9 +7,25 @@ from urllib.parse import parse_qs, urlparse
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+from redis.exceptions import BusyLoadingError, ConnectionError, ResponseError, TimeoutError
 
 RETRYABLE = (ConnectionError, TimeoutError, BusyLoadingError, OSError)
+
+
+# redis-py raises a plain ResponseError for these; Redis's reply starts with its error code,
+# so the classification lives here, once, instead of text matching at every call site.
+def is_stale_id(exc: Exception) -> bool:
+    """XADD with an explicit ID at or below the stream's top: the entry is already there."""
+    return isinstance(exc, ResponseError) and "equal or smaller" in str(exc)
+
+
+def is_no_group(exc: Exception) -> bool:
+    """The consumer group (or its stream) is gone: Redis lost its data."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+
+
+def is_group_exists(exc: Exception) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("BUSYGROUP")
 
 
 def connect(url: str, *, max_connections: int = 256) -> aioredis.Redis:

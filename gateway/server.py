@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from core.config import Config
 from core.personas import load_personas
-from core.redisconn import RETRYABLE, connect
+from core.redisconn import RETRYABLE, connect, is_stale_id
 from gateway import access
 from gateway import core as C
 from gateway.admission import Admission, FleetLoad
@@ -342,7 +342,7 @@ class Connection:
             res = await p.execute(raise_on_error=False)
         for r in res:
             # a resend Redis already has is refused by its ID: that is the point of the IDs
-            if isinstance(r, ResponseError) and "equal or smaller" not in str(r):
+            if isinstance(r, ResponseError) and not is_stale_id(r):
                 raise r
 
     async def flush_mic(self) -> None:

@@ -24,7 +24,7 @@ import structlog
 from redis.exceptions import ResponseError
 
 from core.config import Config
-from core.redisconn import RETRYABLE, connect
+from core.redisconn import RETRYABLE, connect, is_group_exists, is_no_group, is_stale_id
 from schemas.streams import EventEntry, Job, Keys, SessionMeta, entry_id, now_ms, parse_id
 from workers.liveness import Sidecar
 
@@ -211,7 +211,7 @@ class JobContext:
             )
             return True
         except ResponseError as exc:
-            if "equal or smaller" in str(exc):
+            if is_stale_id(exc):
                 return False
             raise
 
@@ -428,7 +428,7 @@ class Worker:
         try:
             await self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            if not is_group_exists(exc):
                 raise
 
     async def _retrying(self, fn, what: str):
@@ -462,7 +462,7 @@ class Worker:
                 continue
             except ResponseError as exc:
                 self.slots.release()
-                if "NOGROUP" in str(exc):  # Redis lost its data (restart without AOF)
+                if is_no_group(exc):  # Redis lost its data (restart without AOF)
                     await self._retrying(self._ensure_group, "ensure_group")
                     continue
                 raise
@@ -484,7 +484,7 @@ class Worker:
             except RETRYABLE as exc:
                 self.log.warning("redis_unavailable", during="reclaim", error=str(exc))
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):
+                if is_no_group(exc):
                     await self._retrying(self._ensure_group, "ensure_group")
                 else:
                     self.log.error("reclaim_failed", error=str(exc))
@@ -564,7 +564,7 @@ class Worker:
             except RETRYABLE as exc:
                 self.log.warning("redis_unavailable", during="heartbeat", error=str(exc))
             except ResponseError as exc:
-                if "NOGROUP" in str(exc):  # Redis lost its data: recreate the group
+                if is_no_group(exc):  # Redis lost its data: recreate the group
                     await self._retrying(self._ensure_group, "ensure_group")
                 else:
                     self.log.error("heartbeat_failed", error=str(exc))

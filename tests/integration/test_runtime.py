@@ -252,3 +252,22 @@ async def _none(coro):
 @pytest.fixture(autouse=True)
 async def _clean(redis_client):
     yield
+
+
+async def test_redis_errors_are_classified_by_their_code(redis_client):
+    """The runtime's decisions rest on these (a resend, a lost group, a group that exists)."""
+    from redis.exceptions import ResponseError
+
+    from core.redisconn import is_group_exists, is_no_group, is_stale_id
+
+    await redis_client.xadd("classify", {"a": 1}, id="5-0")
+    with pytest.raises(ResponseError) as stale:
+        await redis_client.xadd("classify", {"a": 1}, id="3-0")
+    await redis_client.xgroup_create("classify", "g", id="0")
+    with pytest.raises(ResponseError) as busy:
+        await redis_client.xgroup_create("classify", "g", id="0")
+    with pytest.raises(ResponseError) as gone:
+        await redis_client.xreadgroup("nope", "c", {"classify": ">"})
+    assert is_stale_id(stale.value) and not is_no_group(stale.value)
+    assert is_group_exists(busy.value) and not is_stale_id(busy.value)
+    assert is_no_group(gone.value) and not is_group_exists(gone.value)
