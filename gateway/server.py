@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from core.config import Config
 from core.personas import load_personas
 from core.redisconn import RETRYABLE, connect, is_stale_id
+from core.retry import Backoff
 from gateway import access
 from gateway import core as C
 from gateway.admission import Admission, FleetLoad
@@ -641,18 +642,17 @@ class Connection:
         sid = relay.state.sid
         keys = {self.keys.session(sid, s): s for s in C.Relay.STREAMS}
         ids = {k: cursors[s] for k, s in keys.items()}
-        delay = 0.05
+        backoff = Backoff()
         while True:
             try:
                 res = await self.redis.xread(ids, block=5000, count=256)
-                delay = 0.05
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except RETRYABLE as exc:
                 self.log.warning("redis_unavailable", during="relay", session=sid,
                                  error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await backoff.wait()
                 continue
             for key, entries in res or []:
                 key = key.decode() if isinstance(key, bytes) else key

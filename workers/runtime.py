@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError
 
 from core.config import Config
 from core.redisconn import RETRYABLE, connect, is_group_exists, is_no_group, is_stale_id
+from core.retry import Backoff, retrying
 from schemas.streams import EventEntry, Job, Keys, SessionMeta, entry_id, now_ms, parse_id
 from workers.liveness import Sidecar
 
@@ -432,19 +433,12 @@ class Worker:
                 raise
 
     async def _retrying(self, fn, what: str):
-        delay = 0.05
-        while True:
-            try:
-                return await fn()
-            except RETRYABLE as exc:
-                self.log.warning("redis_unavailable", during=what, error=str(exc), retry_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.config.worker.reconnect_max_s)
+        return await retrying(fn, self.log, what, self.config.worker.reconnect_max_s)
 
     # ------------------------------------------------------------------ loops
 
     async def _read_loop(self) -> None:
-        delay = 0.05
+        backoff = Backoff(self.config.worker.reconnect_max_s)
         while not self.stopping.is_set():
             await self.slots.acquire()
             free = 1 + self.slots._value  # what else is free right now
@@ -453,12 +447,12 @@ class Worker:
                     self.group, self.consumer, {self.stream: ">"}, count=free,
                     block=self.config.worker.block_ms,
                 )
-                delay = 0.05
+                backoff.reset()
             except RETRYABLE as exc:
                 self.slots.release()
-                self.log.warning("redis_unavailable", during="read", error=str(exc), retry_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.config.worker.reconnect_max_s)
+                self.log.warning("redis_unavailable", during="read", error=str(exc),
+                                 retry_s=backoff.delay)
+                await backoff.wait()
                 continue
             except ResponseError as exc:
                 self.slots.release()
@@ -607,7 +601,7 @@ class Worker:
         """
         r = self.redis
         events = ctx.key("events")
-        delay = 0.05
+        backoff = Backoff(self.config.worker.reconnect_max_s)
         while True:
             try:
                 top = await r.xrevrange(events, count=1)
@@ -624,8 +618,7 @@ class Worker:
                                 cancelled = ev.turn
                 break
             except RETRYABLE:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.config.worker.reconnect_max_s)
+                await backoff.wait()
         ctx.interrupted = True
         task.cancel()
 
