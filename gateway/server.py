@@ -50,6 +50,7 @@ class Gateway:
         self.keys = Keys(config.redis.prefix)
         self.redis = connect(config.redis.url, max_connections=4096)
         self.wake_listener = self.redis.register_script(WAKE_LISTENER_LUA)
+        self.clustered = config.redis.url.split("://", 1)[0].endswith("+cluster")
         self.lifecycle = SessionLifecycle(self.redis, self.keys, config)
         self._lifecycle_task: asyncio.Task | None = None
         self.fleet_load = FleetLoad(self.redis, self.keys,
@@ -331,20 +332,25 @@ class Connection:
 
     async def _append_mic(self, sid: str, entries: list[MicEntry]) -> None:
         """Append, then make sure an STT job listens: a session gets one only while its mic
-        sends (an idle NPC holds no worker). One round trip for all of it."""
+        sends (an idle NPC holds no worker). One round trip for all of it on one Redis; on a
+        Cluster the mic stream and the job streams live on different nodes, whose replies a
+        pipeline does not order, and the wake must come after the audio it wakes for."""
         maxlen = self.gw.config.redis.stream_maxlen
+        wake = dict(keys=[self.keys.listener(sid), self.keys.jobs("stt")], args=[sid, now_ms()])
         async with self.redis.pipeline(transaction=False) as p:
             for entry in entries:
                 p.xadd(self.keys.session(sid, "mic"), entry.to_fields(),
                        id=mic_id(entry.seq, entry.end_of_utterance), maxlen=maxlen,
                        approximate=True)
-            await self.gw.wake_listener(keys=[self.keys.listener(sid), self.keys.jobs("stt")],
-                                        args=[sid, now_ms()], client=p)
+            if not self.gw.clustered:
+                await self.gw.wake_listener(**wake, client=p)
             res = await p.execute(raise_on_error=False)
         for r in res:
             # a resend Redis already has is refused by its ID: that is the point of the IDs
             if isinstance(r, ResponseError) and not is_stale_id(r):
                 raise r
+        if self.gw.clustered:
+            await self.gw.wake_listener(**wake)
 
     async def flush_mic(self) -> None:
         """Until every queued mic message is in Redis (before a session is detached)."""
