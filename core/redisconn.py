@@ -20,8 +20,9 @@ def is_stale_id(exc: Exception) -> bool:
 
 
 def is_no_group(exc: Exception) -> bool:
-    """The consumer group (or its stream) is gone: Redis lost its data."""
-    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+    """The consumer group (or its stream) is gone: Redis lost its data, or the stream was
+    deleted while a worker was blocked reading it (UNBLOCKED)."""
+    return isinstance(exc, ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED"))
 
 
 def is_group_exists(exc: Exception) -> bool:

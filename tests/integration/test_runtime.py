@@ -198,9 +198,10 @@ async def test_a_worker_whose_event_loop_is_starved_keeps_its_job(scratch_url, r
     proc = spawn_toy_worker(scratch_url, "starved")
     try:
         assert await wait_for(lambda: redis_client.exists(Keys().alive("starved")), 10)
-        thief_cfg = config(scratch_url)
-        b, sb, tb = await start(thief_cfg, "thief")
         await enqueue(redis_client, "busy", "block:starved:3.0")
+        assert await wait_for(lambda: _held_by(redis_client, "starved"), 10)
+        thief_cfg = config(scratch_url)
+        b, sb, tb = await start(thief_cfg, "thief")  # now looking for work to take over
         assert await wait_for(lambda: _count(redis_client, ["done:busy"], 1), 15)
         await asyncio.sleep(0.6)  # a late takeover would run the job a second time now
         assert sb.ran == [], "the sibling took a live worker's job"
@@ -217,9 +218,10 @@ async def test_a_wedged_worker_loses_its_job_after_stall_ms(scratch_url, redis_c
     proc = spawn_toy_worker(scratch_url, "wedged")
     try:
         assert await wait_for(lambda: redis_client.exists(Keys().alive("wedged")), 10)
+        await enqueue(redis_client, "stuck", "block:wedged:6.0")
+        assert await wait_for(lambda: _held_by(redis_client, "wedged"), 10)
         thief_cfg = config(scratch_url, stall_ms=1500)
         b, sb, tb = await start(thief_cfg, "rescuer")
-        await enqueue(redis_client, "stuck", "block:wedged:6.0")
         assert await wait_for(lambda: _any(sb.ran), 5), "the wedged worker kept its job"
         assert await wait_for(lambda: _count(redis_client, ["done:stuck"], 1), 5)
         # The wedged worker wakes up (the toy's own write is not idempotent, a real stage's
@@ -243,6 +245,11 @@ async def test_a_killed_workers_liveness_lapses_at_once(scratch_url, redis_clien
     t0 = time.monotonic()
     assert await wait_for(lambda: _none(redis_client.exists(Keys().alive("doomed"))), 3)
     assert time.monotonic() - t0 < 1.0
+
+
+async def _held_by(r, consumer: str) -> bool:
+    pending = await r.xpending_range(Keys().jobs("toy"), "toy", "-", "+", 10)
+    return any(p["consumer"].decode() == consumer for p in pending)
 
 
 async def _none(coro):
