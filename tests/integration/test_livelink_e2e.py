@@ -18,14 +18,21 @@ from tests.conftest import speech
 pytestmark = pytest.mark.slow
 
 
-async def test_gateway_sends_live_link_face_packets_after_ready(fleet):
+async def livelink_gateway(fleet) -> tuple[socket.socket, Gateway]:
+    """A UDP receiver standing in for Unreal's Live Link, and a second gateway on the same
+    fleet (workers are shared) that sends Live Link Face packets to it."""
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     rx.bind(("127.0.0.1", 0))
     rx.setblocking(False)
     cfg = Config.load(env={"PARLEY_REDIS_URL": fleet.redis_url,
                            "PARLEY_LIPSYNC_LIVELINK": f"127.0.0.1:{rx.getsockname()[1]}"})
     gw = Gateway(cfg)
-    await gw.start("127.0.0.1", 0)  # a second gateway on the same fleet: workers are shared
+    await gw.start("127.0.0.1", 0)
+    return rx, gw
+
+
+async def test_gateway_sends_live_link_face_packets_after_ready(fleet):
+    rx, gw = await livelink_gateway(fleet)
     client = await Client.connect(f"ws://127.0.0.1:{gw.port}")
     packets = []
     try:
@@ -69,13 +76,7 @@ async def test_live_link_face_plays_out_while_parley_say_stays(fleet, tmp_path):
 
     from parley.client import say
 
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.bind(("127.0.0.1", 0))
-    rx.setblocking(False)
-    cfg = Config.load(env={"PARLEY_REDIS_URL": fleet.redis_url,
-                           "PARLEY_LIPSYNC_LIVELINK": f"127.0.0.1:{rx.getsockname()[1]}"})
-    gw = Gateway(cfg)
-    await gw.start("127.0.0.1", 0)
+    rx, gw = await livelink_gateway(fleet)
     wav = tmp_path / "who.wav"
     sf.write(wav, speech("Who are you? What is your name?", 16000).astype(np.float32) / 32768,
              16000, subtype="FLOAT")
