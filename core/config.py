@@ -172,6 +172,14 @@ class PipelineConfig:
 
 
 @dataclass
+class MetricsConfig:
+    # /metrics, /healthz and /readyz of this process (core/metrics.py); 0: off. `parley up`
+    # gives each process a free port; in a pod, every container can use the same one.
+    port: int = 0
+    host: str = "127.0.0.1"  # 0.0.0.0 in a container, so Prometheus and the kubelet reach it
+
+
+@dataclass
 class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -182,6 +190,7 @@ class Config:
     lipsync: LipsyncConfig = field(default_factory=LipsyncConfig)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None,

@@ -40,12 +40,18 @@ class SessionLifecycle:
     def _swept(self) -> str:
         return self.keys.sessions() + ":swept"
 
+    def detached_key(self) -> str:
+        """Set of the sessions whose client left without `close` (resumable): counted for the
+        `parley_sessions{state="detached"}` series."""
+        return self.keys.sessions() + ":detached"
+
     async def attached(self, sids: list[str]) -> None:
         """Opened or resumed here, or still held: expires one grace period after we stop
         saying so."""
         if sids:
             when = now_ms() + self.grace_ms
             await self.redis.zadd(self.keys.sessions(), {sid: when for sid in sids})
+            await self.redis.srem(self.detached_key(), *sids)
 
     async def left(self, sid: str, state: str) -> None:
         """The client closed the session (``closed``) or went away (``detached``)."""
@@ -54,6 +60,10 @@ class SessionLifecycle:
             p.hset(self.keys.session(sid, "meta"), mapping={"state": state,
                                                             "state_ts": now_ms()})
             p.zadd(self.keys.sessions(), {sid: now_ms() + keep})
+            if state == "detached":
+                p.sadd(self.detached_key(), sid)
+            else:
+                p.srem(self.detached_key(), sid)
             await p.execute()
 
     async def count(self) -> int:
@@ -69,6 +79,7 @@ class SessionLifecycle:
             sid = raw.decode() if isinstance(raw, bytes) else raw
             # of several gateways sweeping at once, the one whose ZREM counts deletes
             if await self.redis.zrem(self.keys.sessions(), sid):
+                await self.redis.srem(self.detached_key(), sid)
                 await self._delete(sid)
                 await self.redis.zadd(self._swept(), {sid: now + RESWEEP_MS})
                 swept += 1
