@@ -72,13 +72,20 @@ BACKEND_FALLBACKS = Counter("parley_backend_fallbacks", "Outputs continued by th
                             "of the fallback chain", ["stage", "failed", "to"])
 
 
-def series_names(registry: CollectorRegistry = REGISTRY) -> set[str]:
+ALL = (SESSIONS, TURNS, TURN_LATENCY, ERRORS, CONNECTIONS, JOBS_IN_FLIGHT, JOBS, JOB_SECONDS,
+       QUEUE_LAG, QUEUE_PENDING, INPUT_LAG, TAKEOVERS, DEAD_LETTERS, BACKEND_FAILURES,
+       BACKEND_FALLBACKS)
+
+
+def families() -> dict[str, str]:
+    """name -> type of every metric family Parley exports."""
+    return {f.name: f.type for m in ALL for f in m.describe()}
+
+
+def series_names() -> set[str]:
     """Every sample name Parley exports (with the _total, _bucket, ... suffixes)."""
-    own = (SESSIONS, TURNS, TURN_LATENCY, ERRORS, CONNECTIONS, JOBS_IN_FLIGHT, JOBS,
-           JOB_SECONDS, QUEUE_LAG, QUEUE_PENDING, INPUT_LAG, TAKEOVERS, DEAD_LETTERS,
-           BACKEND_FAILURES, BACKEND_FALLBACKS)
     names = set()
-    for metric in own:
+    for metric in ALL:
         for family in metric.describe():
             base = family.name
             if family.type == "counter":

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def _main(argv: list[str] | None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options (deploy tests check the deploy files' commands with it)."""
     ap = argparse.ArgumentParser(prog="parley", description="Talking NPCs for Unreal Engine.")
     ap.add_argument("--config", help="TOML config file (also PARLEY_CONFIG)")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -78,7 +79,11 @@ def _main(argv: list[str] | None) -> int:
     de.add_argument("--wav", default=str(SAMPLE))
     de.add_argument("--npc", default="guard")
 
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     config = Config.load(args.config)
     if args.cmd == "up":
         return cmd_up(args, config)
