@@ -156,22 +156,6 @@ class FallbackConfig:
 
 
 @dataclass
-class PipelineConfig:
-    # "streaming": every stage starts on the first piece of its input (the product).
-    # "sequential": the whole-file design kept as a baseline for `parley bench latency`:
-    # each stage waits for all of its input, and nothing reaches UE before the face is done.
-    mode: str = "streaming"
-    # "": the real backends' own speed. "gpu-sim": SIMULATED model timings standing in for GPU
-    # models (delays added around the offline backends), for benchmarks only.
-    profile: str = ""
-    sim_llm_ttft_ms: float = 150.0
-    sim_llm_tokens_per_s: float = 40.0
-    sim_tts_first_chunk_ms: float = 80.0
-    sim_tts_rtf: float = 0.1
-    sim_stt_final_ms: float = 50.0
-
-
-@dataclass
 class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -181,7 +165,6 @@ class Config:
     tts: TtsConfig = field(default_factory=TtsConfig)
     lipsync: LipsyncConfig = field(default_factory=LipsyncConfig)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None,

@@ -635,9 +635,7 @@ class Connection:
 
     def _start_relay(self, state: C.SessionState, cursors: dict[str, str], min_turn: int,
                      live_since_ms: float = 0.0) -> None:
-        relay = C.Relay(state, min_turn=min_turn,
-                        sequential=self.gw.config.pipeline.mode == "sequential",
-                        live_since_ms=live_since_ms)
+        relay = C.Relay(state, min_turn=min_turn, live_since_ms=live_since_ms)
         task = asyncio.create_task(self._relay_loop(relay, cursors))
         self.relays[state.session] = (relay, task)
         if self.gw.livelink is not None:
