@@ -694,3 +694,19 @@ class Relay:
                            audio_samples=ts.voice_end.sample,
                            face_frames=ts.face_end.first_index,
                            segments=ts.voice_end.segment)]
+
+
+def heard_text(texts: dict[int, str], voice: list[VoiceEntry], played: int) -> str:
+    """The reply as far as the player heard it: whole segments before the cut, and the cut
+    segment up to the end of the last word that had started playing."""
+    cut_segment, cut_end = -1, 0
+    for v in voice:
+        for m in v.marks:
+            if m.kind == "word" and m.sample < played:
+                end = int(m.value.split(":")[1])
+                if (v.segment, end) > (cut_segment, cut_end):
+                    cut_segment, cut_end = v.segment, end
+    parts = [texts[s] for s in sorted(texts) if s < cut_segment]
+    if cut_segment in texts:
+        parts.append(texts[cut_segment][:cut_end])
+    return " ".join(parts).strip()
