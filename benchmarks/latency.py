@@ -1,10 +1,11 @@
 """`parley bench latency`: streaming pipeline against the sequential whole-file design.
 
-For each (mode, profile) it starts a fleet on its own Redis and plays turns through the
+For "streaming" (the product) it starts a fleet on its own Redis and plays turns through the
 reference client at real-time pace (as a microphone would), with replies of 1, 3 and 6
-sentences. Modes: "streaming" (the product) and "sequential" (the design it replaces, same
-backends: each stage waits for all of its input, nothing reaches UE before the face is done).
-Profiles: the offline backends as they are, and "gpu-sim", SIMULATED GPU model timings.
+sentences. "sequential" is the design it replaces, run in-process with the same backends
+(benchmarks/sequential.py: each stage waits for all of its input, nothing reaches UE before the
+face is done). Profiles: the offline backends as they are, and "sim", SIMULATED GPU-class model
+timings (benchmarks/simulated.py, loaded by name like any backend).
 
 TTFA = end of the player's speech (last mic chunk sent) -> first reply audio at the client.
 Fleet overhead = the server's own part of TTFA minus the time spent inside backends on the
@@ -33,8 +34,7 @@ UTTERANCES = (
     "Tell me about the town, please.",
 )
 LENGTHS = (1, 3, 6)
-CONFIGS = (("streaming", ""), ("sequential", ""), ("streaming", "gpu-sim"),
-           ("sequential", "gpu-sim"))
+CONFIGS = (("streaming", ""), ("sequential", ""), ("streaming", "sim"), ("sequential", "sim"))
 
 
 def synth_utterances(rate: int = 16000) -> list[np.ndarray]:
@@ -96,10 +96,31 @@ async def _turns(url: str, utterances: list[np.ndarray], turns: int) -> list[dic
     return rows
 
 
+def sequential_rows(profile: str, turns: int, utterances) -> list[dict]:
+    """The whole-file baseline: the same turns, each stage after the previous one's end."""
+    from benchmarks.sequential import SequentialPipeline
+    from core.personas import load_personas
+
+    personas = load_personas(PERSONAS)
+    pipe = SequentialPipeline(simulated=profile == "sim")
+    rows = []
+    for n in LENGTHS:
+        for i in range(turns):
+            t = asyncio.run(pipe.turn(utterances[i % len(utterances)], personas[f"bench{n}"]))
+            rows.append({"sentences": n, "ttfa_ms": t["ttfa_ms"], "first_face_ms": 0.0,
+                         "server_ms": t["ttfa_ms"], "backend_ms": t["ttfa_ms"],
+                         "overhead_ms": 0.0, "final_ms": t["stt_ms"], "gaps": 0, "dups": 0})
+    return rows
+
+
 def run_config(mode: str, profile: str, turns: int, utterances) -> list[dict]:
+    if mode == "sequential":
+        return sequential_rows(profile, turns, utterances)
+    from benchmarks import simulated
+
     redis = RedisServer(appendonly=False).start()
-    env = {"PARLEY_PIPELINE_MODE": mode, "PARLEY_PIPELINE_PROFILE": profile,
-           "PARLEY_LLM_PERSONAS_DIR": str(PERSONAS), "PARLEY_LOG_LEVEL": "warning"}
+    env = {"PARLEY_LLM_PERSONAS_DIR": str(PERSONAS), "PARLEY_LOG_LEVEL": "warning",
+           **(simulated.ENV if profile == "sim" else {})}
     fleet = Fleet(port=free_port(), workers=1, redis_url=redis.url, env=env)
     try:
         fleet.start()
@@ -126,7 +147,7 @@ def report(results: dict) -> str:
         f"{'final p50':>9} {'face p50':>9} {'server p50':>10} {'overhead p50':>12} {'gaps':>5}",
     ]
     for (mode, profile), rows in results.items():
-        label = "gpu-sim (SIMUL.)" if profile == "gpu-sim" else "offline"
+        label = "sim (SIMULATED)" if profile == "sim" else "offline"
         for n in LENGTHS:
             rs = [r for r in rows if r["sentences"] == n]
             ttfa = [r["ttfa_ms"] for r in rs]
@@ -147,9 +168,9 @@ def report(results: dict) -> str:
         "ttfa: end of player speech -> first reply audio at the client; final: end of speech",
         "-> final transcript published (server clocks); face: ready -> first",
         "face frame; server: gateway's first audio - end of speech (server clocks); overhead:",
-        "server minus time inside backends on the critical path. gpu-sim rows are SIMULATED",
-        "model timings (LLM 150 ms to first token then 40 tok/s; TTS 80 ms to first chunk,",
-        "RTF 0.1).",
+        "server minus time inside backends on the critical path. sequential rows run in one",
+        "process (no Redis or hand-offs counted). sim rows are SIMULATED model timings (STT",
+        "50 ms final; LLM 150 ms to first token then 40 tok/s; TTS 80 ms to first chunk, RTF 0.1).",
         f"ttfa_p50_ms={s50:.1f} baseline_ttfa_p50_ms={b50:.1f} ratio={b50 / s50:.2f} "
         f"overhead_p50_ms={over:.2f}",
     ]

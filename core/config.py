@@ -156,22 +156,6 @@ class FallbackConfig:
 
 
 @dataclass
-class PipelineConfig:
-    # "streaming": every stage starts on the first piece of its input (the product).
-    # "sequential": the whole-file design kept as a baseline for `parley bench latency`:
-    # each stage waits for all of its input, and nothing reaches UE before the face is done.
-    mode: str = "streaming"
-    # "": the real backends' own speed. "gpu-sim": SIMULATED model timings standing in for GPU
-    # models (delays added around the offline backends), for benchmarks only.
-    profile: str = ""
-    sim_llm_ttft_ms: float = 150.0
-    sim_llm_tokens_per_s: float = 40.0
-    sim_tts_first_chunk_ms: float = 80.0
-    sim_tts_rtf: float = 0.1
-    sim_stt_final_ms: float = 50.0
-
-
-@dataclass
 class MetricsConfig:
     # /metrics, /healthz and /readyz of this process (core/metrics.py); 0: off. `parley up`
     # gives each process a free port; in a pod, every container can use the same one.
@@ -189,7 +173,6 @@ class Config:
     tts: TtsConfig = field(default_factory=TtsConfig)
     lipsync: LipsyncConfig = field(default_factory=LipsyncConfig)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @classmethod

@@ -502,8 +502,6 @@ class _TurnState:
     first_audio_at: float | None = None
     ready_at: float | None = None
     playback: Playback = field(default_factory=Playback)
-    # sequential mode only: (frame, segment, samples, rate) held until the face is complete
-    held_audio: list[tuple[bytes, int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -523,11 +521,9 @@ class Relay:
 
     STREAMS = ("transcript", "reply", "voice", "face", "events")
 
-    def __init__(self, state: SessionState, min_turn: int = 0, sequential: bool = False,
-                 live_since_ms: float = 0.0):
+    def __init__(self, state: SessionState, min_turn: int = 0, live_since_ms: float = 0.0):
         self.state = state
         self.min_turn = min_turn
-        self.sequential = sequential
         # events written before this (wall-clock ms) are history a resume replays: a speech
         # start among them must not cut the replayed reply the client is about to play
         self.live_since_ms = live_since_ms
@@ -563,7 +559,6 @@ class Relay:
         for key in [k for k in self.held if k[0] == turn]:
             del self.held[key]
         ts.held = 0
-        ts.held_audio.clear()
         if reason == "barge_in":
             self.awaiting_answer = turn
         # the totals are what was sent, so the client can check its buffers against them
@@ -641,9 +636,6 @@ class Relay:
         flags = P.FLAG_LAST_IN_SEGMENT if v.last_in_segment else 0
         frame = P.ReplyAudio(st.channel, turn, seq, v.segment, v.rate, v.sample, v.pcm,
                              flags).encode()
-        if self.sequential:  # whole-file baseline: no audio before the face is complete
-            ts.held_audio.append((frame, v.segment, v.sample + v.num_samples, v.rate))
-            return []
         self._audio_sent(turn, ts, v.segment, v.sample + v.num_samples, v.rate, now)
         return [frame]
 
@@ -663,13 +655,6 @@ class Relay:
         ts = self._turn(turn)
         if f.end:
             ts.face_end = f
-            if self.sequential and ts.held_audio:
-                out: list = []
-                for frame, segment, end, rate in ts.held_audio:
-                    self._audio_sent(turn, ts, segment, end, rate, now)
-                    out.append(frame)
-                ts.held_audio.clear()
-                return out + self._maybe_done(turn)
             return self._maybe_done(turn)
         frame = P.FaceFrames(st.channel, turn, seq, f.segment, f.samples.astype("<u8"),
                              f.values)
@@ -709,3 +694,19 @@ class Relay:
                            audio_samples=ts.voice_end.sample,
                            face_frames=ts.face_end.first_index,
                            segments=ts.voice_end.segment)]
+
+
+def heard_text(texts: dict[int, str], voice: list[VoiceEntry], played: int) -> str:
+    """The reply as far as the player heard it: whole segments before the cut, and the cut
+    segment up to the end of the last word that had started playing."""
+    cut_segment, cut_end = -1, 0
+    for v in voice:
+        for m in v.marks:
+            if m.kind == "word" and m.sample < played:
+                end = int(m.value.split(":")[1])
+                if (v.segment, end) > (cut_segment, cut_end):
+                    cut_segment, cut_end = v.segment, end
+    parts = [texts[s] for s in sorted(texts) if s < cut_segment]
+    if cut_segment in texts:
+        parts.append(texts[cut_segment][:cut_end])
+    return " ".join(parts).strip()

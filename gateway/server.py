@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import secrets
 import time
-import zlib
 
 import structlog
 from redis.exceptions import ResponseError
@@ -27,13 +26,13 @@ from gateway import access
 from gateway import core as C
 from gateway.admission import Admission, FleetLoad
 from gateway.lifecycle import SessionLifecycle
-from gateway.livelink import LiveLinkPlayer, LiveLinkSender, parse_target
+from gateway.livelink import LiveLinkSender, parse_target
+from gateway.livelink_output import LiveLinkOutput
 from gateway.observe import GatewayObserver, sent
 from schemas import protocol as P
 from schemas.streams import (
     WAKE_LISTENER_LUA,
     EventEntry,
-    FaceEntry,
     Keys,
     MicEntry,
     ReplyEntry,
@@ -169,13 +168,11 @@ class Connection:
         self.ws = ws
         self.core = C.ConnectionCore(gw.limits, gw.personas)
         self.relays: dict[str, tuple[C.Relay, asyncio.Task]] = {}
-        # Live Link Face output per (session, turn), paced on the reply audio's clock
-        self.players: dict[tuple[str, int], tuple[LiveLinkPlayer, asyncio.Task]] = {}
+        self.livelink = (LiveLinkOutput(gw.livelink, gw.config.lipsync.fps)
+                         if gw.livelink is not None else None)
         self.mic_queues: dict[str, list[MicEntry]] = {}  # per sid, not yet in Redis
         self.mic_writers: dict[str, asyncio.Task] = {}
-        self.reply_rates: dict[str, int] = {}
         self._marked: set[tuple[str, int, str]] = set()
-        self.session_t0: dict[str, float] = {}  # Live Link timeline of each session
         self._bg: set[asyncio.Task] = set()
         self.redis = gw.redis
         self.keys = gw.keys
@@ -206,8 +203,10 @@ class Connection:
         except ConnectionClosed:
             pass
         finally:
-            for _, task in [*self.relays.values(), *self.players.values()]:
+            for _, task in self.relays.values():
                 task.cancel()
+            if self.livelink is not None:
+                self.livelink.close()
             await asyncio.gather(*(t for _, t in self.relays.values()), return_exceptions=True)
             await self.flush_mic()
             await self._detach_all()
@@ -295,14 +294,8 @@ class Connection:
                     await self._send_out(relay[0], action.turn, out)
             await self.redis.sadd(self.keys.session(action.sid, "ready"),
                                   f"{action.turn}:{action.segment}")
-            if self.gw.livelink is not None:
-                # UE is about to play: the Live Link clock starts now (once per turn).
-                player = self._player(action.session, action.sid, action.turn)
-                if not player.schedule.started:
-                    now = time.monotonic()
-                    t0 = self.session_t0.setdefault(action.session, now)
-                    player.frame_offset = round((now - t0) * self.gw.config.lipsync.fps)
-                    player.start(now)
+            if self.livelink is not None:
+                self.livelink.ready(action.session, action.sid, action.turn)
         elif isinstance(action, C.OpenAction):
             await self._open(action)
         elif isinstance(action, C.ResumeAction):
@@ -485,9 +478,8 @@ class Connection:
         """Another connection resumed this session: stop serving it here and say so."""
         state = relay.state
         self.relays.pop(state.session, None)
-        for key, (_, task) in list(self.players.items()):
-            if key[0] == state.session:
-                task.cancel()
+        if self.livelink is not None:
+            self.livelink.stop_session(state.session)
         self.core.drop(state.session)
         await self._release(state.sid)
         self.log.info("session_taken_over", session=state.sid)
@@ -527,9 +519,8 @@ class Connection:
         outs = relay.interrupt(turn, reason)
         if not outs:
             return
-        player = self.players.get((relay.state.session, turn))
-        if player is not None:
-            player[1].cancel()  # UE stopped the voice: its Live Link face stops with it
+        if self.livelink is not None:
+            self.livelink.stop_turn(relay.state.session, turn)
         async with self.redis.pipeline(transaction=False) as p:
             p.set(self.keys.session(sid, "cancel"), turn)
             p.xadd(self.keys.session(sid, "events"),
@@ -565,54 +556,13 @@ class Connection:
         reply = await self.redis.xrange(self.keys.session(sid, "reply"), *span)
         texts = {r.segment: r.text for r in (ReplyEntry.from_fields(f) for _, f in reply)
                  if not r.end}
-        heard = heard_text(texts, [VoiceEntry.from_fields(f) for _, f in voice], played)
+        heard = C.heard_text(texts, [VoiceEntry.from_fields(f) for _, f in voice], played)
         await self.redis.hset(self.keys.session(sid, "history"), f"{turn}:heard", heard)
 
-    async def _livelink_idle(self, session: str, sid: str) -> None:
-        """Between replies the MetaHuman keeps living: blinks, gaze, slight head motion at the
-        configured fps, paused while a reply of this session is playing (its frames carry the
-        same idle layer under the speech)."""
-        from core.idle_face import IdleFace
-
-        fps = self.gw.config.lipsync.fps
-        idle = IdleFace(fps=fps, seed=zlib.crc32(sid.encode()))
-        frame = 0
-        t0 = self.session_t0.setdefault(session, time.monotonic())
-        while True:
-            frame += 1
-            await asyncio.sleep(max(0.0, t0 + frame / fps - time.monotonic()))
-            values = idle.next(1)[0]  # the idle clock runs on, so blinks stay natural
-            if any(k[0] == session for k in self.players):
-                continue
-            self.gw.livelink.send(sid, frame, values)
-
-    def _player(self, session: str, sid: str, turn: int) -> LiveLinkPlayer:
-        key = (session, turn)
-        if key not in self.players:
-            player = LiveLinkPlayer(self.gw.livelink, subject=sid,
-                                    rate=self.reply_rates.get(session, 22050))
-            task = asyncio.create_task(player.run())
-            task.add_done_callback(lambda _t, k=key: self.players.pop(k, None))
-            self.players[key] = (player, task)
-        return self.players[key][0]
-
     def _livelink_feed(self, relay: C.Relay, stream: str, eid: str, fields: dict) -> None:
-        session = relay.state.session
-        if stream == "voice":
-            rate = fields.get(b"rate")
-            if rate:
-                self.reply_rates[session] = int(rate)
-        elif stream == "face":
-            turn, _ = parse_id(eid)
-            ts = relay.turns.get(turn)
-            if ts is not None and ts.interrupted:
-                return  # UE stopped this reply; a new player would hold the idle face back
-            face = FaceEntry.from_fields(fields)
-            player = self._player(session, relay.state.sid, turn)
-            if face.end:
-                player.finish()
-            else:
-                player.add(face.samples, face.values)
+        ts = relay.turns.get(parse_id(eid)[0]) if stream == "face" else None
+        self.livelink.feed(relay.state.session, relay.state.sid, stream, eid, fields,
+                           interrupted=ts is not None and ts.interrupted)
 
     async def _close(self, session: str, sid: str) -> None:
         writer = self.mic_writers.get(sid)
@@ -621,9 +571,8 @@ class Connection:
         relay = self.relays.pop(session, None)
         if relay is not None:
             relay[1].cancel()
-        for key, (_, task) in list(self.players.items()):
-            if key[0] == session:
-                task.cancel()
+        if self.livelink is not None:
+            self.livelink.stop_session(session)
         await self._mark(sid, "closed")
         await self._release(sid)
         await self.send(P.SessionClosed(session=session))
@@ -642,13 +591,11 @@ class Connection:
 
     def _start_relay(self, state: C.SessionState, cursors: dict[str, str], min_turn: int,
                      live_since_ms: float = 0.0) -> None:
-        relay = C.Relay(state, min_turn=min_turn,
-                        sequential=self.gw.config.pipeline.mode == "sequential",
-                        live_since_ms=live_since_ms)
+        relay = C.Relay(state, min_turn=min_turn, live_since_ms=live_since_ms)
         task = asyncio.create_task(self._relay_loop(relay, cursors))
         self.relays[state.session] = (relay, task)
-        if self.gw.livelink is not None:
-            idle = asyncio.create_task(self._livelink_idle(state.session, state.sid))
+        if self.livelink is not None:
+            idle = self.livelink.start_session(state.session, state.sid)
             task.add_done_callback(lambda _t: idle.cancel())
 
     async def _relay_loop(self, relay: C.Relay, cursors: dict[str, str]) -> None:
@@ -680,7 +627,7 @@ class Connection:
                             return
                         continue
                     try:
-                        if self.gw.livelink is not None:
+                        if self.livelink is not None:
                             self._livelink_feed(relay, stream, eid, fields)
                         outs = relay.feed(stream, eid, fields, time.monotonic())
                     except (ValueError, KeyError) as exc:
@@ -692,22 +639,6 @@ class Connection:
                             await self._interrupt(relay, out.turn, out.reason)
                         else:
                             await self._send_out(relay, turn, out)
-
-
-def heard_text(texts: dict[int, str], voice: list[VoiceEntry], played: int) -> str:
-    """The reply as far as the player heard it: whole segments before the cut, and the cut
-    segment up to the end of the last word that had started playing."""
-    cut_segment, cut_end = -1, 0
-    for v in voice:
-        for m in v.marks:
-            if m.kind == "word" and m.sample < played:
-                end = int(m.value.split(":")[1])
-                if (v.segment, end) > (cut_segment, cut_end):
-                    cut_segment, cut_end = v.segment, end
-    parts = [texts[s] for s in sorted(texts) if s < cut_segment]
-    if cut_segment in texts:
-        parts.append(texts[cut_segment][:cut_end])
-    return " ".join(parts).strip()
 
 
 async def run_gateway(config: Config, host: str | None = None, port: int | None = None,

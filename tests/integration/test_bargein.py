@@ -12,6 +12,7 @@ import asyncio
 import pytest
 import redis
 
+from benchmarks import simulated
 from parley.client import Client
 from parley.fleet import Fleet
 from parley.redis_server import free_port
@@ -26,7 +27,11 @@ PREFIX = "sim"
 @pytest.fixture(scope="module")
 def sim_fleet(redis_server, tmp_path_factory):
     log = tmp_path_factory.mktemp("simfleet") / "fleet.log"
-    env = {**FLEET_ENV, "PARLEY_PIPELINE_PROFILE": "gpu-sim", "PARLEY_REDIS_PREFIX": PREFIX}
+    # the real recognizer hears the player; LLM and TTS at SIMULATED GPU-class speed, so the
+    # reply is still being made when the player cuts in
+    env = {**FLEET_ENV, "PARLEY_REDIS_PREFIX": PREFIX,
+           "PARLEY_LLM_BACKENDS": simulated.ENV["PARLEY_LLM_BACKENDS"],
+           "PARLEY_TTS_BACKENDS": simulated.ENV["PARLEY_TTS_BACKENDS"]}
     f = Fleet(port=free_port(), workers=1, redis_url=redis_server.url, log_path=str(log), env=env)
     f.start()
     f.wait_ready(60)

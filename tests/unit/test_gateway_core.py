@@ -188,7 +188,7 @@ def test_a_whole_utterance_pushed_unpaced_is_accepted_but_not_a_runaway_stream()
 
 
 def test_heard_text_cuts_the_reply_at_the_last_word_that_started_playing():
-    from gateway.server import heard_text
+    from gateway.core import heard_text
     from schemas.streams import Mark
 
     texts = {0: "Hmm?", 1: "I am Elowen, keeper of stars."}

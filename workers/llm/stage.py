@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
-from core.config import Config, PipelineConfig
+from core.config import Config
 from core.personas import Persona, load_personas
 from schemas.streams import Job, ReplyEntry, now_ms
 from workers import registry
@@ -23,17 +22,6 @@ def make_backend(name: str, config: Config):
 def make_chain(config: Config, log=None) -> FallbackReplyModel:
     return FallbackReplyModel.from_config([make_backend(n, config) for n in config.llm.backends],
                                           config, log)
-
-
-async def simulated_gpu_timing(tokens: AsyncIterator[str], cfg: PipelineConfig
-                               ) -> AsyncIterator[str]:
-    """SIMULATED model speed for benchmarks: time to first token, then a steady token rate."""
-    first = True
-    async for token in tokens:
-        await asyncio.sleep((cfg.sim_llm_ttft_ms / 1000) if first
-                            else 1 / cfg.sim_llm_tokens_per_s)
-        first = False
-        yield token
 
 
 class LlmStage(Stage):
@@ -65,11 +53,9 @@ class LlmStage(Stage):
         persona = self.personas.get(meta.persona)
         if persona is None:
             raise LookupError(f"persona {meta.persona!r} is not loaded by this worker")
-        sequential = self.config.pipeline.mode == "sequential"
-        if not sequential:
-            # TTS starts now and tails the reply stream: it speaks fragment 1 while we write 2.
-            # Once per turn: a takeover asks again and the guard in Redis answers.
-            await ctx.enqueue("tts")
+        # TTS starts now and tails the reply stream: it speaks fragment 1 while we write 2.
+        # Once per turn: a takeover asks again and the guard in Redis answers.
+        await ctx.enqueue("tts")
         await ctx.mark("llm_start")
         t0 = now_ms()
         frag = Fragmenter()
@@ -85,18 +71,10 @@ class LlmStage(Stage):
 
         answered: list[str] = []
         tokens = self.chain.stream_reply(persona, history, ctx.job.text, used=answered)
-        if self.config.pipeline.profile == "gpu-sim":
-            tokens = simulated_gpu_timing(tokens, self.config.pipeline)
-        whole: list[str] = []
         async for token in tokens:
             await ctx.mark("first_token")
-            if sequential:  # the whole-file design: nothing leaves before the reply is complete
-                whole.append(token)
-                continue
             for text in frag.push(token):
                 await put(text)
-        if sequential and whole:
-            await put("".join(whole).strip())
         for text in frag.flush():
             await put(text)
         full = " ".join(texts)
@@ -109,7 +87,7 @@ class LlmStage(Stage):
         await ctx.redis.hset(ctx.key("history"), str(ctx.turn),
                              json.dumps({"player": ctx.job.text, "npc": full}))
         ctx.log.info("reply_done", segments=len(texts), chars=len(full), backend=backend)
-        return [Job(stage="tts", sid=ctx.sid, turn=ctx.turn)] if sequential else []
+        return []
 
     async def _history(self, ctx: JobContext) -> list[dict]:
         """Earlier turns, oldest first; where the player cut the NPC off, only what was heard."""

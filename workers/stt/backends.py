@@ -38,10 +38,6 @@ def _cuda_or_cpu() -> str:
 def pocketsphinx(config):
     from workers.stt.pocketsphinx_backend import PocketsphinxBackend
 
-    if config.pipeline.mode == "sequential":
-        # The sequential baseline decodes after the player stops; the CMN warm-up would decode
-        # its first 1.5 s twice right then. Without it the baseline is not made slower.
-        return PocketsphinxBackend(cmn_warmup_ms=0)
     return PocketsphinxBackend()
 
 

@@ -132,8 +132,6 @@ class _Utterances:
         self.writer = writer  # skips the transcript entries a previous run already published
         self.stream = None
         self.last_partial = ""
-        self.sequential = stage.config.pipeline.mode == "sequential"
-        self.held: list[np.ndarray] = []  # sequential mode: the utterance, decoded at its end
         self.cursor = ctx.job.cursor
         self.due_ms = 0.0  # see track_lag
         self.pending: list[np.ndarray] = []  # audio for the recognizer, fed once per read
@@ -203,9 +201,6 @@ class _Utterances:
         await self.feed(audio)
 
     async def feed(self, audio: np.ndarray) -> None:
-        if self.sequential:
-            self.held.append(audio)
-            return
         if self.stage.inline:
             # a decoder that holds the GIL gains nothing from a thread but the hand-off
             partial = self.stream.feed(audio)
@@ -225,13 +220,8 @@ class _Utterances:
         ctx, lis = self.ctx, self.listener
         eos_ts = end.eos_ts or now_ms()
         t0 = now_ms()
-        if self.held:
-            await asyncio.to_thread(self.stream.feed, np.concatenate(self.held))
-            self.held.clear()
         finish = self.stream.finish
         text = (finish() if self.stage.inline else await asyncio.to_thread(finish)).strip()
-        if self.stage.config.pipeline.profile == "gpu-sim":
-            await asyncio.sleep(self.stage.config.pipeline.sim_stt_final_ms / 1000)
         finish_ms = now_ms() - t0
         self.close()
         lis.utterance_done()

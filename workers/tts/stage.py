@@ -70,13 +70,9 @@ class TtsStage(Stage):
         voice = meta.voice or (persona.voice if persona else "en-us")
         rate_wpm = persona.voice_rate_wpm if persona else 175
         pitch = persona.voice_pitch if persona else 50
-        pipe = self.config.pipeline
-        sequential = pipe.mode == "sequential"
-        simulated = pipe.profile == "gpu-sim"
-        if not sequential:
-            # lipsync is not on the way to the first audio: enqueue it without waiting (once
-            # per turn: a takeover asks again and the guard in Redis answers)
-            ctx.background(ctx.enqueue("lipsync"))
+        # lipsync is not on the way to the first audio: enqueue it without waiting (once per
+        # turn: a takeover asks again and the guard in Redis answers)
+        ctx.background(ctx.enqueue("lipsync"))
         sample = 0
         segments = 0
         # A takeover continues from what the dead worker published, by *samples*: espeak's
@@ -94,7 +90,7 @@ class TtsStage(Stage):
                                  rate=self.backend.sample_rate, end=True)
                 await writer.put(end.to_fields())
                 ctx.log.info("voice_done", samples=sample, segments=segments)
-                return [Job(stage="lipsync", sid=ctx.sid, turn=ctx.turn)] if sequential else []
+                return []
             if reply.segment in done_segments:
                 segments += 1
                 continue
@@ -109,13 +105,8 @@ class TtsStage(Stage):
                     chunks = [SynthChunk(pcm=np.zeros(0, np.int16), sample=skip,
                                          phonemes=[], words=[])]
             await ctx.mark("tts_first_synth_ms", now_ms() - t0)
-            if simulated:  # SIMULATED GPU model: time to first chunk
-                await asyncio.sleep(pipe.sim_tts_first_chunk_ms / 1000)
             segments += 1 if chunks else 0
             for i, ch in enumerate(chunks):
-                n = len(ch.pcm)
-                if simulated and i:  # ...then a steady real-time factor
-                    await asyncio.sleep(pipe.sim_tts_rtf * n / self.backend.sample_rate)
                 # marks are positions in the fragment's audio; ch.sample is where this chunk
                 # starts in it, ``sample`` where it starts in the turn's reply
                 shift = sample - ch.sample
@@ -132,4 +123,4 @@ class TtsStage(Stage):
                 )
                 await writer.put(entry.to_fields())
                 await ctx.mark("tts_first_chunk")
-                sample += n
+                sample += len(ch.pcm)
