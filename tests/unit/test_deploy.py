@@ -321,3 +321,10 @@ def test_dashboard_queries_only_series_the_code_defines():
     # and every family appears somewhere on it
     for family in M.families():
         assert any(u.startswith(family) for u in used), f"{family} is on no panel"
+
+
+def test_docs_list_every_series():
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    for family, kind in M.families().items():
+        name = family + "_total" if kind == "counter" else family
+        assert f"`{name}`" in text, f"docs/deploy.md does not list {name}"
