@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="Redis (own, unless PARLEY_REDIS_URL), gateway, workers")
     _fleet_args(up)
+    up.add_argument("--ready-timeout", type=float, default=120.0, metavar="S",
+                    help="seconds every process gets to load its models and register "
+                         "(a process that exits at start is reported at once)")
 
     gw = sub.add_parser("gateway", help="run one gateway process")
     gw.add_argument("--host")
@@ -170,7 +173,7 @@ def cmd_up(args, config: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         try:
-            fleet.wait_ready(on_restart=lambda name: print(
+            fleet.wait_ready(args.ready_timeout, on_restart=lambda name: print(
                 f"parley up: restarted {name}", file=sys.stderr, flush=True))
         except RuntimeError as exc:  # a process that never became ready: say which, stop
             print(f"parley up: {exc}", file=sys.stderr, flush=True)

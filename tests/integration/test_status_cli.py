@@ -39,10 +39,11 @@ def test_status_finds_the_fleet_parley_up_started(tmp_path):
     (tmp_path / "run").mkdir()
     log = open(tmp_path / "up.log", "w")  # noqa: SIM115
     up = subprocess.Popen([sys.executable, "-m", "parley", "up", "--port", str(free_port()),
-                           "--workers", "1"], env=env, cwd=ROOT, stdout=log, stderr=log)
+                           "--workers", "1", "--ready-timeout", "150"],
+                          env=env, cwd=ROOT, stdout=log, stderr=log)
     try:
         path = up_state.state_file(env)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 170
         while up_state.read(env) is None:
             assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "parley up wrote no state file"
