@@ -52,7 +52,9 @@ class GatewayObserver:
         for conn in list(self.gw.connections):
             open_ += len(conn.core.sessions)
             for relay, _ in list(conn.relays.values()):
-                talking += any(not ts.done for ts in list(relay.turns.values()))
+                turns = dict(relay.turns)
+                # the newest turn only: an older one that never finished is not talk
+                talking += bool(turns) and not turns[max(turns)].done
         M.SESSIONS.labels("open").set(open_)
         M.SESSIONS.labels("talking").set(talking)
         M.CONNECTIONS.set(len(self.gw.connections))
