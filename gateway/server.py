@@ -31,6 +31,7 @@ from gateway.livelink import LiveLinkPlayer, LiveLinkSender, parse_target
 from schemas import protocol as P
 from schemas.streams import (
     WAKE_LISTENER_LUA,
+    ControlEntry,
     EventEntry,
     FaceEntry,
     Keys,
@@ -281,6 +282,8 @@ class Connection:
                                 MicEntry(seq=action.after_seq, end_of_utterance=True))
         elif isinstance(action, C.ReadyAction):
             relay = self.relays.get(action.session)
+            self._control(action.sid, ControlEntry("ready", turn=action.turn,
+                                                   segment=action.segment))
             if relay is not None:
                 self._timing(relay[0].state, action.turn, "ready")
                 # frames first: the face is what UE is waiting for; the bookkeeping can follow
@@ -371,7 +374,8 @@ class Connection:
             return
         meta = SessionMeta(sid=a.sid, session=a.session, npc=req.npc, persona=a.persona,
                            voice=a.voice, sample_rate=req.sample_rate, channels=req.channels,
-                           format=req.format, endpoint=req.endpoint or "vad")
+                           format=req.format, endpoint=req.endpoint or "vad", seed=a.sid)
+        opened_at = now_ms()
         try:
             if not await self._admit(a.session, a.sid):
                 self.core.drop(a.session)
@@ -386,6 +390,10 @@ class Connection:
             raise
         state = self.core.sessions[a.session]
         secret = await self._own_new(a.sid)
+        self._control(a.sid, ControlEntry("open", ts=opened_at, data={
+            "session": a.session, "npc": req.npc, "persona": a.persona,
+            "sample_rate": req.sample_rate, "channels": req.channels, "format": req.format,
+            "endpoint": meta.endpoint}))
         self.log.info("session_opened", session=a.sid, npc=req.npc, persona=a.persona,
                       rate=req.sample_rate, channels=req.channels, format=req.format)
         await self.send(P.SessionOpened(session=a.session, channel=a.channel, sid=a.sid,
@@ -421,6 +429,8 @@ class Connection:
         for stream, ch in channel_of.items():
             cursors[stream] = f"{req.turn}-{req.last.get(ch, 0)}" if req.turn else "0-0"
         state.owner_mark = await self._take_over(req.sid)
+        self._control(req.sid, ControlEntry("resume", data={  # never the resume secret
+            "session": req.session, "turn": req.turn, "last": req.last, "mic_seq": req.mic_seq}))
         self.log.info("session_resumed", session=req.sid, turn=req.turn, last=req.last)
         await self.send(P.SessionOpened(session=req.session, channel=state.channel, sid=req.sid,
                                         npc=meta.npc, persona=meta.persona, voice=meta.voice,
@@ -486,6 +496,18 @@ class Connection:
         self.log.info("session_taken_over", session=state.sid)
         await self.send(P.TakenOver(session=state.session))
 
+    def _control(self, sid: str, entry: ControlEntry) -> None:
+        """Store a client control message for replay (off the hot path, stamped on arrival)."""
+        task = asyncio.create_task(self.redis.xadd(self.keys.session(sid, "control"),
+                                                   entry.to_fields()))
+        self._bg.add(task)
+        task.add_done_callback(self._bg_done)
+
+    def _bg_done(self, task: asyncio.Task) -> None:
+        self._bg.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.warning("background_write_failed", error=str(task.exception()))
+
     def _timing(self, state: C.SessionState, turn: int, name: str) -> None:
         """Latency waterfall: first time ``name`` happened in ``turn`` (off the hot path)."""
         key = (state.sid, turn, name)
@@ -540,6 +562,11 @@ class Connection:
         if relay is None:
             return
         verdict = relay[0].client_interrupt(time.monotonic())
+        late = isinstance(verdict, P.ErrorEvent)
+        self._control(action.sid, ControlEntry(
+            "interrupt", turn=0 if late else verdict.turn,
+            played=-1 if action.played_samples is None else action.played_samples,
+            code="too_late" if late else verdict.reason))
         if isinstance(verdict, P.ErrorEvent):  # too late: said so, never ignored silently
             self.log.info("interrupt_too_late", session=action.sid, reason=verdict.message)
             await self.send(verdict)
@@ -608,6 +635,7 @@ class Connection:
                 player.add(face.samples, face.values)
 
     async def _close(self, session: str, sid: str) -> None:
+        self._control(sid, ControlEntry("close"))
         writer = self.mic_writers.get(sid)
         if writer is not None:  # what the player said before closing still counts
             await asyncio.gather(writer, return_exceptions=True)
@@ -628,6 +656,7 @@ class Connection:
     async def _detach_all(self) -> None:
         # The client may come back and resume; until then the session stays in Redis.
         for state in list(self.core.sessions.values()):
+            self._control(state.sid, ControlEntry("detach"))
             try:
                 await self._mark(state.sid, "detached")
             except RETRYABLE:
