@@ -28,6 +28,7 @@ from gateway import core as C
 from gateway.admission import Admission, FleetLoad
 from gateway.lifecycle import SessionLifecycle
 from gateway.livelink import LiveLinkPlayer, LiveLinkSender, parse_target
+from gateway.retention import TRIM_EVERY, trim_session
 from schemas import protocol as P
 from schemas.streams import (
     WAKE_LISTENER_LUA,
@@ -169,6 +170,7 @@ class Connection:
         self.players: dict[tuple[str, int], tuple[LiveLinkPlayer, asyncio.Task]] = {}
         self.mic_queues: dict[str, list[MicEntry]] = {}  # per sid, not yet in Redis
         self.mic_writers: dict[str, asyncio.Task] = {}
+        self.mic_count: dict[str, int] = {}  # chunks appended per sid (for retention trims)
         self.reply_rates: dict[str, int] = {}
         self._marked: set[tuple[str, int, str]] = set()
         self.session_t0: dict[str, float] = {}  # Live Link timeline of each session
@@ -338,13 +340,13 @@ class Connection:
         sends (an idle NPC holds no worker). One round trip for all of it on one Redis; on a
         Cluster the mic stream and the job streams live on different nodes, whose replies a
         pipeline does not order, and the wake must come after the audio it wakes for."""
-        maxlen = self.gw.config.redis.stream_maxlen
         wake = dict(keys=[self.keys.listener(sid), self.keys.jobs("stt")], args=[sid, now_ms()])
         async with self.redis.pipeline(transaction=False) as p:
             for entry in entries:
+                # no MAXLEN: retention is by time (gateway/retention.py), so the whole
+                # retained conversation replays
                 p.xadd(self.keys.session(sid, "mic"), entry.to_fields(),
-                       id=mic_id(entry.seq, entry.end_of_utterance), maxlen=maxlen,
-                       approximate=True)
+                       id=mic_id(entry.seq, entry.end_of_utterance))
             if not self.gw.clustered:
                 await self.gw.wake_listener(**wake, client=p)
             res = await p.execute(raise_on_error=False)
@@ -354,6 +356,20 @@ class Connection:
                 raise r
         if self.gw.clustered:
             await self.gw.wake_listener(**wake)
+        self._maybe_trim(sid, len(entries))
+
+    def _maybe_trim(self, sid: str, appended: int) -> None:
+        """Every TRIM_EVERY mic chunks, the session's streams lose what is older than the
+        retention period (in the background: it is bookkeeping)."""
+        before = self.mic_count.get(sid, 0)
+        self.mic_count[sid] = before + appended
+        retain_s = self.gw.config.redis.retention_s
+        if retain_s <= 0 or before // TRIM_EVERY == (before + appended) // TRIM_EVERY:
+            return
+        task = asyncio.create_task(trim_session(self.redis, self.keys, sid,
+                                                now_ms() - retain_s * 1000))
+        self._bg.add(task)
+        task.add_done_callback(self._bg_done)
 
     async def flush_mic(self) -> None:
         """Until every queued mic message is in Redis (before a session is detached)."""
@@ -451,9 +467,9 @@ class Connection:
                 session=req.session))
             return None
         meta = SessionMeta.from_fields(raw)
-        if meta.state == "closed":
+        if meta.state in ("closed", "ended"):
             await self.send(P.ErrorEvent(code=P.ErrorCode.SESSION_NOT_OPEN,
-                                         message=f"resume: session {req.sid!r} was closed",
+                                         message=f"resume: session {req.sid!r} was {meta.state}",
                                          session=req.session))
             return None
         try:
