@@ -17,6 +17,7 @@ import redis as syncredis
 from core.redisconn import connect
 from parley import recording as R
 from parley.client import Client
+from parley.replay import render
 from parley.replay_run import replay
 from schemas import protocol as P
 from tests.conftest import ROOT, speech
@@ -89,7 +90,7 @@ def test_the_recording_holds_what_the_client_did(recorded):
 
 async def test_a_replay_through_the_fleet_is_identical(recorded, gateway_url, redis_server):
     result = await replay(gateway_url, recorded, redis_server.url, fast=True)
-    assert result.report.differing == [], result.report.turns
+    assert result.report.differing == [], render(result.report)
     assert not result.waits, result.waits
     again = result.replay.turns
     assert again[2].interrupted and again[2].played == recorded.turns[2].played
