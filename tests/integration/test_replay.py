@@ -125,19 +125,22 @@ def test_a_recording_file_replays_on_a_fresh_fleet_and_config_swaps(recorded, tm
             f"({', '.join(map(str, fallback))})") in out.stdout, out.stdout
 
 
-def test_trace_and_forget_a_stored_session(recorded, redis_server):
-    env = {"PARLEY_REDIS_URL": redis_server.url}
-    text = _cli("trace", recorded.sid, env=env, timeout=60)
-    assert text.returncode == 0, text.stderr
-    assert "final transcript" in text.stdout and "slowest step" in text.stdout
-    one = json.loads(_cli("trace", recorded.sid, "1", "--json", env=env, timeout=60).stdout)
+def test_trace_and_forget_a_stored_session(recorded, redis_server, capsys, monkeypatch):
+    from parley.cli import main
+
+    monkeypatch.setenv("PARLEY_REDIS_URL", redis_server.url)
+    assert main(["trace", recorded.sid]) == 0
+    text = capsys.readouterr().out
+    assert "final transcript" in text and "slowest step" in text, text
+    assert main(["trace", recorded.sid, "1", "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)
     assert one[0]["turn"] == 1 and one[0]["slowest"]["step_ms"] >= 0
-    out = _cli("forget", recorded.sid, env=env, timeout=60)
-    assert out.returncode == 0, out.stderr
+    assert [s["mark"] for s in one[0]["steps"]][:2] == ["eos", "final_transcript"]
+    assert main(["forget", recorded.sid]) == 0
     r = syncredis.from_url(redis_server.url)
     try:
         assert list(r.scan_iter(match=f"*{recorded.sid}*")) == []
     finally:
         r.close()
-    gone = _cli("trace", recorded.sid, env=env, timeout=60)
-    assert gone.returncode == 1 and "nothing stored" in gone.stderr
+    assert main(["trace", recorded.sid]) == 1
+    assert "nothing stored" in capsys.readouterr().err
