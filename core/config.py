@@ -19,8 +19,15 @@ from typing import Any
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"  # redis://, rediss://, redis+sentinel://, unix://
     prefix: str = "parley"
-    stream_maxlen: int = 20_000  # approximate MAXLEN per session stream (replay keeps this much)
-    session_ttl_s: int = 24 * 3600  # a closed session's keys expire after this
+    # Not used any more: session streams are trimmed by time (retention_s), so that the whole
+    # retained conversation replays. Kept so that existing configuration files still load.
+    stream_maxlen: int = 20_000
+    session_ttl_s: int = 24 * 3600  # the once-per-turn job guards expire after this
+    # A session's recording (mic audio, control messages, outputs, timings: everything `parley
+    # replay`, `record`, `trace` and `export` read) is kept this long after the session ended
+    # (closed, or detached past its grace period), and a live session's streams are trimmed to
+    # this much. 0: nothing is kept once the session ends. `parley forget SID` deletes at once.
+    retention_s: int = 24 * 3600
     # A session whose client left without `close` can be resumed this long; then all its keys
     # go (gateway/lifecycle.py). Also how long the sessions of a gateway that died live on.
     detached_grace_s: int = 300

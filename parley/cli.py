@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("turn", nargs="?", type=int)
     ex.add_argument("--out", required=True)
 
+    from parley import replay_cli
+
+    replay_cli.add_parsers(sub)
+
     de = sub.add_parser("demo", help="`up` plus `say` on the bundled sample")
     _fleet_args(de)
     de.add_argument("--out", default="out/demo")
@@ -85,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_demo(args, config)
     if args.cmd == "export":
         return cmd_export(args, config)
+    if args.cmd in replay_cli.COMMANDS:
+        return replay_cli.run(args, config, _status_url(config))
     if args.cmd == "backends":
         from parley.backends import cmd_backends
 
