@@ -72,6 +72,20 @@ def _stop_workers(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def _remove_leftovers(out_dir: Path) -> None:
+    """Temporary files of workers that were killed mid-write (``.<name>.<pid>.tmp``)."""
+    import os
+
+    for tmp in out_dir.glob(".*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[1])
+            os.kill(pid, 0)
+        except (ValueError, IndexError, ProcessLookupError):
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # a live process of another user
+
+
 def bake(config: Config, fleet_url: str, lines_csv: str, out_dir: str, workers: int = 0,
          config_path: str | None = None, timeout_s: float = 0.0,
          out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
@@ -121,6 +135,7 @@ def bake(config: Config, fleet_url: str, lines_csv: str, out_dir: str, workers: 
     finally:
         progress.close()
         _stop_workers(procs)
+        _remove_leftovers(Path(out_dir))
     elapsed = time.monotonic() - t0
     failed = [o for o in outcomes if o.state == "failed"]
     ok = len(outcomes) - len(failed)

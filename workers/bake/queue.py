@@ -122,6 +122,7 @@ class BakeQueue:
                 JOB_FUNC, args=(line.to_dict(), os.path.abspath(out_dir)), job_id=jid,
                 timeout=cfg.job_timeout_s, result_ttl=RESULT_TTL_S, failure_ttl=RESULT_TTL_S,
                 retry=Retry(max=cfg.retries) if cfg.retries > 0 else None,
+                meta={"retries": max(0, cfg.retries)},
                 description=f"bake {line.id} ({line.npc})"))
         for start in range(0, len(todo), 500):
             self.queue.enqueue_many(todo[start:start + 500])
@@ -184,7 +185,6 @@ def _reason(job) -> str:
 
 
 def _attempts(job) -> int:
-    try:
-        return len(job.results())
-    except Exception:
-        return 0
+    """Runs of a job that ended for good: the first one plus the retries it used."""
+    retries = int((job.meta or {}).get("retries", 0))
+    return 1 + max(0, retries - int(job.retries_left or 0))
