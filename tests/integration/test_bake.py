@@ -156,3 +156,32 @@ def test_cluster_url_without_bake_redis_is_a_clear_error(tmp_path):
     worker = subprocess.run(_parley("bake-worker", "--burst"), env=env, capture_output=True,
                             text=True, timeout=30)
     assert worker.returncode == 2 and "bake.redis_url" in worker.stderr
+
+
+def test_parley_up_runs_bake_workers_beside_the_fleet(redis_server, tmp_path):
+    from parley.fleet import Fleet
+    from parley.redis_server import free_port
+    from parley.status import fleet_status
+    from tests.conftest import FLEET_ENV
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/4"
+    redis.Redis.from_url(url).flushdb()
+    fleet = Fleet(port=free_port(), workers=1, redis_url=url, bake_workers=1,
+                  log_path=str(tmp_path / "fleet.log"), env=FLEET_ENV)
+    fleet.start()
+    try:
+        fleet.wait_ready(60)  # the bake worker too: it registers like the stage workers
+        assert "bake-1" in fleet.pids()
+        bakers = [w for w in fleet_status(url)["workers"] if w["stage"] == "bake"]
+        assert [w["pid"] for w in bakers] == [fleet.pids()["bake-1"]]
+        lines = tmp_path / "lines.csv"
+        lines.write_text("npc,line,id\nguard,Halt there.,a\nwizard,The stars are wrong.,b\n")
+        run = subprocess.run(_parley("bake", str(lines), "--out", str(tmp_path / "out")),
+                             env=_env(url), capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "2 line(s) baked" in run.stdout
+        for wav in (tmp_path / "out").glob("*.wav"):
+            _check_pair(wav)
+    finally:
+        codes = fleet.stop()
+    assert codes["bake-1"] == 0, (tmp_path / "fleet.log").read_text()[-3000:]
