@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 import soundfile as sf
+from rq import Queue
+from rq.job import Job
 
 from parley.export import LIVE_LINK_CSV_COLUMNS
 from tests.conftest import ROOT
@@ -79,14 +81,15 @@ def test_bake_survives_a_killed_worker_and_resumes(bake_url, tmp_path):
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # kill -9 the first worker while it renders a line (its job is in rq's started registry)
         r = redis.Redis.from_url(bake_url)
+        started = Queue("parley-bake", connection=r).started_job_registry
         victim = workers[0]
         deadline = time.monotonic() + 60
         killed_job = None
         while time.monotonic() < deadline and killed_job is None:
             done = len(list(out.glob("*.json"))) if out.exists() else 0
-            for entry in r.zrange("rq:wip:parley-bake", 0, -1) if done >= 3 else []:
-                jid = entry.decode().split(":")[0]
-                if f":{victim.pid}:" in (r.hget(f"rq:job:{jid}", "worker_name") or b"").decode():
+            for jid in started.get_job_ids(cleanup=False) if done >= 3 else []:
+                job = Job.fetch(jid, connection=r)
+                if f":{victim.pid}:" in (job.worker_name or ""):
                     victim.send_signal(signal.SIGKILL)
                     killed_job = jid
                     break
@@ -98,7 +101,7 @@ def test_bake_survives_a_killed_worker_and_resumes(bake_url, tmp_path):
         assert "30 line(s) baked" in stdout and "0 failed" in stdout, stdout
         assert "bake [" in stderr  # the progress bar
         # the line that was being rendered was run again (rq's retry after abandonment)
-        assert r.hget(f"rq:job:{killed_job}", "status") == b"finished"
+        assert Job.fetch(killed_job, connection=r).get_status() == "finished"
         wavs = sorted(out.glob("*.wav"))
         assert len(wavs) == 30 and len(list(out.glob("*.json"))) == 30
         assert not list(out.glob(".*")), "a temporary file was left behind"

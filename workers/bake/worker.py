@@ -157,6 +157,16 @@ def _lower_priority(nice: int) -> None:
             os.setpriority(os.PRIO_PROCESS, 0, nice)
 
 
+def _wait_alive(conn, key: str, sidecar, timeout_s: float = 120.0) -> None:
+    """Take no line before the proof of life is there: a line of a worker without one would be
+    handed on by the others at once (a slow machine can take seconds to start the sidecar)."""
+    deadline = time.monotonic() + timeout_s
+    while not conn.exists(key):
+        if time.monotonic() > deadline or (sidecar.proc and sidecar.proc.poll() is not None):
+            raise RuntimeError(f"the bake worker's liveness sidecar did not set {key}")
+        time.sleep(0.02)
+
+
 def run_bake_worker(config: Config, burst: bool = False) -> int:
     from rq import Queue
 
@@ -169,14 +179,14 @@ def run_bake_worker(config: Config, burst: bool = False) -> int:
     keys = Keys(config.redis.prefix)
     name = f"{WORKER_PREFIX}{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     # the proof of life starts before the priority drops, so it keeps normal priority
+    # The sidecar deletes the key the moment the worker is gone; the TTL only covers the
+    # sidecar dying with it, so it can be long enough that no load makes it lapse.
     sidecar = Sidecar(url, alive_key(config.redis.prefix, name), every_ms=cfg.liveness_ms,
-                      ttl_ms=3 * cfg.liveness_ms)
+                      ttl_ms=max(10_000, 4 * cfg.liveness_ms))
     sidecar.ensure()
     _lower_priority(cfg.nice)
     jobs.setup(config)
-    deadline = time.monotonic() + 5
-    while not conn.exists(alive_key(config.redis.prefix, name)) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    _wait_alive(conn, alive_key(config.redis.prefix, name), sidecar)
     bq = BakeQueue(conn, config)
     worker = BakeWorker([Queue(cfg.queue, connection=conn)], connection=conn, name=name)
     worker.live = LiveLoad(fleet, keys, cfg.yield_stt_lag_ms) if cfg.max_pause_s > 0 else None
