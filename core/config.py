@@ -163,6 +163,23 @@ class FallbackConfig:
 
 
 @dataclass
+class BakeConfig:
+    # `parley bake` (workers/bake/): rq queues on the fleet's Redis, or on this one. rq does not
+    # run on Redis Cluster, so a Cluster fleet needs a plain Redis here.
+    redis_url: str = ""
+    queue: str = "parley-bake"
+    job_timeout_s: int = 300  # one line's render, then rq fails it (and retries)
+    retries: int = 2  # a failed line is tried this many more times, then listed with its reason
+    nice: int = 19  # OS priority of bake workers: live workers get the CPU first
+    # Between lines a bake worker waits while the live fleet has reply work in flight or
+    # queued, or STT runs this far behind; at most max_pause_s per line, so a busy fleet
+    # slows a bake down without stopping it.
+    yield_stt_lag_ms: float = 200.0
+    max_pause_s: float = 10.0
+    liveness_ms: int = 500  # a killed bake worker's line is handed on within about 2x this
+
+
+@dataclass
 class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -172,6 +189,7 @@ class Config:
     tts: TtsConfig = field(default_factory=TtsConfig)
     lipsync: LipsyncConfig = field(default_factory=LipsyncConfig)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    bake: BakeConfig = field(default_factory=BakeConfig)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None,

@@ -298,3 +298,21 @@ class TrappedFaceMapper:
 
     def open(self, rate):
         return _TrappedFaceStream(self.inner.open(rate), _armed("lipsync"))
+
+
+class RefusingWord:
+    """espeak-ng that fails every fragment containing ``word`` (a line that cannot be baked)."""
+
+    name = "refusing-espeak"
+    word = "unspeakable"
+
+    def __init__(self, config=None):
+        from workers.tts.espeak import EspeakSynth
+
+        self.inner = EspeakSynth()
+        self.sample_rate = self.inner.sample_rate
+
+    def synthesize(self, text, voice="en-us", rate_wpm=175, pitch=50):
+        if self.word in text.lower():
+            raise InjectedFailure(f"refusing to speak {self.word!r}")
+        yield from self.inner.synthesize(text, voice=voice, rate_wpm=rate_wpm, pitch=pitch)
