@@ -177,6 +177,11 @@ class BakeConfig:
     yield_stt_lag_ms: float = 200.0
     max_pause_s: float = 10.0
     liveness_ms: int = 500  # a killed bake worker's line is handed on within about 2x this
+class MetricsConfig:
+    # /metrics, /healthz and /readyz of this process (core/metrics.py); 0: off. `parley up`
+    # gives each process a free port; in a pod, every container can use the same one.
+    port: int = 0
+    host: str = "127.0.0.1"  # 0.0.0.0 in a container, so Prometheus and the kubelet reach it
 
 
 @dataclass
@@ -190,6 +195,7 @@ class Config:
     lipsync: LipsyncConfig = field(default_factory=LipsyncConfig)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     bake: BakeConfig = field(default_factory=BakeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None,

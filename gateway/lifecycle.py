@@ -48,12 +48,18 @@ class SessionLifecycle:
     def _recordings(self) -> str:
         return self.keys.sessions() + ":recordings"
 
+    def detached_key(self) -> str:
+        """Set of the sessions whose client left without `close` (resumable): counted for the
+        `parley_sessions{state="detached"}` series."""
+        return self.keys.sessions() + ":detached"
+
     async def attached(self, sids: list[str]) -> None:
         """Opened or resumed here, or still held: expires one grace period after we stop
         saying so."""
         if sids:
             when = now_ms() + self.grace_ms
             await self.redis.zadd(self.keys.sessions(), {sid: when for sid in sids})
+            await self.redis.srem(self.detached_key(), *sids)
 
     async def left(self, sid: str, state: str) -> None:
         """The client closed the session (``closed``) or went away (``detached``)."""
@@ -62,6 +68,10 @@ class SessionLifecycle:
             p.hset(self.keys.session(sid, "meta"), mapping={"state": state,
                                                             "state_ts": now_ms()})
             p.zadd(self.keys.sessions(), {sid: now_ms() + keep})
+            if state == "detached":
+                p.sadd(self.detached_key(), sid)
+            else:
+                p.srem(self.detached_key(), sid)
             await p.execute()
 
     async def count(self) -> int:
@@ -73,6 +83,7 @@ class SessionLifecycle:
         now = now_ms() if now is None else now
         swept = 0
         for sid in await self._due(self.keys.sessions(), now):
+            await self.redis.srem(self.detached_key(), sid)
             if self.retain_ms > 0:
                 await self._end(sid)
                 await self.redis.zadd(self._recordings(), {sid: now + self.retain_ms})
@@ -140,6 +151,7 @@ class SessionLifecycle:
         async with self.redis.pipeline(transaction=False) as p:
             for zkey in (self.keys.sessions(), self._recordings()):
                 p.zrem(zkey, sid)
+            p.srem(self.detached_key(), sid)
             await p.execute()
         deleted = await self._delete(sid)
         await self.redis.zadd(self._swept(), {sid: now_ms() + RESWEEP_MS})

@@ -28,6 +28,7 @@ from gateway.admission import Admission, FleetLoad
 from gateway.lifecycle import SessionLifecycle
 from gateway.livelink import LiveLinkSender, parse_target
 from gateway.livelink_output import LiveLinkOutput
+from gateway.observe import GatewayObserver, sent
 from gateway.retention import TRIM_EVERY, trim_session
 from schemas import protocol as P
 from schemas.streams import (
@@ -78,6 +79,7 @@ class Gateway:
         self.connections: set[Connection] = set()
         self.server = None
         self.livelink: LiveLinkSender | None = None
+        self.observer = GatewayObserver(self)
 
     async def start(self, host: str | None = None, port: int | None = None):
         g = self.config.gateway
@@ -102,6 +104,7 @@ class Gateway:
         self._lifecycle_task = asyncio.create_task(self.lifecycle.run(
             self.held_sessions, refresh_s=max(1.0, grace / 4), sweep_s=g.sweep_s))
         self._admission_task = asyncio.create_task(self._watch_load(g.admission_poll_s))
+        self.observer.start()
         self.log.info("gateway_listening", host=host or g.host, port=self.port)
         return self.server
 
@@ -125,6 +128,7 @@ class Gateway:
                 yield state.sid
 
     async def stop(self) -> None:
+        await self.observer.stop()  # not ready from now on
         for task in (self._lifecycle_task, self._admission_task):
             if task is not None:
                 task.cancel()
@@ -136,6 +140,7 @@ class Gateway:
             self._lease_task.cancel()
         if self.livelink is not None:
             self.livelink.close()
+        self.observer.close()
         await self.redis.aclose()
 
     async def _handler(self, ws: ServerConnection) -> None:
@@ -256,6 +261,8 @@ class Connection:
         return False
 
     async def send(self, message: P.Message | bytes) -> None:
+        if not isinstance(message, bytes):
+            sent(message)
         data = message if isinstance(message, bytes) else P.encode(message)
         try:
             await self.ws.send(data)

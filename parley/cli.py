@@ -8,23 +8,36 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from core.config import Config
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "jfk.flac"
-STATE_FILE = Path(tempfile.gettempdir()) / f"parley-up-{os.getuid()}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # output piped into `head` and the like: the reader has what it wanted. Point stdout at
+        # /dev/null so the interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options (deploy tests check the deploy files' commands with it)."""
     ap = argparse.ArgumentParser(prog="parley", description="Talking NPCs for Unreal Engine.")
     ap.add_argument("--config", help="TOML config file (also PARLEY_CONFIG)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="Redis (own, unless PARLEY_REDIS_URL), gateway, workers")
     _fleet_args(up)
+    up.add_argument("--ready-timeout", type=float, default=120.0, metavar="S",
+                    help="seconds every process gets to load its models and register "
+                         "(a process that exits at start is reported at once)")
 
     gw = sub.add_parser("gateway", help="run one gateway process")
     gw.add_argument("--host")
@@ -83,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     de.add_argument("--wav", default=str(SAMPLE))
     de.add_argument("--npc", default="guard")
 
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     config = Config.load(args.config)
     if args.cmd == "up":
         return cmd_up(args, config)
@@ -99,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_demo(args, config)
     if args.cmd == "export":
         return cmd_export(args, config)
+    from parley import replay_cli
+
     if args.cmd in replay_cli.COMMANDS:
         return replay_cli.run(args, config, _status_url(config))
     if args.cmd in ("bake", "bake-worker"):
@@ -165,6 +184,7 @@ def cmd_up(args, config: Config) -> int:
     if why := _listen_refused(args.host, config):
         print(f"parley up: {why}", file=sys.stderr)
         return 2
+    from parley import state as up_state
     from parley.fleet import worker_counts
 
     fleet = _make_fleet(args, config).start()
@@ -178,14 +198,14 @@ def cmd_up(args, config: Config) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         try:
-            fleet.wait_ready(on_restart=lambda name: print(
+            fleet.wait_ready(args.ready_timeout, on_restart=lambda name: print(
                 f"parley up: restarted {name}", file=sys.stderr, flush=True))
         except RuntimeError as exc:  # a process that never became ready: say which, stop
             print(f"parley up: {exc}", file=sys.stderr, flush=True)
             return 1
-        STATE_FILE.write_text(json.dumps({"redis_url": fleet.redis_url, "pid": os.getpid(),
-                                          "gateway": f"ws://{args.host}:{fleet.port}",
-                                          "children": fleet.pids()}))
+        up_state.write({"redis_url": fleet.redis_url, "prefix": config.redis.prefix,
+                        "pid": os.getpid(), "gateway": f"ws://{args.host}:{fleet.port}",
+                        "children": fleet.pids(), "metrics_ports": fleet.metrics_ports()})
         counts = ", ".join(f"{stage} {n}" for stage, n in worker_counts(args.workers).items())
         print(f"parley up: gateway ws://{args.host}:{fleet.port}, redis {fleet.redis_url}, "
               f"workers: {counts}. Ctrl-C stops.", flush=True)
@@ -195,7 +215,7 @@ def cmd_up(args, config: Config) -> int:
             time.sleep(0.2)
     finally:
         codes = fleet.stop()
-        STATE_FILE.unlink(missing_ok=True)
+        up_state.remove()
         bad = {k: v for k, v in codes.items() if v not in (0, -signal.SIGTERM)}
         if bad:
             print(f"parley up: unclean exits: {bad}", file=sys.stderr)
@@ -265,22 +285,30 @@ def _print_turn(s: dict) -> None:
 
 
 def _status_url(config: Config) -> str:
-    if os.environ.get("PARLEY_REDIS_URL"):
+    """PARLEY_REDIS_URL (or the config file's) when given, else the fleet `parley up` started."""
+    from core.config import RedisConfig
+    from parley import state as up_state
+
+    if os.environ.get("PARLEY_REDIS_URL") or config.redis.url != RedisConfig().url:
         return config.redis.url
-    if STATE_FILE.exists():
-        return json.loads(STATE_FILE.read_text())["redis_url"]
-    return config.redis.url
+    up = up_state.read()
+    return up["redis_url"] if up else config.redis.url
 
 
 def cmd_status(args, config: Config) -> int:
+    from parley import state as up_state
     from parley.status import fleet_status, render
 
     url = _status_url(config)
+    up = up_state.read()
     try:
         status = fleet_status(url, config.redis.prefix)
     except Exception as exc:  # say what is wrong, not a traceback
         print(f"parley status: cannot read {url}: {exc}", file=sys.stderr)
         return 1
+    if up and up.get("redis_url") == url:
+        status["up"] = {"pid": up["pid"], "gateway": up.get("gateway"),
+                        "metrics_ports": up.get("metrics_ports", {})}
     print(json.dumps(status, indent=2) if args.json else render(status))
     return 0
 

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from parley.redis_server import RedisServer
+from parley.redis_server import RedisServer, free_port
 from schemas.streams import STAGES
 
 
@@ -26,6 +26,7 @@ class Child:
     restarts: int = 0
     started: float = 0.0
     ready: bool = False  # this incarnation registered (a worker) or listened (the gateway)
+    metrics_port: int = 0  # /metrics, /healthz, /readyz; kept across restarts
 
 
 def cpu_count() -> int:
@@ -68,6 +69,7 @@ class Fleet:
     env: dict[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
     redis: RedisServer | None = None
+    metrics: bool = True  # give every process a free metrics port
 
     def start(self) -> Fleet:
         if not self.redis_url:
@@ -84,6 +86,8 @@ class Fleet:
         for i in range(self.bake_workers):
             self.children.append(Child(f"bake-{i + 1}", [*base, "bake-worker"]))
         for child in self.children:
+            if self.metrics:
+                child.metrics_port = free_port()
             self._spawn(child)
         return self
 
@@ -97,8 +101,10 @@ class Fleet:
 
     def _spawn(self, child: Child) -> None:
         stderr = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
-        child.proc = subprocess.Popen(child.args, env=self.child_env(), stderr=stderr,
-                                      stdout=stderr)
+        env = self.child_env()
+        if child.metrics_port:
+            env["PARLEY_METRICS_PORT"] = str(child.metrics_port)
+        child.proc = subprocess.Popen(child.args, env=env, stderr=stderr, stdout=stderr)
         if stderr:
             stderr.close()
         child.started = time.monotonic()
@@ -169,6 +175,9 @@ class Fleet:
 
     def pids(self) -> dict[str, int]:
         return {c.name: c.proc.pid for c in self.children if c.proc is not None}
+
+    def metrics_ports(self) -> dict[str, int]:
+        return {c.name: c.metrics_port for c in self.children if c.metrics_port}
 
     def stop(self, timeout: float = 10.0) -> dict[str, int]:
         """SIGTERM everything, wait, SIGKILL stragglers; returns exit codes."""

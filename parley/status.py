@@ -22,6 +22,7 @@ def fleet_status(url: str, prefix: str = "parley") -> dict:
             "host": h.get("host"), "jobs": json.loads(h.get("jobs", "[]")),
             "done": int(h.get("done", 0)), "failed": int(h.get("failed", 0)),
             "stopping": h.get("stopping") == "1",
+            "metrics_port": int(h.get("metrics_port") or 0),
         })
     workers.sort(key=lambda w: (STAGES.index(w["stage"]) if w["stage"] in STAGES else 9,
                                 w["consumer"]))
@@ -47,10 +48,21 @@ def render(status: dict) -> str:
              f"{'stage':8} {'lag':>5} {'pending':>8} {'dead':>5}"]
     for stage, q in status["queues"].items():
         lines.append(f"{stage:8} {q['lag']:>5} {q['pending']:>8} {q['dead']:>5}")
-    lines += ["", f"{'stage':8} {'pid':>7} {'done':>6}  {'consumer':40} jobs (session/turn)"]
+    lines += ["", f"{'stage':8} {'pid':>7} {'done':>6} {'metrics':>7}  {'consumer':40} "
+              "jobs (session/turn)"]
     for w in status["workers"]:
         jobs = ", ".join(f"{j['session']}/{j['turn']}" for j in w["jobs"]) or "-"
-        lines.append(f"{w['stage']:8} {w['pid']:>7} {w['done']:>6}  {w['consumer']:40} {jobs}")
+        port = w.get("metrics_port") or "-"
+        lines.append(f"{w['stage']:8} {w['pid']:>7} {w['done']:>6} {port:>7}  "
+                     f"{w['consumer']:40} {jobs}")
     if not status["workers"]:
         lines.append("(no live workers)")
+    up = status.get("up")
+    if up:
+        ports = up.get("metrics_ports") or {}
+        lines += ["", f"parley up (pid {up['pid']}): gateway {up.get('gateway')}"
+                  + (f", metrics on port {ports['gateway']}" if "gateway" in ports else "")]
+        if ports:
+            lines.append("metrics (/metrics, /healthz, /readyz): " + ", ".join(
+                f"{name} {port}" for name, port in ports.items()))
     return "\n".join(lines)

@@ -27,6 +27,16 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # The Debian package may start a system redis on 6379; Parley never uses it (own port).
 fi
 
+# tests/integration/test_metrics.py scrapes the fleet with a real Prometheus (Debian's; without
+# its recommends, which would add node exporters)
+if [[ ",$extras," == *",dev,"* ]] && ! command -v prometheus >/dev/null 2>&1; then
+  echo "bootstrap: installing prometheus (Debian package)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv"
   python3 -m venv .venv

@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 import structlog
 
+from core import metrics
+
 T = TypeVar("T")
 
 
@@ -107,6 +109,7 @@ class FallbackChain:
                          at=time.perf_counter())
         self.failovers.append(event)
         self.down[i] = why
+        metrics.backend_failed(self.stage, event.failed, nxt)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._start_probe, i)
         return event

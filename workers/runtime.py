@@ -28,6 +28,7 @@ from core.redisconn import RETRYABLE, connect, is_group_exists, is_no_group, is_
 from core.retry import Backoff, retrying
 from schemas.streams import EventEntry, Job, Keys, SessionMeta, entry_id, now_ms, parse_id
 from workers.liveness import Sidecar
+from workers.observe import WorkerObserver
 
 # Refreshes the claim of each job this consumer still owns and reports the ones it lost.
 # One key (the job stream), so it runs on Redis Cluster too.
@@ -350,6 +351,7 @@ class Worker:
         self._cpu = (time.process_time(), time.monotonic())
         self.liveness = Sidecar(config.redis.url, self.keys.alive(self.consumer),
                                 every_ms=cfg.heartbeat_ms, ttl_ms=cfg.claim_idle_ms)
+        self.observer = WorkerObserver(self)
 
     def _background_done(self, task: asyncio.Task) -> None:
         self.background.discard(task)
@@ -370,14 +372,17 @@ class Worker:
 
     async def run(self) -> None:
         self.liveness.ensure()
+        self.observer.start()
         try:
             await self._run()
         finally:
             self.liveness.stop()
+            self.observer.close()
 
     async def _run(self) -> None:
         await self._retrying(self._ensure_group, "ensure_group")
         await self.stage.start(self)
+        self.observer.loaded = True
         self.log.info("worker_started", stage=self.stage.name, **self.stage.describe())
         loops = [
             asyncio.create_task(self._read_loop(), name="read"),
@@ -524,6 +529,7 @@ class Worker:
         if job.id in self.inflight:
             return
         attempts = job.attempt + pending["times_delivered"]
+        self.observer.taken_over(why)
         self.log.warning("job_taken_over", session=job.sid, turn=job.turn, job=job.id,
                          attempts=attempts, previous_owner=owner, owner_was=why,
                          idle_ms=pending["time_since_delivered"])
@@ -575,6 +581,7 @@ class Worker:
             p.hset(key, mapping={
                 "stage": self.stage.name, "consumer": self.consumer, "pid": os.getpid(),
                 "host": self.host, "started": self.started, "heartbeat": now,
+                "metrics_port": self.observer.port,
                 "jobs": json.dumps(jobs), "done": self.done, "failed": self.failed,
                 "max_jobs": self.config.worker.max_jobs,
                 "stopping": int(self.stopping.is_set()),
@@ -628,6 +635,7 @@ class Worker:
         if self.stage.interruptible:
             watcher = asyncio.create_task(
                 self._watch_interrupts(ctx, asyncio.current_task()), name=f"watch:{job.id}")
+        t0, ended = time.monotonic(), "done"  # how the job left, for parley_jobs_total
         try:
             outcome = await self.stage.handle(ctx)
             if not isinstance(outcome, Outcome):
@@ -637,6 +645,7 @@ class Worker:
             self.done += 1
             log.debug("job_done", ms=round(now_ms() - job.ts, 1))
         except asyncio.CancelledError:
+            ended = "interrupted" if ctx.interrupted else "handed_back"
             if ctx.interrupted:
                 # The turn is over for the player: nothing more of it is wanted. Ack, done.
                 asyncio.current_task().uncancel()
@@ -646,20 +655,25 @@ class Worker:
             elif self.stopping.is_set():
                 await self._safe(self._hand_back(job), log)
         except HandBack as hb:
+            ended = "handed_back"
             # requeue what the stage gave (e.g. an advanced cursor), ack the entry we hold
             await self._safe(self._hand_back(replace(hb.job, id=job.id)), log)
         except Superseded as exc:
+            ended = "superseded"
             log.info("job_superseded", reason=str(exc))
             await self._safe(self._complete(job, Outcome()), log)
         except SessionGone as exc:
+            ended = "gone"
             log.info("session_gone", reason=str(exc))
             await self._safe(self._complete(job, Outcome()), log)
         except RETRYABLE as exc:
             # Redis went away mid-job: the entry stays pending and is taken over once Redis is
             # back (by us or another worker); outputs are idempotent so nothing doubles.
+            ended = "redis_lost"
             log.warning("job_interrupted_by_redis", error=str(exc))
         except Exception as exc:  # a bad job must not kill the worker
             self.failed += 1
+            ended = "failed"
             log.error("job_failed", error=f"{type(exc).__name__}: {exc}", attempt=job.attempt,
                       exc_info=True)
             await self._safe(self._retry_or_dead(job, exc), log)
@@ -668,6 +682,7 @@ class Worker:
                 watcher.cancel()
             self.inflight.pop(job.id, None)
             self.slots.release()
+            self.observer.job_ended(ended, time.monotonic() - t0)
 
     async def _safe(self, coro, log) -> None:
         try:
@@ -728,6 +743,7 @@ class Worker:
         entry = EventEntry(kind="error", turn=job.turn, code="turn_failed",
                            message=f"{self.stage.name} failed on this turn: {reason}")
         await self.redis.xadd(self.keys.session(job.sid, "events"), entry.to_fields())
+        self.observer.dead_lettered()
         self.log.error("job_dead_lettered", session=job.sid, turn=job.turn, job=job.id,
                        reason=reason)
         if outcome.then is not None:
