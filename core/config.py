@@ -19,8 +19,15 @@ from typing import Any
 class RedisConfig:
     url: str = "redis://127.0.0.1:6379/0"  # redis://, rediss://, redis+sentinel://, unix://
     prefix: str = "parley"
-    stream_maxlen: int = 20_000  # approximate MAXLEN per session stream (replay keeps this much)
-    session_ttl_s: int = 24 * 3600  # a closed session's keys expire after this
+    # Not used any more: session streams are trimmed by time (retention_s), so that the whole
+    # retained conversation replays. Kept so that existing configuration files still load.
+    stream_maxlen: int = 20_000
+    session_ttl_s: int = 24 * 3600  # the once-per-turn job guards expire after this
+    # A session's recording (mic audio, control messages, outputs, timings: everything `parley
+    # replay`, `record`, `trace` and `export` read) is kept this long after the session ended
+    # (closed, or detached past its grace period), and a live session's streams are trimmed to
+    # this much. 0: nothing is kept once the session ends. `parley forget SID` deletes at once.
+    retention_s: int = 24 * 3600
     # A session whose client left without `close` can be resumed this long; then all its keys
     # go (gateway/lifecycle.py). Also how long the sessions of a gateway that died live on.
     detached_grace_s: int = 300
@@ -156,6 +163,21 @@ class FallbackConfig:
 
 
 @dataclass
+class BakeConfig:
+    # `parley bake` (workers/bake/): rq queues on the fleet's Redis, or on this one. rq does not
+    # run on Redis Cluster, so a Cluster fleet needs a plain Redis here.
+    redis_url: str = ""
+    queue: str = "parley-bake"
+    job_timeout_s: int = 300  # one line's render, then rq fails it (and retries)
+    retries: int = 2  # a failed line is tried this many more times, then listed with its reason
+    nice: int = 19  # OS priority of bake workers: live workers get the CPU first
+    # Between lines a bake worker waits while the live fleet has reply work in flight or
+    # queued, or STT runs this far behind; at most max_pause_s per line, so a busy fleet
+    # slows a bake down without stopping it.
+    yield_stt_lag_ms: float = 200.0
+    max_pause_s: float = 10.0
+    liveness_ms: int = 500  # a killed bake worker's line is handed on within about 2x this
+@dataclass
 class MetricsConfig:
     # /metrics, /healthz and /readyz of this process (core/metrics.py); 0: off. `parley up`
     # gives each process a free port; in a pod, every container can use the same one.
@@ -173,6 +195,7 @@ class Config:
     tts: TtsConfig = field(default_factory=TtsConfig)
     lipsync: LipsyncConfig = field(default_factory=LipsyncConfig)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    bake: BakeConfig = field(default_factory=BakeConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @classmethod

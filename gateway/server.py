@@ -29,9 +29,11 @@ from gateway.lifecycle import SessionLifecycle
 from gateway.livelink import LiveLinkSender, parse_target
 from gateway.livelink_output import LiveLinkOutput
 from gateway.observe import GatewayObserver, sent
+from gateway.retention import TRIM_EVERY, trim_session
 from schemas import protocol as P
 from schemas.streams import (
     WAKE_LISTENER_LUA,
+    ControlEntry,
     EventEntry,
     Keys,
     MicEntry,
@@ -172,6 +174,7 @@ class Connection:
                          if gw.livelink is not None else None)
         self.mic_queues: dict[str, list[MicEntry]] = {}  # per sid, not yet in Redis
         self.mic_writers: dict[str, asyncio.Task] = {}
+        self.mic_count: dict[str, int] = {}  # chunks appended per sid (for retention trims)
         self._marked: set[tuple[str, int, str]] = set()
         self._bg: set[asyncio.Task] = set()
         self.redis = gw.redis
@@ -287,6 +290,8 @@ class Connection:
                                 MicEntry(seq=action.after_seq, end_of_utterance=True))
         elif isinstance(action, C.ReadyAction):
             relay = self.relays.get(action.session)
+            self._control(action.sid, ControlEntry("ready", turn=action.turn,
+                                                   segment=action.segment))
             if relay is not None:
                 self._timing(relay[0].state, action.turn, "ready")
                 # frames first: the face is what UE is waiting for; the bookkeeping can follow
@@ -335,13 +340,13 @@ class Connection:
         sends (an idle NPC holds no worker). One round trip for all of it on one Redis; on a
         Cluster the mic stream and the job streams live on different nodes, whose replies a
         pipeline does not order, and the wake must come after the audio it wakes for."""
-        maxlen = self.gw.config.redis.stream_maxlen
         wake = dict(keys=[self.keys.listener(sid), self.keys.jobs("stt")], args=[sid, now_ms()])
         async with self.redis.pipeline(transaction=False) as p:
             for entry in entries:
+                # no MAXLEN: retention is by time (gateway/retention.py), so the whole
+                # retained conversation replays
                 p.xadd(self.keys.session(sid, "mic"), entry.to_fields(),
-                       id=mic_id(entry.seq, entry.end_of_utterance), maxlen=maxlen,
-                       approximate=True)
+                       id=mic_id(entry.seq, entry.end_of_utterance))
             if not self.gw.clustered:
                 await self.gw.wake_listener(**wake, client=p)
             res = await p.execute(raise_on_error=False)
@@ -351,6 +356,20 @@ class Connection:
                 raise r
         if self.gw.clustered:
             await self.gw.wake_listener(**wake)
+        self._maybe_trim(sid, len(entries))
+
+    def _maybe_trim(self, sid: str, appended: int) -> None:
+        """Every TRIM_EVERY mic chunks, the session's streams lose what is older than the
+        retention period (in the background: it is bookkeeping)."""
+        before = self.mic_count.get(sid, 0)
+        self.mic_count[sid] = before + appended
+        retain_s = self.gw.config.redis.retention_s
+        if retain_s <= 0 or before // TRIM_EVERY == (before + appended) // TRIM_EVERY:
+            return
+        task = asyncio.create_task(trim_session(self.redis, self.keys, sid,
+                                                now_ms() - retain_s * 1000))
+        self._bg.add(task)
+        task.add_done_callback(self._bg_done)
 
     async def flush_mic(self) -> None:
         """Until every queued mic message is in Redis (before a session is detached)."""
@@ -371,7 +390,8 @@ class Connection:
             return
         meta = SessionMeta(sid=a.sid, session=a.session, npc=req.npc, persona=a.persona,
                            voice=a.voice, sample_rate=req.sample_rate, channels=req.channels,
-                           format=req.format, endpoint=req.endpoint or "vad")
+                           format=req.format, endpoint=req.endpoint or "vad", seed=a.sid)
+        opened_at = now_ms()
         try:
             if not await self._admit(a.session, a.sid):
                 self.core.drop(a.session)
@@ -386,6 +406,10 @@ class Connection:
             raise
         state = self.core.sessions[a.session]
         secret = await self._own_new(a.sid)
+        self._control(a.sid, ControlEntry("open", ts=opened_at, data={
+            "session": a.session, "npc": req.npc, "persona": a.persona,
+            "sample_rate": req.sample_rate, "channels": req.channels, "format": req.format,
+            "endpoint": meta.endpoint}))
         self.log.info("session_opened", session=a.sid, npc=req.npc, persona=a.persona,
                       rate=req.sample_rate, channels=req.channels, format=req.format)
         await self.send(P.SessionOpened(session=a.session, channel=a.channel, sid=a.sid,
@@ -421,6 +445,8 @@ class Connection:
         for stream, ch in channel_of.items():
             cursors[stream] = f"{req.turn}-{req.last.get(ch, 0)}" if req.turn else "0-0"
         state.owner_mark = await self._take_over(req.sid)
+        self._control(req.sid, ControlEntry("resume", data={  # never the resume secret
+            "session": req.session, "turn": req.turn, "last": req.last, "mic_seq": req.mic_seq}))
         self.log.info("session_resumed", session=req.sid, turn=req.turn, last=req.last)
         await self.send(P.SessionOpened(session=req.session, channel=state.channel, sid=req.sid,
                                         npc=meta.npc, persona=meta.persona, voice=meta.voice,
@@ -441,9 +467,9 @@ class Connection:
                 session=req.session))
             return None
         meta = SessionMeta.from_fields(raw)
-        if meta.state == "closed":
+        if meta.state in ("closed", "ended"):
             await self.send(P.ErrorEvent(code=P.ErrorCode.SESSION_NOT_OPEN,
-                                         message=f"resume: session {req.sid!r} was closed",
+                                         message=f"resume: session {req.sid!r} was {meta.state}",
                                          session=req.session))
             return None
         try:
@@ -484,6 +510,18 @@ class Connection:
         await self._release(state.sid)
         self.log.info("session_taken_over", session=state.sid)
         await self.send(P.TakenOver(session=state.session))
+
+    def _control(self, sid: str, entry: ControlEntry) -> None:
+        """Store a client control message for replay (off the hot path, stamped on arrival)."""
+        task = asyncio.create_task(self.redis.xadd(self.keys.session(sid, "control"),
+                                                   entry.to_fields()))
+        self._bg.add(task)
+        task.add_done_callback(self._bg_done)
+
+    def _bg_done(self, task: asyncio.Task) -> None:
+        self._bg.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.warning("background_write_failed", error=str(task.exception()))
 
     def _timing(self, state: C.SessionState, turn: int, name: str) -> None:
         """Latency waterfall: first time ``name`` happened in ``turn`` (off the hot path)."""
@@ -538,6 +576,11 @@ class Connection:
         if relay is None:
             return
         verdict = relay[0].client_interrupt(time.monotonic())
+        late = isinstance(verdict, P.ErrorEvent)
+        self._control(action.sid, ControlEntry(
+            "interrupt", turn=0 if late else verdict.turn,
+            played=-1 if action.played_samples is None else action.played_samples,
+            code="too_late" if late else verdict.reason))
         if isinstance(verdict, P.ErrorEvent):  # too late: said so, never ignored silently
             self.log.info("interrupt_too_late", session=action.sid, reason=verdict.message)
             await self.send(verdict)
@@ -565,6 +608,7 @@ class Connection:
                            interrupted=ts is not None and ts.interrupted)
 
     async def _close(self, session: str, sid: str) -> None:
+        self._control(sid, ControlEntry("close"))
         writer = self.mic_writers.get(sid)
         if writer is not None:  # what the player said before closing still counts
             await asyncio.gather(writer, return_exceptions=True)
@@ -584,6 +628,7 @@ class Connection:
     async def _detach_all(self) -> None:
         # The client may come back and resume; until then the session stays in Redis.
         for state in list(self.core.sessions.values()):
+            self._control(state.sid, ControlEntry("detach"))
             try:
                 await self._mark(state.sid, "detached")
             except RETRYABLE:

@@ -67,14 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
     bk = sub.add_parser("backends", help="every backend per stage: can it load here, and why not")
     bk.add_argument("--json", action="store_true")
 
-    be = sub.add_parser("bench", help="benchmarks: latency, lipsync, chaos, batching, load")
-    be.add_argument("which", choices=["latency", "lipsync", "chaos", "batching", "load"])
+    be = sub.add_parser("bench", help="benchmarks: latency, lipsync, chaos, batching, load, bake")
+    be.add_argument("which", choices=["latency", "lipsync", "chaos", "batching", "load", "bake"])
     be.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
 
     ex = sub.add_parser("export", help="a stored session's replies as WAV + Live Link Face CSV")
     ex.add_argument("session", help="stored session id (the sid from `opened`)")
     ex.add_argument("turn", nargs="?", type=int)
     ex.add_argument("--out", required=True)
+
+    from parley import replay_cli
+
+    replay_cli.add_parsers(sub)
+    bk_ = sub.add_parser("bake", help="pre-render lines (npc,line[,id] CSV) as WAV + Live Link "
+                                       "Face CSV + JSON, on rq bake workers")
+    bk_.add_argument("lines", help="CSV with a header: npc,line[,id]")
+    bk_.add_argument("--out", required=True, help="writes <id>.wav, <id>.csv, <id>.json here")
+    bk_.add_argument("--workers", type=int, default=0,
+                     help="start this many bake workers for this bake (default: use running ones)")
+    bk_.add_argument("--timeout", type=float, default=0.0,
+                     help="stop waiting after this many seconds (0: until done)")
+    bw = sub.add_parser("bake-worker", help="run one bake worker (rq, low priority)")
+    bw.add_argument("--burst", action="store_true", help="exit once the bake queue is empty")
 
     de = sub.add_parser("demo", help="`up` plus `say` on the bundled sample")
     _fleet_args(de)
@@ -102,6 +116,15 @@ def _main(argv: list[str] | None) -> int:
         return cmd_demo(args, config)
     if args.cmd == "export":
         return cmd_export(args, config)
+    from parley import replay_cli
+
+    if args.cmd in replay_cli.COMMANDS:
+        return replay_cli.run(args, config, _status_url(config))
+    if args.cmd in ("bake", "bake-worker"):
+        from parley.bake import cmd_bake, cmd_bake_worker
+
+        return (cmd_bake(args, config, _status_url(config)) if args.cmd == "bake"
+                else cmd_bake_worker(args, config))
     if args.cmd == "backends":
         from parley.backends import cmd_backends
 
@@ -123,6 +146,8 @@ def _fleet_args(p: argparse.ArgumentParser) -> None:
                    help="worker processes per stage, or auto: sized from this machine's cores "
                         "(STT one per core; LLM, TTS, lipsync one each, +1 per 8 cores)")
     p.add_argument("--livelink", help="HOST:PORT for Live Link Face UDP output")
+    p.add_argument("--bake-workers", type=int, default=0,
+                   help="bake workers beside the live fleet (low priority; see `parley bake`)")
 
 
 def _workers_arg(text: str) -> int | str:
@@ -140,7 +165,7 @@ def _make_fleet(args, config: Config):
 
     return Fleet(port=args.port, host=args.host, workers=args.workers,
                  redis_url=os.environ.get("PARLEY_REDIS_URL"), config_path=args.config,
-                 livelink=args.livelink)
+                 livelink=args.livelink, bake_workers=args.bake_workers)
 
 
 def _listen_refused(host: str, config: Config) -> str | None:

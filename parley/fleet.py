@@ -65,6 +65,7 @@ class Fleet:
     config_path: str | None = None
     livelink: str | None = None
     log_path: str | None = None
+    bake_workers: int = 0  # `parley bake-worker` processes (rq, low priority)
     env: dict[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
     redis: RedisServer | None = None
@@ -82,6 +83,8 @@ class Fleet:
         for stage, count in worker_counts(self.workers).items():
             for i in range(count):
                 self.children.append(Child(f"{stage}-{i + 1}", [*base, "worker", stage]))
+        for i in range(self.bake_workers):
+            self.children.append(Child(f"bake-{i + 1}", [*base, "bake-worker"]))
         for child in self.children:
             if self.metrics:
                 child.metrics_port = free_port()

@@ -41,6 +41,7 @@ SESSION_KEYS = (
     "history",     # hash, llm and gateway: what was said and heard, per turn
     "timing",      # hash, all: latency waterfall "<turn>:<mark>" -> ms
     "cancel",      # string, gateway: the latest interrupted turn
+    "control",     # stream, gateway: the client's control messages as they came (ControlEntry)
 )
 # Client-visible channels, each numbered 1.. per turn; see Resume in schemas/protocol.py.
 CHANNELS = ("transcript", "reply", "audio", "face")
@@ -225,6 +226,9 @@ class SessionMeta:
     created: float = field(default_factory=now_ms)
     state: str = "open"
     endpoint: str = "vad"  # "vad" | "client": who ends an utterance
+    # seeds what is random by design (the idle face's blinks): the sid, or on a replay the
+    # recorded session's seed, so that the replay makes the same face frames
+    seed: str = ""
 
     def to_fields(self) -> dict[str, str]:
         return {k: str(v) for k, v in self.__dict__.items()}
@@ -236,7 +240,7 @@ class SessionMeta:
             sid=g["sid"], session=g["session"], npc=g["npc"], persona=g["persona"],
             voice=g["voice"], sample_rate=int(g["sample_rate"]), channels=int(g["channels"]),
             format=g["format"], created=float(g.get("created", 0)), state=g.get("state", "open"),
-            endpoint=g.get("endpoint", "vad"),
+            endpoint=g.get("endpoint", "vad"), seed=g.get("seed", ""),
         )
 
 
@@ -420,3 +424,44 @@ class EventEntry:
     def from_fields(cls, d: dict) -> EventEntry:
         return cls(kind=_s(_get(d, "kind")), turn=_i(_get(d, "turn")), code=_s(_get(d, "code")),
                    message=_s(_get(d, "message")), ts=_f(_get(d, "ts")))
+
+
+# --------------------------------------------------------------------------- control
+
+
+CONTROL_KINDS = ("open", "resume", "ready", "interrupt", "close", "detach")
+
+
+@dataclass
+class ControlEntry:
+    """A client control message as the gateway took it, stamped on arrival (stream ``control``,
+    auto IDs: time-ordered, so MINID trims it by time). Together with the mic stream (audio
+    ``<seq>-0`` and end_of_utterance ``<seq>-1``, each with its arrival ``ts``) it is what the
+    client did, so a session can be played again as it happened (parley/replay.py). No
+    credential is ever stored: not hello's token, not resume's secret.
+    """
+
+    kind: str  # one of CONTROL_KINDS
+    ts: float = field(default_factory=now_ms)
+    turn: int = 0  # ready: its turn; interrupt: the turn it cut (0: none)
+    segment: int = 0  # ready: its segment
+    played: int = -1  # interrupt: played_samples as UE sent it (-1: not given)
+    code: str = ""  # interrupt: the verdict ("client", "answer" to a stop, "too_late")
+    data: dict[str, Any] = field(default_factory=dict)  # open/resume: the request's fields
+
+    def to_fields(self) -> dict[str, str]:
+        fields = {"kind": self.kind, "ts": str(self.ts)}
+        if self.kind == "ready":
+            fields |= {"turn": str(self.turn), "segment": str(self.segment)}
+        elif self.kind == "interrupt":
+            fields |= {"turn": str(self.turn), "played": str(self.played), "code": self.code}
+        if self.data:
+            fields["data"] = json.dumps(self.data, separators=(",", ":"), sort_keys=True)
+        return fields
+
+    @classmethod
+    def from_fields(cls, d: dict) -> ControlEntry:
+        raw = _get(d, "data")
+        return cls(kind=_s(_get(d, "kind")), ts=_f(_get(d, "ts")), turn=_i(_get(d, "turn")),
+                   segment=_i(_get(d, "segment")), played=_i(_get(d, "played"), -1),
+                   code=_s(_get(d, "code") or ""), data=json.loads(_s(raw)) if raw else {})

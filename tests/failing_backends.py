@@ -153,3 +153,166 @@ class FailingAfterNFeeds:
 
     def open_stream(self):
         return _FailingRecognizerStream(self.inner.open_stream(), self.n)
+
+
+# --------------------------------------------------------------------------- traps
+#
+# Failure injection for the recovery tests: the stage's real backend, which stops at a point
+# the test chose ("armed") until the test kills the worker or lets it go. A worker is then
+# caught at that point every time, however loaded the machine: polling and SIGSTOP slices
+# only catch a short job by luck. Unarmed, they pass everything through.
+#
+# The test arms a trap by writing ``<PARLEY_TEST_TRAP_DIR>/<stage>.armed`` (JSON: where to
+# stop). The first worker to get there takes it (an atomic rename to
+# ``<stage>.sprung.<pid>``), so the worker that takes the job over runs on. It waits until
+# ``<stage>.release`` exists (or it is killed).
+
+
+def _trap_dir():
+    import os
+    from pathlib import Path
+
+    d = os.environ.get("PARLEY_TEST_TRAP_DIR")
+    return Path(d) if d else None
+
+
+def _armed(stage: str) -> dict | None:
+    import json
+
+    d = _trap_dir()
+    if d is None:
+        return None
+    try:
+        return json.loads((d / f"{stage}.armed").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _spring(stage: str) -> bool:
+    """Take the trap (one worker wins); False when another already did."""
+    import os
+
+    d = _trap_dir()
+    try:
+        os.rename(d / f"{stage}.armed", d / f"{stage}.sprung.{os.getpid()}")
+    except OSError:
+        return False
+    return True
+
+
+def _released(stage: str) -> bool:
+    return (_trap_dir() / f"{stage}.release").exists()
+
+
+def _hold(stage: str) -> None:
+    while not _released(stage):
+        time.sleep(0.005)
+
+
+async def _ahold(stage: str) -> None:
+    import asyncio
+
+    while not _released(stage):
+        await asyncio.sleep(0.005)  # the event loop (and its heartbeat) runs on
+
+
+class TrappedLlm:
+    """The scripted persona; armed with ``{"after_sentence": k}`` it stops at the k-th token
+    after the first sentence's end (so that fragment is published), with ``{"tokens": 0}``
+    before its first token (TTS has its job, no reply text is out)."""
+
+    name = "trapped-scripted"
+
+    def __init__(self, config=None):
+        from workers.llm.scripted import ScriptedPersonaBackend
+
+        self.inner = ScriptedPersonaBackend()
+
+    async def stream_reply(self, persona, history, heard, prefix=""):
+        trap = _armed("llm")
+        count, after = 0, None
+        async for token in self.inner.stream_reply(persona, history, heard, prefix=prefix):
+            if trap is not None:
+                stop = (count == trap["tokens"]) if "tokens" in trap else (
+                    after is not None and count - after == trap["after_sentence"])
+                if stop:
+                    if _spring("llm"):
+                        await _ahold("llm")
+                    trap = None
+            if after is None and token.rstrip().endswith((".", "?", "!")):
+                after = count
+            count += 1
+            yield token
+
+
+class TrappedSynth:
+    """espeak-ng; armed with ``{"text": t}`` it stops before synthesizing the fragment ``t``
+    (every earlier fragment is published whole)."""
+
+    name = "trapped-espeak"
+
+    def __init__(self, config=None):
+        from workers.tts.espeak import EspeakSynth
+
+        self.inner = EspeakSynth()
+        self.sample_rate = self.inner.sample_rate
+
+    def synthesize(self, text, voice="en-us", rate_wpm=175, pitch=50):
+        trap = _armed("tts")
+        if trap is not None and trap["text"] == text and _spring("tts"):
+            _hold("tts")  # the stage runs this in a thread: its event loop goes on
+        yield from self.inner.synthesize(text, voice=voice, rate_wpm=rate_wpm, pitch=pitch)
+
+
+class _TrappedFaceStream:
+    def __init__(self, inner, trap: dict | None):
+        self.inner = inner
+        self.trap = trap
+        self.pushes = 0
+
+    async def push(self, pcm, marks):
+        self.pushes += 1
+        if self.trap is not None and self.pushes == self.trap["pushes"]:
+            if _spring("lipsync"):
+                await _ahold("lipsync")
+            self.trap = None
+        return await self.inner.push(pcm, marks)
+
+    async def flush(self):
+        return await self.inner.flush()
+
+
+class TrappedFaceMapper:
+    """The phoneme-driven mapper; armed with ``{"pushes": n}`` it stops at the n-th voice
+    entry of a turn (the frames of the earlier ones are published)."""
+
+    name = "trapped-phoneme"
+
+    def __init__(self, config):
+        from workers.lipsync.backends import PhonemeMapper
+
+        self.inner = PhonemeMapper(config)
+
+    def accepts(self, voice) -> bool:
+        return self.inner.accepts(voice)
+
+    def open(self, rate):
+        return _TrappedFaceStream(self.inner.open(rate), _armed("lipsync"))
+
+
+class RefusingWord:
+    """espeak-ng that fails every fragment containing ``word`` (a line that cannot be baked)."""
+
+    name = "refusing-espeak"
+    word = "unspeakable"
+
+    def __init__(self, config=None):
+        from workers.tts.espeak import EspeakSynth
+
+        self.inner = EspeakSynth()
+        self.sample_rate = self.inner.sample_rate
+
+    def synthesize(self, text, voice="en-us", rate_wpm=175, pitch=50):
+        if self.word in text.lower():
+            raise InjectedFailure(f"refusing to speak {self.word!r}")
+        yield from self.inner.synthesize(text, voice=voice, rate_wpm=rate_wpm, pitch=pitch)

@@ -207,10 +207,8 @@ class JobContext:
     async def emit(self, stream: str, seq: int, fields: dict[str, Any]) -> bool:
         """Append entry ``<turn>-<seq>``; False when it is already there (a re-run's duplicate)."""
         try:
-            await self.redis.xadd(
-                self.key(stream), fields, id=entry_id(self.job.turn, seq),
-                maxlen=self.config.redis.stream_maxlen, approximate=True,
-            )
+            # no MAXLEN: session streams are trimmed by time (gateway/retention.py)
+            await self.redis.xadd(self.key(stream), fields, id=entry_id(self.job.turn, seq))
             return True
         except ResponseError as exc:
             if is_stale_id(exc):
@@ -269,8 +267,7 @@ class JobContext:
 
     async def event(self, kind: str, code: str = "", message: str = "") -> None:
         entry = EventEntry(kind=kind, turn=self.job.turn, code=code, message=message)
-        await self.redis.xadd(self.key("events"), entry.to_fields(),
-                              maxlen=self.config.redis.stream_maxlen, approximate=True)
+        await self.redis.xadd(self.key("events"), entry.to_fields())
 
     async def enqueue(self, stage: str, turn: int | None = None, **fields: Any) -> bool:
         """Start a downstream job now (streaming: before this job's output is complete), once

@@ -28,7 +28,9 @@ KEYS = Keys()
 def idle_fleet(tmp_path_factory):
     server = RedisServer().start()
     log = tmp_path_factory.mktemp("lifecycle") / "fleet.log"
+    # recordings are kept 2 s after the session ended: then every key goes
     env = {**FLEET_ENV, "PARLEY_REDIS_DETACHED_GRACE_S": str(GRACE_S),
+           "PARLEY_REDIS_RETENTION_S": "2",
            "PARLEY_GATEWAY_SWEEP_S": "0.5", "PARLEY_GATEWAY_MAX_SESSIONS": "1000",
            # a game server with a token may hold hundreds of NPC sessions
            "PARLEY_GATEWAY_TOKENS": f"town:{TOKEN}"}

@@ -10,11 +10,13 @@ How a worker is caught in the middle of its job:
 * STT holds a session's listening job while its mic sends (it starts with the audio), so the
   worker holding it (found with ``fleet_status``, as ``parley status`` shows it, once a partial
   transcript is out) is killed while the player is speaking.
-* LLM, TTS and lipsync jobs of the offline backends last about 10, 140 and 200 ms: shorter than
-  or close to the heartbeat that refreshes the worker registry, so polling catches them only by
-  luck. For those, both workers of the stage are frozen (SIGSTOP) before the turn; the job lands
-  on one of them; that one is then run in sub-millisecond slices (SIGCONT / SIGSTOP) until its
-  output stream holds part of the turn, and it is killed there. Real processes and backends,
+* LLM, TTS and lipsync jobs of the offline backends last about 10, 140 and 200 ms: polling
+  catches them only by luck. Their real backends run inside traps (tests/failing_backends.py,
+  failure injection): the test arms one (stop at the first token after a sentence, before a
+  given fragment's synthesis, at the n-th voice entry), the worker that gets there stops with
+  what came before published, and it is killed (or sent SIGTERM and let go) there. Only the
+  "last segment" case then runs the stopped worker in sub-millisecond slices (SIGCONT /
+  SIGSTOP) to stop it between two chunks of one fragment. Real processes and backends,
   nothing mocked; only the moment of the kill is chosen.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import signal
@@ -48,7 +51,15 @@ from tests.conftest import speech
 
 pytestmark = pytest.mark.slow
 
+# LLM, TTS and lipsync run their real backends inside traps (tests/failing_backends.py): a
+# test arms one to stop a worker at a chosen point of its job.
+TRAPPED = {
+    "PARLEY_LLM_BACKENDS": "tests.failing_backends:TrappedLlm",
+    "PARLEY_TTS_BACKENDS": "tests.failing_backends:TrappedSynth",
+    "PARLEY_LIPSYNC_BACKENDS": "tests.failing_backends:TrappedFaceMapper",
+}
 ENV = {
+    **TRAPPED,
     "PARLEY_WORKER_CLAIM_IDLE_MS": "1000",
     "PARLEY_WORKER_HEARTBEAT_MS": "200",
     "PARLEY_GATEWAY_ADMISSION_POLL_S": "0.2",
@@ -58,7 +69,6 @@ ENV = {
 # look every claim_idle_ms / 2: about 1.0 to 1.5 s. The bound leaves room for a loaded machine.
 TAKEOVER_LIMIT_S = 3.0
 SLICE_S = 0.0002  # how long a frozen worker runs per step while it is being caught
-SLICES = {"llm-before-reply": 0.00003}  # one Redis round trip between the two points
 UTTERANCE = "Who are you? What is your name? Tell me about the gate and the road north."
 RATE = 16000
 KEYS = Keys()
@@ -134,7 +144,9 @@ def _supervise(fleet: Fleet, stopping: threading.Event) -> None:
 def rig(tmp_path_factory):
     server = RedisServer().start()
     log = tmp_path_factory.mktemp("recovery") / "fleet.log"
-    fleet = Fleet(port=free_port(), workers=2, redis_url=server.url, log_path=str(log), env=ENV)
+    traps = tmp_path_factory.mktemp("traps")
+    fleet = Fleet(port=free_port(), workers=2, redis_url=server.url, log_path=str(log),
+                  env={**ENV, "PARLEY_TEST_TRAP_DIR": str(traps)})
     fleet.start()
     try:
         fleet.wait_ready(90)
@@ -305,81 +317,16 @@ def watch_takeover(r: redis.Redis, stage: str, job: str, dead: str,
     return None, None
 
 
-# --------------------------------------------------------------------------- freezing a stage
+# --------------------------------------------------------------------------- catching a job
 
 
-def _signal(pids, sig) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-class Missed(Exception):
-    """The worker could not be caught where the test wanted it (a test problem, not a bug)."""
-
-
-class Frozen:
-    """Every worker of ``stage`` stopped (SIGSTOP); continued on exit, whatever happened."""
-
-    def __init__(self, rig: Rig, stage: str, how: str | None = None):
-        self.rig = rig
-        self.stage = stage
-        self.how = how or stage
-        self.procs = rig.workers(stage)
-        assert len(self.procs) == 2, f"{stage}: {len(self.procs)} live workers"
-
-    def __enter__(self) -> Frozen:
-        _signal([p.pid for p in self.procs], signal.SIGSTOP)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _signal([p.pid for p in self.procs], signal.SIGCONT)
-
-    @staticmethod
-    def step(proc: subprocess.Popen, seconds: float) -> None:
-        os.kill(proc.pid, signal.SIGCONT)
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:  # sleep() oversleeps sub-millisecond slices
-            pass
-        os.kill(proc.pid, signal.SIGSTOP)
-
-    def catch(self, sid: str, turn: int, timeout: float = 30.0) -> Caught:
-        """Wait for the turn's job, then run its holder in slices until its output stream holds
-        what CATCH[how] asks for of the turn, but not its end. The holder is left stopped."""
-        r = self.rig.r
-        stream, enough = CATCH[self.how]
-        deadline = time.monotonic() + timeout
-        i = 0
-        held = None
-        while held is None:
-            if time.monotonic() > deadline:
-                raise Missed(f"no {self.stage} job for {sid}/{turn}")
-            held = pending_job(r, self.stage, sid, turn)
-            if held is None:
-                if queued(r, self.stage, sid, turn):  # not delivered yet: let them read
-                    self.step(self.procs[i % len(self.procs)], SLICES.get(self.how, SLICE_S))
-                    i += 1
-                else:
-                    time.sleep(0.002)
-        job, consumer = held
-        victim = next(p for p in self.procs if p.pid == consumer_pid(consumer))
-        steps = 0
-        while True:
-            entries = turn_entries(r, sid, stream, turn)
-            n = len(entries)
-            if any(_ended(stream, f) for _, f in entries):
-                raise Missed(f"{self.stage} published the whole turn before it could be caught "
-                             f"({n} entries, {steps} steps)")
-            reply = turn_entries(r, sid, "reply", turn)
-            # reply segments, once the whole reply is known
-            segments = sum(not _ended("reply", f) for _, f in reply) if any(
-                _ended("reply", f) for _, f in reply) else 0
-            if enough(entries, segments, jobs_for(r, NEXT[self.stage], sid, turn)):
-                return Caught(self.stage, victim, job, consumer, n, steps)
-            if time.monotonic() > deadline:
-                raise Missed(f"{self.stage} published {n} in {timeout}s")
-            self.step(victim, SLICES.get(self.how, SLICE_S))
-            steps += 1
+def run_slice(proc: subprocess.Popen, seconds: float) -> None:
+    """Let a stopped process run for ``seconds`` (sub-millisecond), then stop it again."""
+    os.kill(proc.pid, signal.SIGCONT)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:  # sleep() oversleeps sub-millisecond slices
+        pass
+    os.kill(proc.pid, signal.SIGSTOP)
 
 
 @dataclass
@@ -390,6 +337,94 @@ class Caught:
     consumer: str
     published: int
     steps: int
+
+
+def reply_fragments(reply: str) -> list[str]:
+    """The fragments the LLM stage cuts ``reply`` into (its own fragmenter on the scripted
+    persona's tokens): the texts TTS is asked to speak."""
+    from workers.llm.fragmenter import Fragmenter
+    from workers.llm.scripted import _tokens
+
+    frag = Fragmenter()
+    out = [f for t in _tokens(reply) for f in frag.push(t)]
+    return out + frag.flush()
+
+
+class Trap:
+    """Arms the trap of ``stage``'s backend; ``catch`` waits for the worker that walked into it
+    and for the turn's output to show it stopped where asked. Released on exit, whatever
+    happened (a killed worker's sibling never meets it: the first one takes it)."""
+
+    def __init__(self, rig: Rig, how: str, reply: str):
+        self.rig, self.how = rig, how
+        self.stage, self.where = trap_for(how, reply)
+        self.dir = Path(rig.fleet.env["PARLEY_TEST_TRAP_DIR"])
+
+    def __enter__(self) -> Trap:
+        for f in self.dir.glob(f"{self.stage}.*"):
+            f.unlink()
+        tmp = self.dir / f"{self.stage}.tmp"
+        tmp.write_text(json.dumps(self.where))
+        tmp.rename(self.dir / f"{self.stage}.armed")
+        return self
+
+    def release(self) -> None:
+        (self.dir / f"{self.stage}.release").touch()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+        (self.dir / f"{self.stage}.armed").unlink(missing_ok=True)
+
+    def catch(self, sid: str, turn: int, timeout: float = 60.0) -> Caught:
+        r = self.rig.r
+        deadline = time.monotonic() + timeout
+        sprung: list[Path] = []
+        while not sprung:
+            assert time.monotonic() < deadline, f"no {self.stage} worker reached {self.where}"
+            time.sleep(0.005)
+            sprung = list(self.dir.glob(f"{self.stage}.sprung.*"))
+        victim = self.rig.proc(int(sprung[0].name.rsplit(".", 1)[1]))
+        held = None
+        while held is None:
+            assert time.monotonic() < deadline, f"no pending {self.stage} job for {sid}/{turn}"
+            held = pending_job(r, self.stage, sid, turn)
+        job, consumer = held
+        assert consumer_pid(consumer) == victim.pid, (consumer, victim.pid)
+        stream, enough = CATCH[self.how]
+        steps = 0
+        if self.how == "tts-last-segment":
+            # stopped before the last fragment: go on in slices to two chunks into it
+            os.kill(victim.pid, signal.SIGSTOP)
+            self.release()
+        while True:
+            entries = turn_entries(r, sid, stream, turn)
+            assert not any(_ended(stream, f) for _, f in entries), (
+                f"{self.stage} published the whole turn: the trap did not hold it")
+            reply = turn_entries(r, sid, "reply", turn)
+            segments = sum(not _ended("reply", f) for _, f in reply) if any(
+                _ended("reply", f) for _, f in reply) else 0
+            if enough(entries, segments, jobs_for(r, NEXT[self.stage], sid, turn)):
+                return Caught(self.stage, victim, job, consumer, len(entries), steps)
+            assert time.monotonic() < deadline, (
+                f"{self.stage} stopped at {self.where} with {len(entries)} {stream} entries")
+            if self.how == "tts-last-segment":
+                run_slice(victim, SLICE_S)
+                steps += 1
+            else:
+                time.sleep(0.005)
+
+
+def trap_for(how: str, reply: str) -> tuple[str, dict]:
+    """Where ``how`` stops its stage, for a turn whose reply is ``reply``."""
+    frags = reply_fragments(reply)
+    assert len(frags) >= 2, f"the reply must have two fragments to catch TTS between: {frags}"
+    return {
+        "llm": ("llm", {"after_sentence": 2}),
+        "llm-before-reply": ("llm", {"tokens": 0}),
+        "tts": ("tts", {"text": frags[1]}),
+        "tts-last-segment": ("tts", {"text": frags[-1]}),
+        "lipsync": ("lipsync", {"pushes": 4}),
+    }[how]
 
 
 # --------------------------------------------------------------------------- the player side
@@ -555,26 +590,14 @@ async def test_worker_killed_mid_job_is_taken_over(rig, frames, baseline, how):
     stage = how.split("-")[0]
     await asyncio.to_thread(full_strength, rig)
     client = await RecordingClient.connect(rig.url)
-    # Catching a short job mid-flight depends on the OS stopping the process in time; on a
-    # loaded machine a whole short reply can fit in one slice. Try again on a fresh session.
-    misses = []
-    for attempt in range(3):
-        session = f"kill-{how}-{attempt}"
-        sid = (await client.open(session, "guard", RATE, 1)).sid
-        try:
-            with Frozen(rig, stage, how) as frozen:
-                catching = asyncio.create_task(asyncio.to_thread(frozen.catch, sid, 1))
-                await say_turn(client, session, frames, realtime=False)
-                caught = await catching
-                os.kill(caught.proc.pid, signal.SIGKILL)
-            break
-        except Missed as exc:
-            misses.append(str(exc))
-            await client.wait_done(session, 60)
-            await asyncio.to_thread(full_strength, rig)
-    else:
-        await client.close()
-        pytest.skip(f"could not catch {how} mid-job in 3 tries: {misses}")
+    session = f"kill-{how}"
+    sid = (await client.open(session, "guard", RATE, 1)).sid
+    with Trap(rig, how, baseline.reply) as trap:
+        catching = asyncio.create_task(asyncio.to_thread(trap.catch, sid, 1))
+        await say_turn(client, session, frames, realtime=False)
+        caught = await catching
+        os.kill(caught.proc.pid, signal.SIGKILL)
+        await asyncio.to_thread(caught.proc.wait)
     try:
         took, by = await asyncio.to_thread(watch_takeover, rig.r, stage, caught.job,
                                            caught.consumer)
@@ -703,11 +726,11 @@ async def test_sigterm_mid_job_finishes_it_and_exits_0(rig, frames, baseline, st
     session = f"term-{stage}"
     try:
         sid = (await client.open(session, "guard", RATE, 1)).sid
-        with Frozen(rig, stage) as frozen:
-            catching = asyncio.create_task(asyncio.to_thread(frozen.catch, sid, 1))
+        with Trap(rig, stage, baseline.reply) as trap:
+            catching = asyncio.create_task(asyncio.to_thread(trap.catch, sid, 1))
             await say_turn(client, session, frames, realtime=False)
             caught = await catching
-            caught.proc.send_signal(signal.SIGTERM)  # handled once it is continued
+            caught.proc.send_signal(signal.SIGTERM)  # it drains: the job, once let go
         code = await asyncio.to_thread(exit_code, caught.proc)
         result = await client.wait_done(session, 60)
         left = pending_job(rig.r, stage, sid, 1)

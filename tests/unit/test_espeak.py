@@ -98,3 +98,16 @@ def test_threads(synth: EspeakSynth) -> None:
         # ~10 ms even single-threaded); mixing up the two texts would differ by seconds.
         assert len(lengths) == 15
         assert all(abs(n - expected[key]) < 2000 for n in lengths), (key, lengths)
+
+
+def test_the_same_text_gives_the_same_samples_on_every_call():
+    # espeak-ng carries wave-generator state between utterances; it is reset before each one
+    from workers.tts import espeak
+
+    synth = EspeakSynth()
+    assert espeak._wavegen is not None and espeak._wavegen.active, espeak._wavegen.why_not
+    text = "I am only a guard, friend. Ask me about the gate."
+    first = np.concatenate([c.pcm for c in synth.synthesize(text, voice="en-gb-scotland")])
+    synth.synthesize("Something else in between.", voice="en-us")
+    again = np.concatenate([c.pcm for c in synth.synthesize(text, voice="en-gb-scotland")])
+    assert np.array_equal(first, again)

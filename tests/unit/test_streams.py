@@ -68,3 +68,16 @@ def test_mic_ids_put_end_of_utterance_after_its_chunk():
     m = MicEntry.from_entry(b"7-1", bytes_fields(MicEntry(seq=7, end_of_utterance=True)
                                                  .to_fields()))
     assert m.end_of_utterance and m.seq == 7
+
+
+def test_control_entry_round_trip_keeps_no_secret():
+    from schemas.streams import ControlEntry
+
+    for entry in (ControlEntry("ready", turn=2, segment=3),
+                  ControlEntry("interrupt", turn=1, played=22050, code="answer"),
+                  ControlEntry("interrupt", played=-1, code="too_late"),
+                  ControlEntry("open", data={"npc": "guard", "sample_rate": 16000}),
+                  ControlEntry("close")):
+        assert ControlEntry.from_fields(bytes_fields(entry.to_fields())) == entry
+    resume = ControlEntry("resume", data={"turn": 1, "last": {"audio": 3}})
+    assert "secret" not in str(resume.to_fields())

@@ -57,8 +57,10 @@ class LipsyncStage(Stage):
         cfg = self.config.lipsync
         writer = await ctx.writer("face")
         lip: ChainedFaceStream | None = None
-        # Seeded by session and turn, so a takeover re-creates exactly the same blinks.
-        idle = IdleFace(fps=cfg.fps, seed=zlib.crc32(f"{ctx.sid}/{ctx.turn}".encode()))
+        # Seeded by session and turn, so a takeover re-creates exactly the same blinks (and a
+        # replay, which carries the recorded session's seed, the same face frames).
+        seed = (await ctx.meta()).seed or ctx.sid
+        idle = IdleFace(fps=cfg.fps, seed=zlib.crc32(f"{seed}/{ctx.turn}".encode()))
         seg_starts: list[int] = []  # first sample of each segment, in order
         seg_ids: list[int] = []
 

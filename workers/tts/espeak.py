@@ -10,6 +10,9 @@ roughly 700x real time (about 1.5 ms per second of audio), so ``synthesize``
 renders the whole text inside the call and the returned iterator only slices
 the result into short chunks; callers should hand it whole sentences.
 
+The same text and voice give the same samples on every call: the wave generator's carried
+state is reset before each utterance (workers/tts/espeak_state.py).
+
 The audio is exactly what espeak-ng produces, including the short pause it
 appends after the last phoneme of a clause (typically 100-200 ms at 175 wpm);
 nothing is trimmed, so mark positions and audio always agree.
@@ -24,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from workers.tts.espeak_state import WavegenState
 
 __all__ = ["EspeakSynth", "PhonemeMark", "SynthChunk", "WordMark"]
 
@@ -125,6 +130,7 @@ class _Collector:
 # Process-global espeak-ng state, guarded by _LOCK.
 _LOCK = threading.Lock()
 _lib: ctypes.CDLL | None = None
+_wavegen: WavegenState | None = None
 _sample_rate = 0
 _data_path: str | None = None
 _callback_ref = None  # keeps the ctypes thunk alive; espeak holds only a raw pointer
@@ -154,7 +160,7 @@ def _on_synth(wav, numsamples, events) -> int:
 def _init(data_path: str | None) -> None:
     """Load and initialise libespeak-ng once per process. Caller holds _LOCK."""
     global _lib, _sample_rate, _data_path, _callback_ref, _voice_table, _variant_table
-    global _voice_names
+    global _voice_names, _wavegen
     import espeakng_loader
 
     path = data_path if data_path is not None else espeakng_loader.get_data_path()
@@ -189,6 +195,8 @@ def _init(data_path: str | None) -> None:
         raise RuntimeError(f"espeak_Initialize failed ({rate}) with data path {path!r}")
     _callback_ref = _SynthCallback(_on_synth)
     lib.espeak_SetSynthCallback(_callback_ref)
+    # before any synthesis: the state every utterance starts from (reproducible audio)
+    _wavegen = WavegenState(lib, espeakng_loader.get_library_path())
     _voice_table, _variant_table, _voice_names = _build_tables(lib)
     _lib, _sample_rate, _data_path = lib, rate, path
 
@@ -307,6 +315,8 @@ class EspeakSynth:
         with _LOCK:
             lib = _lib
             assert lib is not None
+            if _wavegen is not None:
+                _wavegen.reset()  # the same text and voice, the same samples
             # The voice must be set first: selecting a voice resets rate and pitch.
             if lib.espeak_SetVoiceByName(voice.encode()) != _EE_OK:
                 raise RuntimeError(f"espeak-ng could not load voice {voice!r}")
