@@ -14,11 +14,13 @@ import urllib.parse
 import urllib.request
 
 import pytest
+import soundfile
 
 from core.config import Config
 from parley.client import say
 from parley.redis_server import free_port
 from schemas.streams import STAGES, Job, Keys
+from tests.conftest import speech
 from tests.integration.test_runtime import ToyStage
 from workers.runtime import Worker
 
@@ -103,7 +105,7 @@ async def until(base: str, promql: str, ok, timeout: float = 15.0) -> float:
 
 
 async def test_prometheus_scrapes_the_fleet_through_a_turn(fleet, gateway_url, prometheus,
-                                                          jfk_path, tmp_path):
+                                                          tmp_path):
     base = prometheus
     # every process is up as a target before the turn
     n = 1 + len(STAGES)
@@ -111,7 +113,9 @@ async def test_prometheus_scrapes_the_fleet_through_a_turn(fleet, gateway_url, p
     done_before = await asyncio.to_thread(value, base, 'sum(parley_turns_total{outcome="done"})')
     done_before = 0.0 if done_before != done_before else done_before  # NaN: no turn yet
 
-    result = await say(gateway_url, jfk_path, tmp_path, npc="guard", realtime=False)
+    question = tmp_path / "question.wav"  # short: the turn, not the speech, is under test
+    soundfile.write(question, speech("Who guards the gate tonight?", 16000), 16000)
+    result = await say(gateway_url, question, tmp_path, npc="guard", realtime=False)
     assert result.done is not None and not result.errors, result.errors
 
     assert await until(base, 'sum(parley_turns_total{outcome="done"})',
@@ -124,7 +128,7 @@ async def test_prometheus_scrapes_the_fleet_through_a_turn(fleet, gateway_url, p
         assert count >= 1, point
     p50 = await asyncio.to_thread(value, base, 'histogram_quantile(0.5, sum by (le) '
                                   '(parley_turn_latency_seconds_bucket{point="first_audio"}))')
-    # gross bound: this machine is shared (an unpaced 11 s file makes the STT catch up)
+    # gross bound: this machine is shared
     assert 0 < p50 <= 30, p50
     # every stage did its job, and reports its queue and what it holds
     for stage in STAGES:
