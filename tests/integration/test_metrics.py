@@ -8,6 +8,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -147,7 +148,7 @@ async def test_prometheus_scrapes_the_fleet_through_a_turn(fleet, gateway_url, p
     assert await until(base, 'parley_sessions{state="detached"}', lambda v: v >= 1) >= 1
 
 
-async def test_draining_worker_reports_not_ready(redis_server):
+async def test_draining_worker_reports_not_ready_and_a_wedged_one_not_alive(redis_server):
     cfg = Config.load(env={"PARLEY_REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/2",
                            "PARLEY_METRICS_PORT": str(free_port())})
     cfg.worker.block_ms = 200
@@ -168,6 +169,18 @@ async def test_draining_worker_reports_not_ready(redis_server):
                 pass
             await asyncio.sleep(0.05)
         assert (await status("/readyz"))[0] == 200
+        # a loop that runs nothing past the threshold is wedged: liveness says so
+        w.observer.stall_s = 0.3
+        seen: list[int] = []
+        probe = threading.Thread(target=lambda: (time.sleep(0.6),
+                                                 seen.append(get(base + "/healthz")[0])))
+        probe.start()
+        time.sleep(1.0)  # holds this event loop, the worker's
+        probe.join()
+        assert seen == [503]
+        w.observer.stall_s = 300.0
+        await asyncio.sleep(1.1)
+        assert (await status("/healthz"))[0] == 200
         await w.redis.xadd(Keys().jobs("toy"), Job(stage="toy", sid="s-drain", turn=1,
                                                    text="3").to_fields())
         deadline = time.monotonic() + 5
