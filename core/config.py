@@ -177,6 +177,8 @@ class BakeConfig:
     yield_stt_lag_ms: float = 200.0
     max_pause_s: float = 10.0
     liveness_ms: int = 500  # a killed bake worker's line is handed on within about 2x this
+
+
 @dataclass
 class MetricsConfig:
     # /metrics, /healthz and /readyz of this process (core/metrics.py); 0: off. `parley up`
