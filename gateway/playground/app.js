@@ -1,0 +1,1 @@
+import * as P from "./protocol.js"; console.log(P.PROTOCOL_VERSION);
