@@ -1,0 +1,116 @@
+"""The playground in a real Chromium (Debian's, driven headless by Playwright; no browser is
+downloaded), its microphone a WAV file of the bundled sample: the page served by the fleet
+connects, a turn completes, transcript and reply appear, the reply is scheduled on Web Audio,
+the face moves with the jaw while the NPC speaks, a stored turn replays, and nothing is logged
+as an error. A screenshot taken mid-reply is left in tests/artifacts/playground/."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+ARTIFACTS = ROOT / "tests" / "artifacts" / "playground"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+
+SUMMARY = """() => {
+  const p = window.parley;
+  const turns = Object.values(p.turns).map((t) => ({
+    key: t.key, transcript: t.transcript, reply: t.reply, done: t.done,
+    interrupted: t.interrupted, timings: Object.keys(t.timings), page: Object.keys(t.page) }));
+  return JSON.stringify({ status: p.status, sid: p.sid, errors: p.errors, turns,
+    readySent: p.readySent, interrupts: p.interrupts, micChunks: p.micChunks,
+    audioFrames: p.audioFrames, faceFrames: p.faceFrames, audioScheduledS: p.audioScheduledS,
+    drawn: p.drawn, faceChanges: p.faceChanges, jaw: p.jawWhileSpeaking, replays: p.replays });
+}"""
+
+
+def _mic_wav(jfk, tmp_path):
+    """The sample once, then silence: Chromium loops the file, and the NPC needs a quiet
+    player to finish its reply."""
+    pcm, rate = sf.read(jfk, dtype="float32", always_2d=True)
+    mono = soxr.resample(pcm.mean(axis=1), rate, 48000)
+    wav = tmp_path / "mic.wav"
+    sf.write(wav, np.concatenate([np.zeros(24000, np.float32), mono,
+                                  np.zeros(48000 * 40, np.float32)]), 48000, subtype="PCM_16")
+    return wav
+
+
+def test_a_turn_in_chromium_with_a_fake_microphone(fleet, jfk_path, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e .[dev]")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no chromium: scripts/bootstrap.sh dev installs Debian's chromium")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    print(f"\nplayground artifacts: {ARTIFACTS}")
+    wav = _mic_wav(jfk_path, tmp_path)
+    problems: list[str] = []
+    t_start = time.perf_counter()
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}",
+            "--autoplay-policy=no-user-gesture-required",
+        ])
+        try:
+            page = browser.new_page(viewport={"width": 1480, "height": 900})
+            page.on("console", lambda m: m.type in ("error", "warning") and problems.append(
+                f"console {m.type}: {m.text}"))
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(f"http://127.0.0.1:{fleet.port}/")
+            page.select_option("#npc", "guard")
+            page.click("#connect")
+            page.wait_for_function("window.parley.micChunks > 10", timeout=20_000)
+            # the NPC speaks: reply audio scheduled and face frames applied on its clock
+            page.wait_for_function("window.parley.speaking && window.parley.faceFrames > 30",
+                                   timeout=90_000)
+            page.wait_for_timeout(600)
+            page.screenshot(path=str(ARTIFACTS / "mid-reply.png"))
+            page.wait_for_function(
+                "Object.values(window.parley.turns).some(t => t.done && !t.interrupted"
+                " && t.key.startsWith('live:') && t.reply)", timeout=90_000)
+            page.wait_for_function("!window.parley.speaking", timeout=60_000)
+            page.click("#hangup")  # the fleet stops listening before the mic file loops
+            page.wait_for_function("window.parley.closed", timeout=10_000)
+            live = json.loads(page.evaluate(SUMMARY))
+
+            # replay that turn from what Redis holds
+            page.click("#refresh")
+            page.wait_for_function(f"[...document.querySelectorAll('#sessions option')]"
+                                   f".some(o => o.value === {json.dumps(live['sid'])})")
+            page.select_option("#sessions", live["sid"])
+            page.click("#replay")
+            page.wait_for_function("window.parley.replays === 1 && window.parley.speaking",
+                                   timeout=20_000)
+            page.wait_for_timeout(400)
+            page.screenshot(path=str(ARTIFACTS / "replay.png"))
+            after = json.loads(page.evaluate(SUMMARY))
+        finally:
+            browser.close()
+    took = time.perf_counter() - t_start
+    print(f"browser test: {took:.1f} s; {json.dumps(live)[:1500]}")
+
+    assert not problems, problems
+    assert not [e for e in live["errors"] if e["code"] != "not_playing"], live["errors"]
+    done = [t for t in live["turns"] if t["done"] and not t["interrupted"] and t["reply"]]
+    assert done and done[0]["transcript"], live["turns"]
+    assert {"eos", "final_transcript", "gw_first_audio", "ready"} <= set(done[0]["timings"])
+    assert "page_playing" in done[0]["page"]
+    assert live["readySent"], "ready was never sent"
+    assert live["audioScheduledS"] > 1.0 and live["faceFrames"] > 60
+    jaw_min, jaw_max = live["jaw"]
+    assert jaw_max - jaw_min > 0.2, f"the jaw barely moved while the NPC spoke: {live['jaw']}"
+    assert live["faceChanges"] > 30
+    for stop in live["interrupts"]:  # a barge-in (the sample has pauses) reports what played
+        assert stop["played"] >= 0
+    replayed = [t for t in after["turns"] if t["key"].startswith("replay1:")]
+    assert replayed and replayed[0]["transcript"] and replayed[0]["reply"], after["turns"]
+    assert (ARTIFACTS / "mid-reply.png").stat().st_size > 10_000
