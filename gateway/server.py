@@ -92,7 +92,7 @@ class Gateway:
             self.log.info("livelink_target", host=target[0], port=target[1])
         playground = None
         if g.playground:
-            from gateway.playground import Playground
+            from gateway.playground_http import Playground
 
             # stored sessions only where nobody else can ask: loopback, no tokens
             mine = access.is_loopback(host) and not self.limits.tokens

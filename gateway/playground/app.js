@@ -55,7 +55,7 @@ async function connect() {
   ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/`);
   ws.binaryType = "arraybuffer";
   setStatus("connecting");
-  ws.onopen = () => send({ type: "hello", protocol: PROTOCOL_VERSION, client: "parley-playground" });
+  ws.onopen = () => send({ type: "hello", protocol: PROTOCOL_VERSION, client: "parley-playground", ...token() });
   ws.onmessage = (e) => {
     try {
       if (typeof e.data === "string") onText(decodeServer(e.data), liveKey);
@@ -66,6 +66,13 @@ async function connect() {
     }
   };
   ws.onclose = () => { setStatus("disconnected"); channel = 0; $("talk").disabled = true; };
+}
+
+// A gateway with tokens: open the page as http(s)://HOST:PORT/#token=NAME:SECRET (a fragment
+// never leaves the browser).
+function token() {
+  const m = /(?:^#|&)token=([^:&]+):([^&]+)/.exec(location.hash);
+  return m ? { token_name: decodeURIComponent(m[1]), token: decodeURIComponent(m[2]) } : {};
 }
 
 function openSession() {
@@ -101,6 +108,7 @@ function hangUp() { // close the session for good: the mic stops going out, repl
 
 function onMic(pcm, rms) {
   $("level").style.width = `${Math.min(100, rms * 400)}%`;
+  state.micIn = (state.micIn || 0) + 1;
   if (!channel || !ws || ws.readyState !== WebSocket.OPEN) return;
   if (endpoint === "client" && !talking) return;
   ws.send(encodeMic(channel, micSeq++, pcm));
@@ -109,8 +117,6 @@ function onMic(pcm, rms) {
 
 function onReady(key, turn, segment) {
   if (!key.startsWith("live:")) return; // a replay answers to nobody
-  const t = turnOf(key, turn);
-  if (t.page.ready === undefined) t.page.ready = Date.now();
   send({ type: "ready", session: state.session, turn, segment });
   state.readySent.push([turn, segment]);
 }
@@ -146,7 +152,12 @@ function fresh(turn, chan, seq) {
 function onText(msg, keyOf) {
   const live = keyOf(0).startsWith("live:");
   switch (msg.type) {
-    case "welcome": state.npcs = msg.npcs; openSession(); break;
+    case "welcome":
+      state.npcs = msg.npcs;
+      for (const o of $("npc").options) o.disabled = !msg.npcs.includes(o.value);
+      if (!msg.npcs.includes($("npc").value)) $("npc").value = msg.npcs[0];
+      openSession();
+      break;
     case "opened": opened(msg); break;
     case "transcript": {
       if (live && !fresh(msg.turn, "transcript", msg.seq)) return;
@@ -192,10 +203,11 @@ function onFrame(f, keyOf) {
   if (f.kind === FRAME.REPLY_AUDIO) {
     if (key.startsWith("live:") && !fresh(f.turn, "audio", f.seq)) return;
     const t = turnOf(key, f.turn);
-    if (t.page.page_first_audio === undefined) t.page.page_first_audio = Date.now();
+    const live = key.startsWith("live:"); // a replay's marks would be timed against today
+    if (live && t.page.page_first_audio === undefined) t.page.page_first_audio = Date.now();
     player.audio(key, f);
     const pt = player.turns.get(key);
-    if (t.page.page_playing === undefined && pt.t0 !== null) {
+    if (live && t.page.page_playing === undefined && pt.t0 !== null) {
       t.page.page_playing = Date.now() + (pt.t0 - ctx.currentTime) * 1000;
     }
     state.audioFrames++;
@@ -210,6 +222,10 @@ function onFrame(f, keyOf) {
 
 // ------------------------------------------------------------------ drawing
 
+// The text panels follow the newest turn (what the player just said); the waterfall shows the
+// newest turn that has its timings, the curves the turn playing (else the last one played).
+let chartKey = null;
+
 function render() {
   const t = viewKey && turns.get(viewKey);
   if (!t) return;
@@ -217,8 +233,9 @@ function render() {
   tr.textContent = t.transcript || t.partial;
   tr.classList.toggle("partial", !t.transcript);
   $("reply").textContent = t.reply || t.segments.filter(Boolean).join(" ");
-  $("turnlabel").textContent = `${t.key.startsWith("live:") ? "turn" : "replay of turn"} ${t.turn}${t.interrupted ? " (interrupted)" : ""}`;
-  t.waterfall = drawWaterfall($("waterfall"), { ...t.timings, ...t.page });
+  const timed = [...turns.values()].filter((x) => x.timings.eos !== undefined).pop() || t;
+  $("turnlabel").textContent = `${timed.key.startsWith("live:") ? "turn" : "replay of turn"} ${timed.turn}${timed.interrupted ? " (interrupted)" : ""}`;
+  timed.waterfall = drawWaterfall($("waterfall"), { ...timed.timings, ...timed.page });
   renderLog();
 }
 
@@ -248,9 +265,10 @@ function frame() {
       const jaw = values[FACE.JawOpen];
       state.jawWhileSpeaking = [Math.min(state.jawWhileSpeaking[0], jaw), Math.max(state.jawWhileSpeaking[1], jaw)];
     }
-    if (playing.key === viewKey) drawCurves($("curves"), playing.faces, playing.rate, pos, playing.end);
-  } else if (viewKey && player && player.turns.get(viewKey)) {
-    const t = player.turns.get(viewKey);
+    chartKey = playing.key;
+    drawCurves($("curves"), playing.faces, playing.rate, pos, playing.end);
+  } else if (chartKey && player.turns.get(chartKey)) { // faces may still come after the audio
+    const t = player.turns.get(chartKey);
     drawCurves($("curves"), t.faces, t.rate, 0, t.end);
   }
   state.speaking = Boolean(playing && values);

@@ -19,7 +19,9 @@ function setup(canvas) {
   return g;
 }
 
-/** Bars from eos to each step (ms); steps before eos (speech_start) go left of zero. */
+/** A waterfall: each step's bar runs from the step before it to the step, on a time axis from
+ *  the end of the player's speech (eos = 0 ms; speech_start lies before it). The label gives
+ *  the step's own share and, in brackets, the time since eos. */
 export function drawWaterfall(canvas, timings) {
   const g = setup(canvas);
   const steps = STEPS.filter((k) => typeof timings[k] === "number");
@@ -28,17 +30,25 @@ export function drawWaterfall(canvas, timings) {
     return [];
   }
   const t0 = timings.eos;
-  const rows = steps.map((k) => ({ step: k, ms: timings[k] - t0 }));
+  let prev = 0; // the bars after eos follow each other; speech_start's spans the speech
+  const rows = steps.map((k) => {
+    const ms = timings[k] - t0;
+    const from = ms <= 0 ? 0 : Math.min(prev, ms);
+    prev = Math.max(prev, ms);
+    return { step: k, ms, from };
+  });
   const lo = Math.min(0, ...rows.map((r) => r.ms)), hi = Math.max(1, ...rows.map((r) => r.ms));
-  const left = 120, right = canvas.width - 60, h = Math.min(18, (canvas.height - 10) / rows.length);
+  const left = 120, right = canvas.width - 120, h = Math.min(18, (canvas.height - 10) / rows.length);
   const x = (ms) => left + ((ms - lo) / (hi - lo)) * (right - left);
   rows.forEach((r, i) => {
     const y = 5 + i * h;
     g.fillStyle = "#333"; g.textAlign = "right"; g.fillText(r.step, left - 6, y + h * 0.7);
     g.fillStyle = STAGE_COLOR[r.step] || "#999";
-    const a = x(Math.min(0, r.ms)), b = x(Math.max(0, r.ms));
-    g.fillRect(a, y + 2, Math.max(2, b - a), h - 4);
-    g.fillStyle = "#333"; g.textAlign = "left"; g.fillText(`${Math.round(r.ms)} ms`, b + 4, y + h * 0.7);
+    const a = x(r.from), b = x(r.ms);
+    g.fillRect(Math.min(a, b), y + 2, Math.max(2, Math.abs(b - a)), h - 4);
+    g.fillStyle = "#333"; g.textAlign = "left";
+    const own = r.ms <= 0 ? "" : `+${Math.round(r.ms - r.from)} ms `;
+    g.fillText(`${own}(${Math.round(r.ms)})`, Math.max(a, b) + 4, y + h * 0.7);
   });
   g.strokeStyle = "#aaa"; g.beginPath(); g.moveTo(x(0), 0); g.lineTo(x(0), canvas.height); g.stroke();
   return rows;

@@ -19,13 +19,25 @@ export function drawFace(canvas, v) {
   const dx = Math.sin(yaw) * 45, dy = Math.sin(pitch) * 35; // features turn with the head
   const jaw = at("JawOpen");
 
-  // head and chin: the chin drops with the jaw
+  // neck and ears behind the head
   g.fillStyle = SKIN; g.strokeStyle = LINE; g.lineWidth = 3;
+  g.fillRect(-55, 120, 110, 120); g.strokeRect(-55, 120, 110, 120);
+  for (const side of [-1, 1]) {
+    g.beginPath(); g.ellipse(side * 138 - dx * 0.3, 10 + dy * 0.5, 20, 38, 0, 0, 2 * Math.PI); g.fill(); g.stroke();
+  }
+  // head and chin: the chin drops with the jaw
   g.beginPath();
   g.ellipse(0, -10, 140, 165, 0, Math.PI, 2 * Math.PI);
   g.bezierCurveTo(140, 110 + jaw * 25, 60 + dx * 0.3, 185 + jaw * 35, dx * 0.4, 188 + jaw * 38);
   g.bezierCurveTo(-60 + dx * 0.3, 185 + jaw * 35, -140, 110 + jaw * 25, -140, -10);
   g.fill(); g.stroke();
+
+  g.fillStyle = "#5b3a24"; // hair
+  g.beginPath();
+  g.ellipse(0, -10, 146, 172, 0, Math.PI * 1.02, Math.PI * 1.98);
+  g.quadraticCurveTo(60 + dx, -150 + dy, -20 + dx, -118 + dy);
+  g.quadraticCurveTo(-90 + dx, -120 + dy, -143, -30);
+  g.fill();
 
   const cheekPuff = at("CheekPuff");
   for (const side of [-1, 1]) {
@@ -94,7 +106,7 @@ function mouth(g, at, dx, dy, jaw) {
   const side = (at("MouthRight") - at("MouthLeft")) * 18 + (at("JawRight") - at("JawLeft")) * 10;
   const cx = dx * 1.15 + side, cy = 105 + dy + jaw * 10;
   const half = 44 * (1 + 0.35 * smile + 0.3 * stretch - 0.45 * pucker - 0.3 * funnel);
-  const corner = -smile * 14 + frown * 12;
+  const corner = -smile * 22 + frown * 14;
   // lips part when the jaw opens, unless MouthClose holds them together; funnel rounds them
   const gap = Math.max(0, jaw - close) * 48 + funnel * 12 + lowerDown * 8 + upperUp * 6;
   const thick = 8 * (1 - 0.65 * press) * (1 - 0.6 * roll) + pucker * 5;

@@ -1,5 +1,5 @@
 """The playground in a real Chromium (Debian's, driven headless by Playwright; no browser is
-downloaded), its microphone a WAV file of the bundled sample: the page served by the fleet
+downloaded), its microphone a WAV file of a spoken question: the page served by the fleet
 connects, a turn completes, transcript and reply appear, the reply is scheduled on Web Audio,
 the face moves with the jaw while the NPC speaks, a stored turn replays, and nothing is logged
 as an error. A screenshot taken mid-reply is left in tests/artifacts/playground/."""
@@ -14,12 +14,12 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
-import soxr
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, speech
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = ROOT / "tests" / "artifacts" / "playground"
+QUESTION = "Can you open the gate?"  # espeak's voice, which the offline STT hears well
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 
 SUMMARY = """() => {
@@ -34,24 +34,23 @@ SUMMARY = """() => {
 }"""
 
 
-def _mic_wav(jfk, tmp_path):
-    """The sample once, then silence: Chromium loops the file, and the NPC needs a quiet
-    player to finish its reply."""
-    pcm, rate = sf.read(jfk, dtype="float32", always_2d=True)
-    mono = soxr.resample(pcm.mean(axis=1), rate, 48000)
+def _mic_wav(tmp_path):
+    """A question once, then silence: Chromium loops the file, and the NPC needs a quiet player
+    to finish its reply."""
+    question = speech(QUESTION, 48000)[:, 0]
     wav = tmp_path / "mic.wav"
-    sf.write(wav, np.concatenate([np.zeros(24000, np.float32), mono,
-                                  np.zeros(48000 * 40, np.float32)]), 48000, subtype="PCM_16")
+    sf.write(wav, np.concatenate([np.zeros(24000, np.int16), question,
+                                  np.zeros(48000 * 40, np.int16)]), 48000, subtype="PCM_16")
     return wav
 
 
-def test_a_turn_in_chromium_with_a_fake_microphone(fleet, jfk_path, tmp_path):
+def test_a_turn_in_chromium_with_a_fake_microphone(fleet, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e .[dev]")
     if not os.path.exists(CHROMIUM):
         pytest.skip("no chromium: scripts/bootstrap.sh dev installs Debian's chromium")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     print(f"\nplayground artifacts: {ARTIFACTS}")
-    wav = _mic_wav(jfk_path, tmp_path)
+    wav = _mic_wav(tmp_path)
     problems: list[str] = []
     t_start = time.perf_counter()
     with sync_api.sync_playwright() as pw:
@@ -72,8 +71,17 @@ def test_a_turn_in_chromium_with_a_fake_microphone(fleet, jfk_path, tmp_path):
             # the NPC speaks: reply audio scheduled and face frames applied on its clock
             page.wait_for_function("window.parley.speaking && window.parley.faceFrames > 30",
                                    timeout=90_000)
-            page.wait_for_timeout(600)
+            page.wait_for_timeout(500)
             page.screenshot(path=str(ARTIFACTS / "mid-reply.png"))
+            try:  # better, once turn_done has brought the waterfall, if the NPC still speaks
+                page.wait_for_function(
+                    "!window.parley.speaking || Object.values(window.parley.turns)"
+                    ".some(t => t.done && t.key.startsWith('live:'))", timeout=6_000)
+                if page.evaluate("window.parley.speaking"):
+                    page.wait_for_timeout(200)
+                    page.screenshot(path=str(ARTIFACTS / "mid-reply.png"))
+            except sync_api.TimeoutError:
+                pass
             page.wait_for_function(
                 "Object.values(window.parley.turns).some(t => t.done && !t.interrupted"
                 " && t.key.startsWith('live:') && t.reply)", timeout=90_000)
@@ -93,6 +101,7 @@ def test_a_turn_in_chromium_with_a_fake_microphone(fleet, jfk_path, tmp_path):
             page.wait_for_timeout(400)
             page.screenshot(path=str(ARTIFACTS / "replay.png"))
             after = json.loads(page.evaluate(SUMMARY))
+            barged = _press_to_talk_and_cut_the_npc_off(browser, fleet.port, problems)
         finally:
             browser.close()
     took = time.perf_counter() - t_start
@@ -108,9 +117,39 @@ def test_a_turn_in_chromium_with_a_fake_microphone(fleet, jfk_path, tmp_path):
     assert live["audioScheduledS"] > 1.0 and live["faceFrames"] > 60
     jaw_min, jaw_max = live["jaw"]
     assert jaw_max - jaw_min > 0.2, f"the jaw barely moved while the NPC spoke: {live['jaw']}"
-    assert live["faceChanges"] > 30
+    assert live["faceChanges"] > 20
     for stop in live["interrupts"]:  # a barge-in (the sample has pauses) reports what played
         assert stop["played"] >= 0
     replayed = [t for t in after["turns"] if t["key"].startswith("replay1:")]
     assert replayed and replayed[0]["transcript"] and replayed[0]["reply"], after["turns"]
     assert (ARTIFACTS / "mid-reply.png").stat().st_size > 10_000
+    # press to talk, then holding it again while the NPC speaks cuts it off: stopped at once,
+    # `interrupt` with the samples played, and the gateway ends the turn as interrupted
+    assert not barged["errors"], barged["errors"]
+    assert barged["interrupts"] and barged["interrupts"][0]["by"] == "page", barged
+    assert barged["interrupts"][0]["played"] > 0
+    assert any(t["interrupted"] for t in barged["turns"]), barged["turns"]
+
+
+def _press_to_talk_and_cut_the_npc_off(browser, port: int, problems: list[str]) -> dict:
+    page = browser.new_page(viewport={"width": 1480, "height": 900})
+    page.on("console", lambda m: m.type in ("error", "warning") and problems.append(
+        f"console {m.type}: {m.text}"))
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.goto(f"http://127.0.0.1:{port}/")
+    page.check("input[value=client]")
+    page.click("#connect")
+    page.wait_for_function("window.parley.micIn > 0", timeout=20_000)  # the file starts over
+    page.hover("#talk")
+    page.mouse.down()
+    page.wait_for_timeout(3500)  # the question lies in the first 2.5 s of the file
+    page.mouse.up()
+    page.wait_for_function("window.parley.speaking", timeout=90_000)
+    page.wait_for_timeout(500)
+    page.mouse.down()  # the player talks over the NPC
+    page.wait_for_function("Object.values(window.parley.turns).some(t => t.interrupted)",
+                           timeout=20_000)
+    page.mouse.up()
+    page.click("#hangup")
+    page.wait_for_function("window.parley.closed", timeout=10_000)
+    return json.loads(page.evaluate(SUMMARY))

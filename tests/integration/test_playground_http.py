@@ -18,7 +18,7 @@ import numpy as np
 from websockets.asyncio.client import connect
 
 from core.config import Config
-from gateway.playground import CONTENT_TYPES, STATIC_DIR
+from gateway.playground_http import CONTENT_TYPES, STATIC_DIR
 from gateway.server import Gateway
 from schemas import protocol as P
 from schemas.streams import FaceEntry, Keys, ReplyEntry, SessionMeta, TranscriptEntry, VoiceEntry
