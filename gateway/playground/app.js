@@ -109,6 +109,8 @@ function hangUp() { // close the session for good: the mic stops going out, repl
 function onMic(pcm, rms) {
   $("level").style.width = `${Math.min(100, rms * 400)}%`;
   state.micIn = (state.micIn || 0) + 1;
+  state.micRms = rms;
+  state.quietChunks = rms < 0.005 ? (state.quietChunks || 0) + 1 : 0;
   if (!channel || !ws || ws.readyState !== WebSocket.OPEN) return;
   if (endpoint === "client" && !talking) return;
   ws.send(encodeMic(channel, micSeq++, pcm));
@@ -261,6 +263,11 @@ function frame() {
     const pos = player.played(playing.key);
     values = player.faceAt(playing, pos);
     note = `${playing.key.startsWith("live:") ? "live" : "replay"} turn ${playing.key.split(":").pop()}: sample ${pos} of ${playing.end}${values ? "" : " (no face yet)"}`;
+    const newest = playing.faces.length ? playing.faces[playing.faces.length - 1].sample : 0;
+    if (values && pos - newest > playing.rate / 20) { // lipsync behind the voice: say so
+      note += `; face ${Math.round(((pos - newest) / playing.rate) * 1000)} ms late`;
+      state.faceLateFrames = (state.faceLateFrames || 0) + 1;
+    }
     if (values) {
       const jaw = values[FACE.JawOpen];
       state.jawWhileSpeaking = [Math.min(state.jawWhileSpeaking[0], jaw), Math.max(state.jawWhileSpeaking[1], jaw)];

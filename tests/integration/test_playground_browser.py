@@ -30,18 +30,26 @@ SUMMARY = """() => {
   return JSON.stringify({ status: p.status, sid: p.sid, errors: p.errors, turns,
     readySent: p.readySent, interrupts: p.interrupts, micChunks: p.micChunks,
     audioFrames: p.audioFrames, faceFrames: p.faceFrames, audioScheduledS: p.audioScheduledS,
-    drawn: p.drawn, faceChanges: p.faceChanges, jaw: p.jawWhileSpeaking, replays: p.replays });
+    drawn: p.drawn, faceChanges: p.faceChanges, jaw: p.jawWhileSpeaking, replays: p.replays,
+    faceLateFrames: p.faceLateFrames || 0 });
 }"""
 
 
-def _mic_wav(tmp_path):
-    """A question once, then silence: Chromium loops the file, and the NPC needs a quiet player
-    to finish its reply."""
+def _mic_wav(tmp_path, silence_s: float):
+    """A question, then silence: Chromium loops the file."""
     question = speech(QUESTION, 48000)[:, 0]
-    wav = tmp_path / "mic.wav"
+    wav = tmp_path / f"mic-{silence_s:g}.wav"
     sf.write(wav, np.concatenate([np.zeros(24000, np.int16), question,
-                                  np.zeros(48000 * 40, np.int16)]), 48000, subtype="PCM_16")
+                                  np.zeros(int(48000 * silence_s), np.int16)]), 48000,
+             subtype="PCM_16")
     return wav
+
+
+def _chromium(pw, wav):
+    return pw.chromium.launch(executable_path=CHROMIUM, args=[
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
+    ])
 
 
 def test_a_turn_in_chromium_with_a_fake_microphone(fleet, tmp_path):
@@ -50,15 +58,11 @@ def test_a_turn_in_chromium_with_a_fake_microphone(fleet, tmp_path):
         pytest.skip("no chromium: scripts/bootstrap.sh dev installs Debian's chromium")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     print(f"\nplayground artifacts: {ARTIFACTS}")
-    wav = _mic_wav(tmp_path)
+    wav = _mic_wav(tmp_path, 40)  # hands-free: the NPC needs a quiet player to finish
     problems: list[str] = []
     t_start = time.perf_counter()
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}",
-            "--autoplay-policy=no-user-gesture-required",
-        ])
+        browser = _chromium(pw, wav)
         try:
             page = browser.new_page(viewport={"width": 1480, "height": 900})
             page.on("console", lambda m: m.type in ("error", "warning") and problems.append(
@@ -101,11 +105,17 @@ def test_a_turn_in_chromium_with_a_fake_microphone(fleet, tmp_path):
             page.wait_for_timeout(400)
             page.screenshot(path=str(ARTIFACTS / "replay.png"))
             after = json.loads(page.evaluate(SUMMARY))
+        finally:
+            browser.close()
+        # press to talk: the question comes round every few seconds, sent only while held
+        browser = _chromium(pw, _mic_wav(tmp_path, 3))
+        try:
             barged = _press_to_talk_and_cut_the_npc_off(browser, fleet.port, problems)
         finally:
             browser.close()
     took = time.perf_counter() - t_start
-    print(f"browser test: {took:.1f} s; {json.dumps(live)[:1500]}")
+    print(f"browser test: {took:.1f} s; hands-free {json.dumps(live)[:1500]}; "
+          f"press to talk {json.dumps(barged)[:1000]}")
 
     assert not problems, problems
     assert not [e for e in live["errors"] if e["code"] != "not_playing"], live["errors"]
@@ -139,10 +149,12 @@ def _press_to_talk_and_cut_the_npc_off(browser, port: int, problems: list[str]) 
     page.goto(f"http://127.0.0.1:{port}/")
     page.check("input[value=client]")
     page.click("#connect")
-    page.wait_for_function("window.parley.micIn > 0", timeout=20_000)  # the file starts over
+    page.wait_for_function("window.parley.status.startsWith('talking')", timeout=20_000)
     page.hover("#talk")
     page.mouse.down()
-    page.wait_for_timeout(3500)  # the question lies in the first 2.5 s of the file
+    # held while the player speaks: from the question's first word to the silence after it
+    page.wait_for_function("window.parley.micRms > 0.02", timeout=20_000)
+    page.wait_for_function("window.parley.quietChunks > 30", timeout=20_000)
     page.mouse.up()
     page.wait_for_function("window.parley.speaking", timeout=90_000)
     page.wait_for_timeout(500)
