@@ -105,17 +105,23 @@ def test_a_turn_in_chromium_with_a_fake_microphone(fleet, tmp_path):
             page.wait_for_timeout(400)
             page.screenshot(path=str(ARTIFACTS / "replay.png"))
             after = json.loads(page.evaluate(SUMMARY))
+            t_live = time.perf_counter() - t_start
         finally:
             browser.close()
-        # press to talk: the question comes round every few seconds, sent only while held
+        # the question comes round every few seconds: hands-free, the player speaks over the
+        # NPC's reply; press to talk, it is sent only while held
         browser = _chromium(pw, _mic_wav(tmp_path, 3))
         try:
+            spoken_over = _speak_over_the_npc(browser, fleet.port, problems)
+            t_over = time.perf_counter() - t_start
             barged = _press_to_talk_and_cut_the_npc_off(browser, fleet.port, problems)
         finally:
             browser.close()
     took = time.perf_counter() - t_start
-    print(f"browser test: {took:.1f} s; hands-free {json.dumps(live)[:1500]}; "
-          f"press to talk {json.dumps(barged)[:1000]}")
+    print(f"browser test: {took:.1f} s (hands-free turn and replay {t_live:.1f} s, spoken over "
+          f"{t_over - t_live:.1f} s, press to talk {took - t_over:.1f} s); "
+          f"hands-free {json.dumps(live)[:1500]}; "
+          f"spoken over {json.dumps(spoken_over)[:800]}; press to talk {json.dumps(barged)[:800]}")
 
     assert not problems, problems
     assert not [e for e in live["errors"] if e["code"] != "not_playing"], live["errors"]
@@ -133,6 +139,11 @@ def test_a_turn_in_chromium_with_a_fake_microphone(fleet, tmp_path):
     replayed = [t for t in after["turns"] if t["key"].startswith("replay1:")]
     assert replayed and replayed[0]["transcript"] and replayed[0]["reply"], after["turns"]
     assert (ARTIFACTS / "mid-reply.png").stat().st_size > 10_000
+    # hands-free barge-in: the gateway's stop, answered with the samples played
+    assert not spoken_over["errors"], spoken_over["errors"]
+    stops = [i for i in spoken_over["interrupts"] if i["by"] == "server"]
+    assert stops and stops[0]["played"] >= 0, spoken_over  # 0 when cut before it sounded
+    assert any(t["interrupted"] for t in spoken_over["turns"]), spoken_over["turns"]
     # press to talk, then holding it again while the NPC speaks cuts it off: stopped at once,
     # `interrupt` with the samples played, and the gateway ends the turn as interrupted
     assert not barged["errors"], barged["errors"]
@@ -141,12 +152,29 @@ def test_a_turn_in_chromium_with_a_fake_microphone(fleet, tmp_path):
     assert any(t["interrupted"] for t in barged["turns"]), barged["turns"]
 
 
-def _press_to_talk_and_cut_the_npc_off(browser, port: int, problems: list[str]) -> dict:
+def _page(browser, port: int, problems: list[str]):
     page = browser.new_page(viewport={"width": 1480, "height": 900})
     page.on("console", lambda m: m.type in ("error", "warning") and problems.append(
         f"console {m.type}: {m.text}"))
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.goto(f"http://127.0.0.1:{port}/")
+    return page
+
+
+def _speak_over_the_npc(browser, port: int, problems: list[str]) -> dict:
+    page = _page(browser, port, problems)
+    page.click("#connect")
+    page.wait_for_function("window.parley.interrupts.length > 0", timeout=90_000)
+    page.screenshot(path=str(ARTIFACTS / "barge-in.png"))
+    page.click("#hangup")
+    page.wait_for_function("window.parley.closed", timeout=10_000)
+    out = json.loads(page.evaluate(SUMMARY))
+    page.close()
+    return out
+
+
+def _press_to_talk_and_cut_the_npc_off(browser, port: int, problems: list[str]) -> dict:
+    page = _page(browser, port, problems)
     page.check("input[value=client]")
     page.click("#connect")
     page.wait_for_function("window.parley.status.startsWith('talking')", timeout=20_000)
