@@ -61,6 +61,7 @@ async function connect() {
       if (typeof e.data === "string") onText(decodeServer(e.data), liveKey);
       else onFrame(decodeFrame(e.data), liveKey);
     } catch (err) {
+      if (err.code === "unknown_type") return; // a later protocol's message: not for us
       state.errors.push({ code: err.code || "page", message: String(err.message || err) });
       console.error("parley:", err);
     }
