@@ -50,9 +50,11 @@ async function audio() {
 
 async function connect() {
   await audio();
-  if (ws) ws.close();
+  if (ws) ws.close(); // its sessions go with it (detached; this page never resumes them)
+  state.session = null;
+  channel = 0;
   endpoint = document.querySelector("input[name=mode]:checked").value;
-  ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/`);
+  const sock = ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/`);
   ws.binaryType = "arraybuffer";
   setStatus("connecting");
   ws.onopen = () => send({ type: "hello", protocol: PROTOCOL_VERSION, client: "parley-playground", ...token() });
@@ -66,7 +68,12 @@ async function connect() {
       console.error("parley:", err);
     }
   };
-  ws.onclose = () => { setStatus("disconnected"); channel = 0; $("talk").disabled = true; };
+  ws.onclose = () => {
+    if (ws !== sock) return; // the connection this one replaced
+    setStatus("disconnected");
+    channel = 0;
+    $("talk").disabled = $("hangup").disabled = true;
+  };
 }
 
 // A gateway with tokens: open the page as http(s)://HOST:PORT/#token=NAME:SECRET (a fragment
@@ -78,7 +85,7 @@ function token() {
 
 function openSession() {
   const npc = $("npc").value;
-  if (state.session) send({ type: "close", session: state.session });
+  if (state.session && channel) send({ type: "close", session: state.session });
   state.session = `${npc}-${Math.random().toString(36).slice(2, 8)}`;
   channel = 0;
   send({ type: "open", session: state.session, npc, sample_rate: ctx.sampleRate, channels: 1,
@@ -103,6 +110,7 @@ async function opened(msg) {
 
 function hangUp() { // close the session for good: the mic stops going out, replay keeps it
   if (state.session) send({ type: "close", session: state.session });
+  state.session = null;
   channel = 0;
   $("talk").disabled = $("hangup").disabled = true;
 }
@@ -154,6 +162,8 @@ function fresh(turn, chan, seq) {
 
 function onText(msg, keyOf) {
   const live = keyOf(0).startsWith("live:");
+  if (live && msg.session !== undefined && msg.session !== state.session
+      && msg.type !== "closed" && msg.type !== "error") return; // a session this page left
   switch (msg.type) {
     case "welcome":
       state.npcs = msg.npcs;
@@ -191,6 +201,14 @@ function onText(msg, keyOf) {
       break;
     }
     case "error":
+      if (msg.code === "overloaded" && live && msg.session === state.session) {
+        // the fleet is at capacity: show the NPC as busy and open again when it says
+        const wait = Number((/retry in (\d+) ms/.exec(msg.message) || [0, 1000])[1]);
+        state.busy = (state.busy || 0) + 1;
+        setStatus(`${$("npc").value} is busy (${msg.message}); trying again`);
+        setTimeout(() => { if (!channel && ws && ws.readyState === WebSocket.OPEN) openSession(); }, Math.max(250, wait));
+        break;
+      }
       state.errors.push({ code: msg.code, message: msg.message, turn: msg.turn });
       setStatus(`error ${msg.code}: ${msg.message}`);
       break;
@@ -203,6 +221,7 @@ function onText(msg, keyOf) {
 
 function onFrame(f, keyOf) {
   const key = keyOf(f.turn);
+  if (key.startsWith("live:") && f.channel !== channel) return; // a session this page left
   if (f.kind === FRAME.REPLY_AUDIO) {
     if (key.startsWith("live:") && !fresh(f.turn, "audio", f.seq)) return;
     const t = turnOf(key, f.turn);
