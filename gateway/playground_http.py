@@ -5,8 +5,9 @@ websocket`` is answered here (static files of ``gateway/playground/`` and a smal
 never reaches the protocol. Static files are looked up in a table built at start, so no request
 path ever becomes a filesystem path: there is nothing to traverse.
 
-The stored-session endpoints (replay) read other sessions' transcripts and audio, so they
-answer only on a gateway that has no tokens and listens on loopback: a developer's own machine.
+The JSON API (personas, and stored sessions for replay, which hold other players' words and
+audio) answers only on a gateway that has no tokens and listens on loopback: a developer's own
+machine. Elsewhere the page itself is served and takes the NPC list from `welcome`.
 """
 
 from __future__ import annotations
@@ -80,12 +81,12 @@ def error(status: int, message: str) -> Response:
 
 
 class Playground:
-    def __init__(self, redis, keys: Keys, personas: dict, stored_sessions: bool,
+    def __init__(self, redis, keys: Keys, personas: dict, local: bool,
                  root: Path = STATIC_DIR):
         self.redis = redis
         self.keys = keys
         self.personas = personas  # id -> core.personas.Persona
-        self.stored_sessions = stored_sessions
+        self.local = local  # loopback, no tokens: the JSON API answers
         self.files = static_table(root)
         self.log = structlog.get_logger().bind(component="playground")
 
@@ -105,14 +106,14 @@ class Playground:
             return error(500, "the server failed on this request")
 
     async def _api(self, path: str) -> Response:
+        if not self.local:
+            return error(403, "the playground's API answers only on a gateway on loopback "
+                              "without tokens")
         if path == "/api/personas":
             return json_response({"personas": [
                 {"id": pid, "name": p.name, "voice": p.voice, "greeting": p.greeting}
                 for pid, p in sorted(self.personas.items())]})
         if path == "/api/sessions" or path.startswith("/api/sessions/"):
-            if not self.stored_sessions:
-                return error(403, "stored sessions are served only by a gateway on loopback "
-                                  "without tokens")
             if path == "/api/sessions":
                 return json_response({"sessions": await self.sessions()})
             m = _TURN_PATH.match(path)

@@ -94,9 +94,9 @@ class Gateway:
         if g.playground:
             from gateway.playground_http import Playground
 
-            # stored sessions only where nobody else can ask: loopback, no tokens
-            mine = access.is_loopback(host) and not self.limits.tokens
-            playground = Playground(self.redis, self.keys, self._persona_info, mine).handle
+            # its API (stored sessions) only where nobody else can ask: loopback, no tokens
+            local = access.is_loopback(host) and not self.limits.tokens
+            playground = Playground(self.redis, self.keys, self._persona_info, local).handle
         self.server = await serve(
             self._handler, host or None, g.port if port is None else port,
             process_request=playground,

@@ -167,6 +167,9 @@ function onText(msg, keyOf) {
   switch (msg.type) {
     case "welcome":
       state.npcs = msg.npcs;
+      if (!$("npc").options.length) { // no persona list from the API (a gateway with tokens)
+        for (const id of msg.npcs) $("npc").add(new Option(id, id));
+      }
       for (const o of $("npc").options) o.disabled = !msg.npcs.includes(o.value);
       if (!msg.npcs.includes($("npc").value)) $("npc").value = msg.npcs[0];
       openSession();
@@ -361,10 +364,8 @@ async function replay() {
 
 async function init() {
   const r = await fetch("/api/personas");
-  for (const p of (await r.json()).personas) {
-    const o = document.createElement("option");
-    o.value = p.id; o.textContent = `${p.name} (${p.id})`;
-    $("npc").appendChild(o);
+  for (const p of r.ok ? (await r.json()).personas : []) {
+    $("npc").add(new Option(`${p.name} (${p.id})`, p.id));
   }
   $("connect").onclick = connect;
   $("hangup").onclick = hangUp;

@@ -157,11 +157,11 @@ async def test_a_stored_turn_comes_back_as_the_wire_carried_it(redis_server):
         assert (await get(gw, "/api/sessions/bad%20sid/turns/1")).status_code == 404
 
 
-async def test_stored_sessions_only_on_loopback_without_tokens(redis_server):
+async def test_the_api_only_on_loopback_without_tokens(redis_server):
     async with gateway(redis_server.url, tokens=["qa:secret-secret"]) as gw:
-        r = await get(gw, "/api/sessions")
-        assert r.status_code == 403 and "tokens" in r.json()["error"]
-        assert (await get(gw, "/api/sessions/x/turns/1")).status_code == 403
+        for path in ("/api/sessions", "/api/sessions/x/turns/1", "/api/personas"):
+            r = await get(gw, path)
+            assert r.status_code == 403 and "tokens" in r.json()["error"], path
         assert (await get(gw, "/")).status_code == 200  # the page itself is public
 
 
