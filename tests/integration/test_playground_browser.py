@@ -108,18 +108,18 @@ def test_a_turn_in_chromium_with_a_fake_microphone(fleet, tmp_path):
             t_live = time.perf_counter() - t_start
         finally:
             browser.close()
-        # the question comes round every few seconds: hands-free, the player speaks over the
-        # NPC's reply; press to talk, it is sent only while held
+        # the question comes round every few seconds: press to talk, it is sent only while
+        # held; hands-free, the player speaks over the NPC's reply
         browser = _chromium(pw, _mic_wav(tmp_path, 3))
         try:
-            spoken_over = _speak_over_the_npc(browser, fleet.port, problems)
-            t_over = time.perf_counter() - t_start
             barged = _press_to_talk_and_cut_the_npc_off(browser, fleet.port, problems)
+            t_ptt = time.perf_counter() - t_start
+            spoken_over = _speak_over_the_npc(browser, fleet.port, problems)
         finally:
             browser.close()
     took = time.perf_counter() - t_start
-    print(f"browser test: {took:.1f} s (hands-free turn and replay {t_live:.1f} s, spoken over "
-          f"{t_over - t_live:.1f} s, press to talk {took - t_over:.1f} s); "
+    print(f"browser test: {took:.1f} s (hands-free turn and replay {t_live:.1f} s, press to "
+          f"talk {t_ptt - t_live:.1f} s, spoken over {took - t_ptt:.1f} s); "
           f"hands-free {json.dumps(live)[:1500]}; "
           f"spoken over {json.dumps(spoken_over)[:800]}; press to talk {json.dumps(barged)[:800]}")
 
