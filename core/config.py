@@ -65,6 +65,9 @@ class GatewayConfig:
     admit_max_lag_ms: float = 1000.0
     admit_max_queue_ms: float = 1000.0
     admission_poll_s: float = 0.5
+    # The browser playground (gateway/playground_http.py) on this port: plain GETs get its page;
+    # `parley up` turns it on, `parley gateway` when this says so.
+    playground: bool = False
 
 
 @dataclass

@@ -62,6 +62,7 @@ class Gateway:
         self._admission_task: asyncio.Task | None = None
         personas = load_personas(config.personas_dir())
         self.personas = {pid: p.voice for pid, p in personas.items()}
+        self._persona_info = personas
         g = config.gateway
         self.limits = C.Limits(
             max_frame_bytes=g.max_frame_bytes, max_sessions=g.max_sessions,
@@ -92,8 +93,16 @@ class Gateway:
             target = parse_target(self.config.lipsync.livelink)
             self.livelink = await LiveLinkSender(target, fps=self.config.lipsync.fps).open()
             self.log.info("livelink_target", host=target[0], port=target[1])
+        playground = None
+        if g.playground:
+            from gateway.playground_http import Playground
+
+            # its API (stored sessions) only where nobody else can ask: loopback, no tokens
+            local = access.is_loopback(host) and not self.limits.tokens
+            playground = Playground(self.redis, self.keys, self._persona_info, local).handle
         self.server = await serve(
             self._handler, host or None, g.port if port is None else port,
+            process_request=playground,
             max_size=g.ws_max_size, ping_interval=g.ping_interval_s,
             ping_timeout=g.ping_timeout_s, ssl=tls,
             compression=None,  # audio does not compress; deflate only adds latency

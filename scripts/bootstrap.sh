@@ -18,6 +18,12 @@ if [[ ",$extras," == *",dev,"* ]] && ! command -v c++ >/dev/null 2>&1 \
     && ! command -v g++ >/dev/null 2>&1; then
   need_apt+=(g++)
 fi
+# the playground's tests: node runs the JavaScript codec's tests, and a headless chromium the
+# page itself (Playwright drives this system browser; it downloads none)
+if [[ ",$extras," == *",dev,"* ]]; then
+  command -v node >/dev/null 2>&1 || command -v nodejs >/dev/null 2>&1 || need_apt+=(nodejs)
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need_apt[*]} (Debian packages)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

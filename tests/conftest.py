@@ -55,7 +55,7 @@ async def redis_client(scratch_url):
 def fleet(redis_server, tmp_path_factory):
     log = tmp_path_factory.mktemp("fleet") / "fleet.log"
     f = Fleet(port=free_port(), workers=1, redis_url=redis_server.url, log_path=str(log),
-              env=FLEET_ENV)
+              env=FLEET_ENV, playground=True)
     f.start()
     try:
         f.wait_ready(60)
