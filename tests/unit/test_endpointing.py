@@ -263,3 +263,13 @@ def test_end_of_utterance_with_no_speech_still_ends_the_turn():
     assert not any(isinstance(a, (Start, Feed)) for a in actions)
     [end] = lis.push(MicEntry(seq=99, end_of_utterance=True, ts=5.0))
     assert isinstance(end, End) and end.reason == "client" and end.speech is False
+
+
+def test_the_late_end_of_utterance_of_a_turn_the_server_ended_is_not_a_second_turn():
+    """endpoint vad: the VAD ended the turn, then the client's own end_of_utterance for the same
+    speech arrives; that one was answered already. A later one after silence is answered."""
+    lis = Listener(R, 1, "s16le", ListenerConfig(vad="energy"), after_server_end=True)
+    feed(lis, np.zeros(R // 2, np.float32))
+    assert lis.push(MicEntry(seq=50, end_of_utterance=True, ts=1.0)) == []
+    [end] = lis.push(MicEntry(seq=51, end_of_utterance=True, ts=2.0))
+    assert end.speech is False

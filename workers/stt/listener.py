@@ -102,10 +102,13 @@ def make_vad(cfg: ListenerConfig):
 
 class Listener:
     def __init__(self, rate: int, channels: int, fmt: str, cfg: ListenerConfig,
-                 base: int = 0, client_ends: bool = False):
+                 base: int = 0, client_ends: bool = False, after_server_end: bool = False):
         self.cfg = cfg
         self.base = base
         self.client_ends = client_ends
+        # the previous utterance was ended by the server (VAD or model): an end_of_utterance
+        # before any new speech is that utterance's own, late; it was answered already
+        self.after_server_end = after_server_end
         self.conv = MicConverter(rate, channels, fmt, RATE)
         self.vad = make_vad(cfg)
         self.preroll: deque[np.ndarray] = deque()
@@ -129,9 +132,13 @@ class Listener:
     def push(self, mic: MicEntry) -> list[Action]:
         self.mic_seq = mic.seq
         if mic.end_of_utterance:
-            # nothing heard yet: the turn still ends, with an answer that says so
-            return self._end([], "client", mic.ts) if self.speaking else [
-                End("client", mic.ts, speech=False)]
+            if self.speaking:
+                return self._end([], "client", mic.ts)
+            if self.after_server_end:
+                self.after_server_end = False
+                return []
+            # nothing heard: the turn still ends, with an answer that says so
+            return [End("client", mic.ts, speech=False)]
         samples = self.conv.push(mic.pcm)
         if not len(samples):
             return []
@@ -143,6 +150,7 @@ class Listener:
         for ev in events:
             if ev.kind == "start" and not self.speaking:
                 self.speaking = True
+                self.after_server_end = False
                 self.speech_start = self.base + ev.sample
                 pre = np.concatenate(list(self.preroll))
                 out.append(Start(self.speech_start, pre))

@@ -32,6 +32,8 @@ from workers.stt.backends import FallbackRecognizer
 from workers.stt.listener import Check, End, Feed, Listener, ListenerConfig, Release, Start
 
 RATE = 16000
+# An STT job's ``text`` (unused otherwise): the utterance before it was ended by the server
+SERVER_END = "after_server_end"
 
 
 def make_backend(name: str, config: Config):
@@ -144,7 +146,8 @@ class SttStage(Stage):
         meta = await ctx.meta()
         listener = Listener(meta.sample_rate, meta.channels, meta.format,
                             self.listener_config(), base=ctx.job.position,
-                            client_ends=meta.endpoint == "client")
+                            client_ends=meta.endpoint == "client",
+                            after_server_end=ctx.job.text == SERVER_END)
         run = _Utterances(self, ctx, listener, await ctx.writer("transcript"))
         try:
             return await run.listen()
@@ -308,7 +311,7 @@ class _Utterances:
         return Outcome(follow=[
             Job(stage="llm", sid=ctx.sid, turn=ctx.turn, text=text),
             Job(stage="stt", sid=ctx.sid, turn=ctx.turn + 1, cursor=self.cursor,
-                position=end_sample),
+                position=end_sample, text="" if end.reason == "client" else SERVER_END),
         ], state=(ctx.keys.listener(ctx.sid), nxt.to_fields()))
 
     async def no_speech(self, end: End) -> Outcome:
