@@ -20,6 +20,7 @@ and once with ``PARLEY_STT_ECHO_GATE=0``, and counts stop_playback and transcrip
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,3 +130,107 @@ def make_scene(name: str, reply: np.ndarray, reply_rate: int, delay_ms: float, g
         p = at_level(player, player_db)[:n - player_at]
         mic[player_at:player_at + len(p)] += p
     return Scene(name, mic, reply, reply_rate, lead, player_at)
+
+
+class RoomMic:
+    """UE hands-free, for a real fleet: the mic streams 20 ms chunks in real time, and what it
+    hears is the room tone, the player, and whatever reply the client is playing, on the
+    client's play clock (from its first ``ready``, until the server says stop), through the
+    room. The reply is the audio the client actually received, so the echo is of the very
+    reply the server sent."""
+
+    CHUNK = 320
+
+    def __init__(self, client, session: str, delay_ms: float = 100, gain_db: float = -15,
+                 rt60_ms: float = 250, noise_db: float = -55, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        n = max(1, int(rt60_ms * RATE / 1000))
+        h = 0.3 * rng.standard_normal(n) * np.exp(-6.9 * np.arange(n) / n)
+        h[0] = 1.0
+        h *= 10 ** (gain_db / 20) / np.sqrt(np.sum(h * h))
+        self.h = np.concatenate([np.zeros(int(delay_ms * RATE / 1000)), h]).astype(np.float32)
+        self.client, self.session = client, session
+        self.noise_db, self.seed = noise_db, seed
+        self.voices: list[tuple[float, np.ndarray]] = []  # (wall clock start, 16 kHz samples)
+        self.stopped_at: dict[int, float] = {}
+        self._reply: dict[int, np.ndarray] = {}
+        self._reply_n: dict[int, int] = {}
+        self.sent = 0  # mic samples sent
+
+    def say(self, x: np.ndarray, at: float) -> None:
+        """The player speaks ``x`` (16 kHz float) from wall clock ``at`` (time.perf_counter)."""
+        self.voices.append((at, x.astype(np.float32)))
+
+    def _reply16(self, turn: int) -> np.ndarray:
+        """The turn's reply as received so far, at 16 kHz, on its own sample positions."""
+        client = self.client
+        tr = client.turns[self.session]
+        chunks = [c for c in client.chunks.get(self.session, [])]
+        if len(chunks) != len(tr.audio):
+            raise RuntimeError("RoomMic needs a session without resent reply audio")
+        mine = [(c, a) for c, a in zip(chunks, tr.audio, strict=True) if c[0] == turn]
+        if self._reply_n.get(turn) != len(mine):
+            rate = client.reply_rates[(self.session, turn)]
+            end = max(c[2] + c[3] for c, _ in mine)
+            x = np.zeros(end, np.float32)
+            for (_, _, sample, n), a in mine:
+                x[sample:sample + n] = a[:n] / 32768.0
+            self._reply[turn] = to16k(x, rate)
+            self._reply_n[turn] = len(mine)
+        return self._reply[turn]
+
+    def _echo(self, t: float) -> np.ndarray:
+        """What the speakers put into the mic for the chunk starting at wall clock ``t``."""
+        out = np.zeros(self.CHUNK, np.float32)
+        for (session, turn), start in list(self.client.first_ready.items()):
+            if session != self.session:
+                continue
+            if (session, turn) in self.client.stopped:
+                self.stopped_at.setdefault(turn, t)
+            reply = self._reply16(turn)
+            p = int((t - start) * RATE)  # play position of this chunk's first sample
+            lo = p - len(self.h) + 1
+            if p + self.CHUNK <= 0 or lo >= len(reply):
+                continue
+            spk = np.zeros(self.CHUNK + len(self.h) - 1, np.float32)
+            a, b = max(lo, 0), min(p + self.CHUNK, len(reply))
+            if turn in self.stopped_at:  # UE stopped playing: nothing after that point
+                b = min(b, int((self.stopped_at[turn] - start) * RATE))
+            if b > a:
+                spk[a - lo:b - lo] = reply[a:b]
+                out += np.convolve(spk, self.h, mode="valid")
+        return out
+
+    def _voice(self, t: float) -> np.ndarray:
+        out = np.zeros(self.CHUNK, np.float32)
+        for start, x in self.voices:
+            i = int((t - start) * RATE)
+            if i + self.CHUNK > 0 and i < len(x):
+                a = max(i, 0)
+                seg = x[a:i + self.CHUNK]
+                out[a - i:a - i + len(seg)] += seg
+        return out
+
+    async def run(self, until) -> None:
+        """Stream until ``until()`` is true, at real-time pace."""
+        import asyncio
+
+        from parley.client import to_pcm
+        from schemas import protocol as P
+
+        client = self.client
+        opened = client.opened[self.session]
+        rng = noise(RATE * 60, self.noise_db, self.seed)
+        t0 = time.perf_counter()
+        while not until():
+            t = t0 + self.sent / RATE
+            i = self.sent % (len(rng) - self.CHUNK)
+            x = rng[i:i + self.CHUNK] + self._voice(t) + self._echo(t)
+            frames = (np.clip(x, -1, 1) * 32767).astype(np.int16)[:, None]
+            self.sent += self.CHUNK
+            delay = t0 + self.sent / RATE - time.perf_counter()
+            if delay > 0:  # a mic sends a chunk once it has captured all of it
+                await asyncio.sleep(delay)
+            seq = client.next_seq[self.session]
+            await client.send(P.MicAudio(opened.channel, seq, to_pcm(frames, "s16le")).encode())
+            client.next_seq[self.session] = seq + 1

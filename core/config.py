@@ -94,6 +94,9 @@ class SttConfig:
     idle_release_ms: int = 1500
     # Mid-utterance, a mic that stops sending this long (a dropped client) ends the utterance.
     audio_gap_end_ms: int = 3000
+    # Hands-free, the NPC's own reply comes back into the mic: compare the mic with the reply
+    # UE is playing and keep that echo from the VAD (docs/echo.md).
+    echo_gate: bool = True
 
 
 @dataclass

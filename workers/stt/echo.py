@@ -237,10 +237,14 @@ class EchoGate:
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
         end = self.position + len(x)
         if self._pending:
-            pending, self._pending = self._pending, []
-            for (turn, segment), ready_ms in pending:
-                behind = 0.0 if ts_ms is None else max(0.0, ts_ms - ready_ms) * RATE / 1000
-                self.played(turn, segment, at=max(self.position, round(end - behind)))
+            # a ready lies in the mic audio that arrived after it: this chunk's end arrived at
+            # ts_ms, so UE started playing (ts_ms - ready) worth of samples before that end
+            later = [p for p in self._pending if ts_ms is not None and p[1] > ts_ms]
+            for (turn, segment), ready_ms in self._pending:
+                if (turn, segment) not in {k for k, _ in later}:
+                    behind = 0.0 if ts_ms is None else (ts_ms - ready_ms) * RATE / 1000
+                    self.played(turn, segment, at=round(end - behind))
+            self._pending = later
         self.position = end
         held = len(self._buf)
         buf = np.concatenate([self._buf, x]) if held else x
