@@ -125,3 +125,14 @@ def test_segments_play_back_to_back_from_their_ready(reply):
     g2.played(1, 2, at=1000 + first_len + 8000)  # a late ready: UE's audio stalled
     g2.turn_end(1)
     assert g2._segments[(1, 2)].start == 1000 + first_len + 8000
+
+
+def test_without_any_echo_a_voice_over_the_reply_is_heard_at_once(reply, player):
+    """A headset: the reply never reaches the mic. Once the reply has sounded beyond the delay
+    window with nothing audible, the room is known to be quiet and the player is heard as the
+    VAD alone hears them."""
+    scene = make_scene("headset", *reply, 100, -300, 150, -55, player=player,
+                       player_at_s=2.0, seed=5)
+    alone = starts(scene.mic, None)
+    got = starts(scene.mic, gate_for(scene))
+    assert got and got[0] - alone[0] <= 0.1 * RATE, (got, alone)

@@ -74,7 +74,11 @@ class EchoConfig:
     snr_db: float = 6.0  # ... and be this far above the room's noise floor
     learn_ms: int = 400  # the reply's first audible echo, taken as echo, to learn delay and gain
     learn_quantile: float = 0.9  # of the learned ratios: an odd reverb spike is not the gain
-    min_corr: float = 0.4  # a delay estimate weaker than this keeps the whole search window
+    min_corr: float = 0.4  # the learned audio must follow the reply this well to be its echo
+    quiet_ms: int = 200  # reply this long beyond the delay window, nothing heard: no echo
+    loud_db: float = -45.0  # a reference frame this loud (dBFS) would be heard if echoed
+    probe_frames: int = 6  # after this much audible audio, ...
+    no_echo_corr: float = 0.35  # ... one that follows the reply this poorly is a voice
     decay_db_s: float = 3.0  # how fast the learned echo gain forgets a loud moment
     rise_db: float = 0.5  # how fast, per frame, it follows a louder echo after learning
     voice_share: float = 0.3  # ... and carry this share of the frame's energy above the floor
@@ -107,8 +111,12 @@ class EchoGate:
         self._hi = self._delay_hi + self._tail
         self._lags = range(self._lo, self._hi + 1)  # until the delay is known
         self.delay_ms: int | None = None
-        self._history: deque[tuple[int, np.ndarray]] = deque(maxlen=100)
+        self._history: list[tuple[int, np.ndarray]] = []
         self._voiced = 0
+        self._quiet = 0  # learning: frames of loud reference with nothing audible in the mic
+        self._quiet_gain = np.zeros(_N_BANDS)
+        self._quiet_need = self._hi + cfg.quiet_ms * RATE // 1000 // FRAME
+        self._loud = 10 ** (cfg.loud_db / 10) * _WINDOW_POWER * _BINS
         self._margin = 10 ** (cfg.margin_db / 10)
         self._snr = 10 ** (cfg.snr_db / 10)
         self._decay = 10 ** (-cfg.decay_db_s * FRAME / RATE / 10)
@@ -313,14 +321,7 @@ class EchoGate:
         signal = np.maximum(m - noise, 0.0)
         audible = signal.sum() > self._snr * noise.sum()
         if self._learned < self._learn:
-            # the reply's first audible stretch is taken as its echo: delay and gain are
-            # learned there
-            if audible:
-                self._history.append((f, signal))
-            self._learned += audible
-            if self._learned == self._learn:
-                self._calibrate()
-            return self._verdict(noise)
+            return self._learning(f, signal, noise, audible)
         bound = self._bound(f, self._lags)
         if bound.sum() < 1e-9:  # digital silence in the reply: nothing to hear
             return False
@@ -346,27 +347,67 @@ class EchoGate:
         """Per band, the loudest reference frame the mic frame ``f`` can hear over ``lags``."""
         return np.max([self._ref_power(f - lag) for lag in lags], axis=0)
 
-    def _calibrate(self) -> None:
-        """The delay: the lag at which the reference's band-power pattern best matches the mic's
-        (normalized cross-correlation of log powers over the learned frames); the gain: the
-        largest mic/reference ratio per band at that delay."""
+    def _learning(self, f: int, signal: np.ndarray, noise: np.ndarray, audible: bool) -> bool:
+        """Before the room is known. The reply's first audible stretch is taken as its echo
+        and teaches delay and gain, as long as it looks like the echo: audio that does not
+        follow the reply at any lag (a headset: no echo at all, and the player speaks) is a
+        voice, and learning starts again after it."""
+        if self._held:
+            self._held -= 1
+            return False
+        if not audible:
+            bound = self._bound(f, self._lags)
+            if bound.sum() > self._loud:
+                # the reply sounds and the mic stays quiet: any echo is below what is audible
+                self._quiet += 1
+                self._quiet_gain = np.maximum(self._quiet_gain,
+                                              self._snr * noise / (bound + _EPS))
+                if self._quiet >= self._quiet_need and not self._learned:
+                    self._learned = self._learn  # a headset, or speakers far away
+                    self._gain = self._quiet_gain
+            return self._verdict(noise)
+        self._quiet = 0
+        self._quiet_gain[:] = 0.0
+        self._history.append((f, signal))
+        self._learned += 1
+        if self._learned >= self.cfg.probe_frames:
+            lag, corr = self._best_lag()
+            if corr < self.cfg.no_echo_corr or (self._learned == self._learn
+                                                 and corr < self.cfg.min_corr):
+                self._history.clear()
+                self._learned = 0
+                self._held = self._hold
+                self.voice_frames += 1
+                return False
+            if self._learned == self._learn:
+                self._calibrate(lag)
+        return self._verdict(noise)
+
+    def _best_lag(self) -> tuple[int, float]:
+        """The lag at which the reference's band-power pattern best matches the mic's over the
+        frames learned so far (normalized cross-correlation of log powers), and that match."""
         frames = list(self._history)
-        self._history.clear()
-        if not frames:
-            return
-        mic = np.log(np.array([sig for _, sig in frames]) + 1e-10)
-        best, best_corr = None, self.cfg.min_corr
+        mic = np.log(np.array([sig for _, sig in frames]) + 1e-10).ravel()
+        best, best_corr = self._lo, -1.0
+        if mic.std() == 0:
+            return best, best_corr
         for lag in range(self._lo, self._delay_hi + 1):
             ref = np.array([self._ref_power(f - lag) for f, _ in frames])
-            ref = np.log(ref + 1e-9 * (ref.max() + _EPS))
+            ref = np.log(ref + 1e-9 * (ref.max() + _EPS)).ravel()
             if ref.std() == 0:
                 continue
-            corr = float(np.corrcoef(mic.ravel(), ref.ravel())[0, 1])
+            corr = float(np.corrcoef(mic, ref)[0, 1])
             if corr > best_corr:
                 best, best_corr = lag, corr
-        if best is not None:
-            self.delay_ms = best * FRAME * 1000 // RATE
-            self._lags = range(max(self._lo, best - 1), best + self._tail + 1)
+        return best, best_corr
+
+    def _calibrate(self, lag: int) -> None:
+        """The delay window from the best lag; the gain per band, a high quantile of the learned
+        frames' mic/bound ratios at that delay."""
+        frames = list(self._history)
+        self._history.clear()
+        self.delay_ms = lag * FRAME * 1000 // RATE
+        self._lags = range(max(self._lo, lag - 1), lag + self._tail + 1)
         ratios = np.array([sig / (self._bound(f, self._lags) + _EPS) for f, sig in frames])
         self._gain = np.quantile(ratios, self.cfg.learn_quantile, axis=0)
 
