@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     bk = sub.add_parser("backends", help="every backend per stage: can it load here, and why not")
     bk.add_argument("--json", action="store_true")
 
-    be = sub.add_parser("bench", help="benchmarks: latency, lipsync, chaos, batching, load")
-    be.add_argument("which", choices=["latency", "lipsync", "chaos", "batching", "load"])
+    be = sub.add_parser("bench", help="benchmarks: latency, lipsync, chaos, batching, load, "
+                                      "echo")
+    be.add_argument("which", choices=["latency", "lipsync", "chaos", "batching", "load", "echo"])
     be.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
 
     ex = sub.add_parser("export", help="a stored session's replies as WAV + Live Link Face CSV")

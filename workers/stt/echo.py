@@ -282,13 +282,16 @@ class EchoGate:
 
     def _ref_power(self, f: int) -> np.ndarray:
         p = self._ref_cache.get(f)
-        if p is None:
+        if p is None:  # the frames from f on in one go: one FFT call, not one per frame
+            n = 50
             a = self._frame_base + f * FRAME - self._ref_start
-            seg = np.zeros(FRAME, np.float64)
-            lo, hi = max(0, a), min(len(self._ref), a + FRAME)
+            seg = np.zeros(n * FRAME, np.float64)
+            lo, hi = max(0, a), min(len(self._ref), a + n * FRAME)
             if hi > lo:
                 seg[lo - a:hi - a] = self._ref[lo:hi]
-            p = self._ref_cache[f] = band_power(seg[None, :])[0]
+            for i, row in enumerate(band_power(seg.reshape(n, FRAME))):
+                self._ref_cache.setdefault(f + i, row)
+            p = self._ref_cache[f]
         return p
 
     def _track_noise(self, m: np.ndarray, update: bool) -> np.ndarray:
@@ -370,7 +373,8 @@ class EchoGate:
         self._quiet_gain[:] = 0.0
         self._history.append((f, signal))
         self._learned += 1
-        if self._learned >= self.cfg.probe_frames:
+        probe = self._learned - self.cfg.probe_frames
+        if probe >= 0 and (probe % 4 == 0 or self._learned == self._learn):
             lag, corr = self._best_lag()
             if corr < self.cfg.no_echo_corr or (self._learned == self._learn
                                                  and corr < self.cfg.min_corr):
