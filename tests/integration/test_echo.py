@@ -28,8 +28,16 @@ def voice(text: str) -> np.ndarray:
     return x * 0.7  # the player's own voice, close to the mic
 
 
+class _Client(Client):
+    """Keeps when each message came, for the failure message."""
+
+    async def _on_text(self, msg, now):
+        self.received = [*getattr(self, "received", []), now]
+        await super()._on_text(msg, now)
+
+
 async def _hands_free(gateway_url, session: str, barge_after_s: float | None):
-    client = await Client.connect(gateway_url)
+    client = await _Client.connect(gateway_url)
     mic = RoomMic(client, session, delay_ms=120, gain_db=-14, rt60_ms=250, noise_db=-55,
                   seed=3)
     stop = asyncio.Event()
@@ -58,7 +66,9 @@ async def _hands_free(gateway_url, session: str, barge_after_s: float | None):
 
 async def test_the_npcs_own_voice_in_the_mic_does_not_barge_in(gateway_url):
     client = await _hands_free(gateway_url, "echo", None)
-    msgs = [m.to_dict() for m in client.messages]
+    msgs = [(m.to_dict(), round(t - client.first_ready[("echo", 1)], 2))
+            for m, t in zip(client.messages, client.received, strict=True)
+            if not isinstance(m, P.ReplyText)]
     assert not any(isinstance(m, P.StopPlayback) for m in client.messages), msgs
     heard = [m for m in client.messages if isinstance(m, P.Transcript) and m.turn >= 2]
     assert heard == [], msgs

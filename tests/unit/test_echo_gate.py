@@ -88,22 +88,27 @@ def test_a_gate_without_a_reply_changes_nothing():
     assert np.array_equal(g.push(x), x) and g.position == 12345 + RATE
 
 
-def test_ready_by_wall_clock_is_placed_where_the_mic_was(reply):
-    """The gateway stamps UE's ready into the mic stream with its time; the next mic chunk's
-    arrival time says how far the mic had come when UE started playing."""
+@pytest.mark.parametrize("jitter_ms,gap_s", [(0, 0), (150, 0), (40, 2.0)])
+def test_ready_by_wall_clock_is_placed_where_the_mic_was(reply, jitter_ms, gap_s):
+    """The gateway stamps UE's ready with its arrival time, as it stamps every mic chunk; the
+    gate maps it onto the mic's samples by the least delayed chunks around it, through chunks
+    that arrive late and in bursts, and across a gap where the client sent nothing."""
     scene = make_scene("echo", *reply, 60, -12, 200, -55)
     g = EchoGate()
     g.reference(1, 1, 0, *reply)
-    chunk = FRAME
-    t0 = 1_000_000.0
-    out = []
-    for i in range(0, len(scene.mic), chunk):
-        arrival = t0 + (i + chunk) * 1000 / RATE
-        if i <= scene.play_at < i + chunk:  # UE says ready; stored before the next chunk
+    rng = np.random.default_rng(jitter_ms)
+    t0, out, late = 1_000_000.0, [], 0.0
+    gap_at = scene.play_at - 4 * FRAME if gap_s else -1
+    for i in range(0, len(scene.mic), FRAME):
+        if i == gap_at + FRAME:
+            t0 += gap_s * 1000  # the mic was off; UE started the reply meanwhile
+        captured = t0 + (i + FRAME) * 1000 / RATE
+        late = max(0.0, late - 20) if rng.random() > 0.1 else rng.uniform(0, jitter_ms)
+        if i <= scene.play_at < i + FRAME:  # UE says ready; stored before the next chunk
             g.played(1, 1, ts_ms=t0 + scene.play_at * 1000 / RATE)
-        out.append(g.push(scene.mic[i:i + chunk], ts_ms=arrival))
+        out.append(g.push(scene.mic[i:i + FRAME], ts_ms=captured + 5 + late))
     placed = g._segments[(1, 1)].start
-    assert abs(placed - scene.play_at) <= chunk, (placed, scene.play_at)
+    assert abs(placed - scene.play_at) <= FRAME, (placed, scene.play_at)
     assert starts(np.concatenate(out), None) == []
 
 

@@ -100,6 +100,8 @@ class _Segment:
 class EchoGate:
     """One session's mic, 16 kHz mono float32, against the reply audio UE plays."""
 
+    GAP_MS = 300
+
     def __init__(self, base: int = 0, cfg: EchoConfig | None = None):
         self.cfg = cfg = cfg or EchoConfig()
         self.position = base  # mic samples pushed so far, on the listener's timeline
@@ -131,6 +133,7 @@ class EchoGate:
         self._open_turns: set[int] = set()
         self._cut: set[int] = set()  # turns the player cut off: their audio no longer plays
         self._pending: list[tuple[tuple[int, int], float]] = []  # readies anchored by time
+        self._offsets: deque[float] = deque(maxlen=50)  # see _clock
         self._gain = np.zeros(_N_BANDS)
         self._learned = 0
         self._held = 0
@@ -244,14 +247,16 @@ class EchoGate:
         number out, echo frames replaced by comfort noise."""
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
         end = self.position + len(x)
+        if ts_ms is not None:
+            self._clock(ts_ms, end)
         if self._pending:
-            # a ready lies in the mic audio that arrived after it: this chunk's end arrived at
-            # ts_ms, so UE started playing (ts_ms - ready) worth of samples before that end
+            # a ready is placed by the mic audio that arrived after it (see _clock)
             later = [p for p in self._pending if ts_ms is not None and p[1] > ts_ms]
             for (turn, segment), ready_ms in self._pending:
                 if (turn, segment) not in {k for k, _ in later}:
-                    behind = 0.0 if ts_ms is None else (ts_ms - ready_ms) * RATE / 1000
-                    self.played(turn, segment, at=round(end - behind))
+                    at = end if ts_ms is None else round((ready_ms - min(self._offsets))
+                                                         * RATE / 1000)
+                    self.played(turn, segment, at=at)
             self._pending = later
         self.position = end
         held = len(self._buf)
@@ -276,6 +281,17 @@ class EchoGate:
             out[n * FRAME:] = self._noise(len(self._buf))
         self._echo = tail_echo
         return out[held:]
+
+    def _clock(self, ts_ms: float, end: int) -> None:
+        """The mic's capture clock against the arrival clock: arrival minus audio time, at its
+        smallest over the last second of chunks (the least delayed ones; a chunk held up in
+        the network or in a busy client arrives late, and is not when it was captured). A
+        jump by more than ``GAP_MS`` is a gap in the mic (the client stopped sending): the
+        clock starts anew there."""
+        offset = ts_ms - end * 1000 / RATE
+        if self._offsets and offset - min(self._offsets) > self.GAP_MS:
+            self._offsets.clear()
+        self._offsets.append(offset)
 
     def _noise(self, n: int) -> np.ndarray:
         return (self._rng.standard_normal(n) * self._level).astype(np.float32)
