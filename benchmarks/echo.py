@@ -21,6 +21,7 @@ and once with ``PARLEY_STT_ECHO_GATE=0``, and counts stop_playback and transcrip
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -390,13 +391,19 @@ async def _fleet_session(url: str, name: str, barge: bool, rng) -> dict:
     from parley.client import Client
     from schemas import protocol as P
 
-    client = await Client.connect(url)
+    class Timed(Client):  # when each message came
+        async def _on_text(self, msg, now):
+            self.times = [*getattr(self, "times", []), now]
+            await super()._on_text(msg, now)
+
+    client = await Timed.connect(url)
     mic = RoomMic(client, name, delay_ms=rng.uniform(40, 180), gain_db=rng.uniform(-18, -10),
                   rt60_ms=rng.uniform(150, 350), noise_db=rng.uniform(-58, -48),
                   seed=int(rng.integers(1 << 30)))
     done = asyncio.Event()
     row = {"case": "barge" if barge else "echo", "stopped": False, "heard": [],
-           "delay_ms": None}
+           "delay_ms": None, "false_stops": 0, "no_reply": False}
+    task = onset = None
     try:
         for _ in range(30):  # a fleet still busy with the last session says so: wait
             try:
@@ -409,28 +416,36 @@ async def _fleet_session(url: str, name: str, barge: bool, rng) -> dict:
         q = at_level(to16k(*espeak(QUESTION)), -24)
         mic.say(q, time.perf_counter() + 0.3)
         task = asyncio.create_task(mic.run(done.is_set))
-        first = await client.wait_turn(name, 1, 60)
+        try:
+            first = await client.wait_turn(name, 1, 60)
+        except TimeoutError:  # the fleet is still busy with the last session's echo
+            row["no_reply"] = True
+            return row
         reply_s = first.audio_samples / client.turns[name].reply_rate
         start = client.first_ready[(name, 1)]
+        onset = None
         if barge:
             voice = at_level(to16k(*espeak(BARGE_IN, "en-us+f3", 70)), -24)
             at = start + rng.uniform(1.0, max(1.2, min(reply_s, 6.0) - 1.0))
             mic.say(voice, at)
-            try:
-                await asyncio.wait_for(client._stopped[name].wait(), 10)
-                row["delay_ms"] = (time.perf_counter() - (at + _onset(voice))) * 1000
-            except TimeoutError:
-                pass
+            onset = at + _onset(voice)
         end = start + min(reply_s, 8.0) + 1.0
+        if onset is not None:
+            end = max(end, onset + 3.0)
         await asyncio.sleep(max(0.0, end - time.perf_counter()))
-        done.set()
-        await task
     finally:
         done.set()
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
         await client.close()
-    stops = [m for m in client.messages if isinstance(m, P.StopPlayback)]
+    stops = [t for m, t in zip(client.messages, client.times, strict=True)
+             if isinstance(m, P.StopPlayback)]
+    real = [t for t in stops if onset is not None and onset <= t <= onset + 3.0]
     row["stopped"] = bool(stops)
-    row["false_stops"] = len(stops) - (1 if barge and stops else 0)
+    row["false_stops"] = len([t for t in stops if onset is None or t < onset])
+    if real:
+        row["delay_ms"] = (real[0] - onset) * 1000
     row["heard"] = [m.text for m in client.messages
                     if isinstance(m, P.Transcript) and m.final and m.turn >= 2]
     return row
@@ -460,6 +475,7 @@ def run_fleet(n: int, seed: int = 5) -> dict[str, list[dict]]:
                 rows.append(asyncio.run(_fleet_session(url, f"{mode}{i}", i % 2 == 1, rng)))
                 print(f"  fleet {mode:8} session {i + 1}/{2 * n} {rows[-1]['case']:5} "
                       f"{time.monotonic() - t0:5.1f} s", flush=True)
+                time.sleep(2.0)  # let the last session's jobs end
             results[mode] = rows
         finally:
             fleet.stop()
@@ -479,7 +495,9 @@ def fleet_report(results: dict[str, list[dict]]) -> str:
         hit = [r for r in barge if r["delay_ms"] is not None]
         p50 = float(np.percentile([r["delay_ms"] for r in hit], 50)) if hit else float("nan")
         lines.append(f"{mode:9} {len(echo):>13} {false_stops:>15} {false_heard:>17} "
-                     f"{len(hit):>4}/{len(barge):<4} {p50:>17.0f}")
+                     f"{len(hit):>4}/{len(barge):<4} {p50:>17.0f}"
+                     + (f"  ({sum(r['no_reply'] for r in rows)} got no reply: fleet busy)"
+                        if any(r["no_reply"] for r in rows) else ""))
         out[mode] = (false_stops, false_heard, len(hit), len(barge), p50)
     lines += [
         "",

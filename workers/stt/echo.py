@@ -78,7 +78,8 @@ class EchoConfig:
     quiet_ms: int = 200  # reply this long beyond the delay window, nothing heard: no echo
     loud_db: float = -45.0  # a reference frame this loud (dBFS) would be heard if echoed
     probe_frames: int = 6  # after this much audible audio, ...
-    no_echo_corr: float = 0.35  # ... one that follows the reply this poorly is a voice
+    no_echo_corr: float = 0.2  # ... one that follows the reply this poorly is a voice, and so is
+    voice_ratio_db: float = -10.0  # one below min_corr this loud against the reply
     decay_db_s: float = 3.0  # how fast the learned echo gain forgets a loud moment
     rise_db: float = 0.5  # how fast, per frame, it follows a louder echo after learning
     voice_share: float = 0.3  # ... and carry this share of the frame's energy above the floor
@@ -116,7 +117,7 @@ class EchoGate:
         self._history: list[tuple[int, np.ndarray]] = []
         self._voiced = 0
         self._quiet = 0  # learning: frames of loud reference with nothing audible in the mic
-        self._quiet_gain = np.zeros(_N_BANDS)
+        self._quiet_gain = 0.0
         self._quiet_need = self._hi + cfg.quiet_ms * RATE // 1000 // FRAME
         self._loud = 10 ** (cfg.loud_db / 10) * _WINDOW_POWER * _BINS
         self._margin = 10 ** (cfg.margin_db / 10)
@@ -379,29 +380,35 @@ class EchoGate:
             if bound.sum() > self._loud:
                 # the reply sounds and the mic stays quiet: any echo is below what is audible
                 self._quiet += 1
-                self._quiet_gain = np.maximum(self._quiet_gain,
-                                              self._snr * noise / (bound + _EPS))
+                # broadband: per band, a band the reply barely used would allow any gain
+                self._quiet_gain = max(self._quiet_gain,
+                                       self._snr * noise.sum() / (bound.sum() + _EPS))
                 if self._quiet >= self._quiet_need and not self._learned:
                     self._learned = self._learn  # a headset, or speakers far away
-                    self._gain = self._quiet_gain
+                    self._gain = np.full(_N_BANDS, self._quiet_gain)
             return self._verdict(noise)
         self._quiet = 0
-        self._quiet_gain[:] = 0.0
+        self._quiet_gain = 0.0
         self._history.append((f, signal))
         self._learned += 1
         probe = self._learned - self.cfg.probe_frames
         if probe >= 0 and (probe % 4 == 0 or self._learned == self._learn):
             lag, corr = self._best_lag()
-            if corr < self.cfg.no_echo_corr or (self._learned == self._learn
-                                                 and corr < self.cfg.min_corr):
+            if corr < self.cfg.min_corr and (corr < self.cfg.no_echo_corr or self._loud_voice()):
                 self._history.clear()
                 self._learned = 0
                 self._held = self._hold
                 self.voice_frames += 1
                 return False
             if self._learned == self._learn:
-                self._calibrate(lag)
+                self._calibrate(lag if corr >= self.cfg.min_corr else None)
         return self._verdict(noise)
+
+    def _loud_voice(self) -> bool:
+        """Louder than a reply that comes back through the room can be (speakers are heard
+        well below the reply's own level; a player speaks into the mic)."""
+        ratios = [sig.sum() / (self._bound(f, self._lags).sum() + _EPS) for f, sig in self._history]
+        return float(np.median(ratios)) > 10 ** (self.cfg.voice_ratio_db / 10)
 
     def _best_lag(self) -> tuple[int, float]:
         """The lag at which the reference's band-power pattern best matches the mic's over the
@@ -412,7 +419,8 @@ class EchoGate:
         if mic.std() == 0:
             return best, best_corr
         for lag in range(self._lo, self._delay_hi + 1):
-            ref = np.array([self._ref_power(f - lag) for f, _ in frames])
+            lags = range(lag, lag + self._tail // 2 + 1)  # the early reverb with it
+            ref = np.array([self._bound(f, lags) for f, _ in frames])
             ref = np.log(ref + 1e-9 * (ref.max() + _EPS)).ravel()
             if ref.std() == 0:
                 continue
@@ -421,13 +429,14 @@ class EchoGate:
                 best, best_corr = lag, corr
         return best, best_corr
 
-    def _calibrate(self, lag: int) -> None:
-        """The delay window from the best lag; the gain per band, a high quantile of the learned
-        frames' mic/bound ratios at that delay."""
+    def _calibrate(self, lag: int | None) -> None:
+        """The delay window from the best lag (None: too faint to tell; the whole window);
+        the gain per band, a high quantile of the learned frames' mic/bound ratios."""
         frames = list(self._history)
         self._history.clear()
-        self.delay_ms = lag * FRAME * 1000 // RATE
-        self._lags = range(max(self._lo, lag - 1), lag + self._tail + 1)
+        if lag is not None:
+            self.delay_ms = lag * FRAME * 1000 // RATE
+            self._lags = range(max(self._lo, lag - 1), lag + self._tail + 1)
         ratios = np.array([sig / (self._bound(f, self._lags) + _EPS) for f, sig in frames])
         self._gain = np.quantile(ratios, self.cfg.learn_quantile, axis=0)
 
