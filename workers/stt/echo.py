@@ -72,6 +72,7 @@ class EchoConfig:
     tail_ms: int = 100  # reverb beyond the direct path
     margin_db: float = 6.0  # a second voice must exceed the echo bound by this much
     snr_db: float = 6.0  # ... and be this far above the room's noise floor
+    voice_share: float = 0.3  # ... and carry this share of the frame's energy above the floor
     learn_ms: int = 400  # the reply's first audible echo, taken as echo, to learn delay and gain
     learn_quantile: float = 0.9  # of the learned ratios: an odd reverb spike is not the gain
     min_corr: float = 0.4  # the learned audio must follow the reply this well to be its echo
@@ -82,7 +83,6 @@ class EchoConfig:
     voice_ratio_db: float = -10.0  # one below min_corr this loud against the reply
     decay_db_s: float = 3.0  # how fast the learned echo gain forgets a loud moment
     rise_db: float = 0.5  # how fast, per frame, it follows a louder echo after learning
-    voice_share: float = 0.3  # ... and carry this share of the frame's energy above the floor
     hold_ms: int = 200  # a second voice's frames keep the gate open this long after
     noise_window_ms: int = 2000  # minimum statistics for the noise floor
 
