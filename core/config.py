@@ -113,6 +113,9 @@ class SttConfig:
     turn_pause_ms: int = 200  # a pause this long asks the model
     turn_max_silence_ms: int = 1200  # the model said "not yet": end anyway after this silence
     turn_threshold: float = 0.5
+    # Hands-free, the NPC's own reply comes back into the mic: compare the mic with the reply
+    # UE is playing and keep that echo from the VAD (docs/echo.md).
+    echo_gate: bool = True
 
 
 @dataclass

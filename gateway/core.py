@@ -75,6 +75,7 @@ class ReadyAction:
     sid: str
     turn: int
     segment: int
+    first: bool = True  # not a resend (after a reconnect) of a ready the session had
 
 
 @dataclass
@@ -328,8 +329,9 @@ class ConnectionCore:
                     ErrorCode.UNKNOWN_SEGMENT,
                     f"ready for turn {msg.turn} segment {msg.segment}, whose audio was never "
                     "sent on this session", session=state.session)
+            first = key not in state.ready
             state.ready.add(key)
-            return [ReadyAction(state.session, state.sid, msg.turn, msg.segment)]
+            return [ReadyAction(state.session, state.sid, msg.turn, msg.segment, first)]
         if isinstance(msg, P.Interrupt):
             return [InterruptAction(state.session, state.sid, msg.played_samples)]
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is not accepted from clients")

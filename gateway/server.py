@@ -298,6 +298,7 @@ class Connection:
                 self._queue_mic(action.session, action.sid,
                                 MicEntry(seq=action.after_seq, end_of_utterance=True))
         elif isinstance(action, C.ReadyAction):
+            played_at = now_ms()  # before the face frames go out: UE starts playing now
             relay = self.relays.get(action.session)
             self._control(action.sid, ControlEntry("ready", turn=action.turn,
                                                    segment=action.segment))
@@ -306,8 +307,16 @@ class Connection:
                 # frames first: the face is what UE is waiting for; the bookkeeping can follow
                 for out in relay[0].ready(action.turn, action.segment, time.monotonic()):
                     await self._send_out(relay[0], action.turn, out)
-            await self.redis.sadd(self.keys.session(action.sid, "ready"),
-                                  f"{action.turn}:{action.segment}")
+            # the play clock for STT's echo gate: when UE started this segment (wall clock,
+            # compared there with the arrival of the mic audio around it); a resend is not news
+            async with self.redis.pipeline(transaction=False) as p:
+                p.sadd(self.keys.session(action.sid, "ready"), f"{action.turn}:{action.segment}")
+                if action.first:
+                    p.xadd(self.keys.session(action.sid, "events"),
+                           EventEntry(kind="playing", turn=action.turn,
+                                      code=str(action.segment), ts=played_at).to_fields(),
+                           maxlen=self.gw.config.redis.stream_maxlen, approximate=True)
+                await p.execute()
             if self.livelink is not None:
                 self.livelink.ready(action.session, action.sid, action.turn)
         elif isinstance(action, C.OpenAction):

@@ -24,6 +24,7 @@ import numpy as np
 
 from schemas.streams import MicEntry
 from workers.stt.audio import MicConverter
+from workers.stt.echo import EchoGate
 from workers.stt.vad import Vad, VadEvent
 
 RATE = 16000
@@ -102,8 +103,10 @@ def make_vad(cfg: ListenerConfig):
 
 class Listener:
     def __init__(self, rate: int, channels: int, fmt: str, cfg: ListenerConfig,
-                 base: int = 0, client_ends: bool = False, after_server_end: bool = False):
+                 base: int = 0, client_ends: bool = False, after_server_end: bool = False,
+                 echo: EchoGate | None = None):
         self.cfg = cfg
+        self.echo = echo  # keeps the NPC's own voice (the reply UE plays) from the VAD
         self.base = base
         self.client_ends = client_ends
         # the previous utterance was ended by the server (VAD or model): an end_of_utterance
@@ -142,7 +145,9 @@ class Listener:
         samples = self.conv.push(mic.pcm)
         if not len(samples):
             return []
-        events = self.vad.push(samples)
+        heard = samples if self.echo is None else self.echo.push(samples, mic.ts)
+        # in an utterance the player speaks and the reply stops: the VAD hears the raw mic
+        events = self.vad.push(samples if self.speaking else heard)
         out: list[Action] = []
         if not self.speaking:
             self._hold(samples)

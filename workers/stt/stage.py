@@ -29,6 +29,8 @@ from schemas.streams import (
 from workers import registry
 from workers.runtime import HandBack, JobContext, Outcome, Stage, TurnWriter
 from workers.stt.backends import FallbackRecognizer
+from workers.stt.echo import EchoGate
+from workers.stt.echo_feed import EchoFeed
 from workers.stt.listener import Check, End, Feed, Listener, ListenerConfig, Release, Start
 
 RATE = 16000
@@ -144,11 +146,13 @@ class SttStage(Stage):
 
     async def handle(self, ctx: JobContext) -> Outcome:
         meta = await ctx.meta()
+        echo = EchoGate(base=ctx.job.position) if self.config.stt.echo_gate else None
         listener = Listener(meta.sample_rate, meta.channels, meta.format,
                             self.listener_config(), base=ctx.job.position,
                             client_ends=meta.endpoint == "client",
-                            after_server_end=ctx.job.text == SERVER_END)
+                            after_server_end=ctx.job.text == SERVER_END, echo=echo)
         run = _Utterances(self, ctx, listener, await ctx.writer("transcript"))
+        run.echo = EchoFeed(ctx, echo) if echo is not None else None
         try:
             return await run.listen()
         finally:
@@ -173,6 +177,7 @@ class _Utterances:
         self.cursor = ctx.job.cursor
         self.due_ms = 0.0  # see track_lag
         self.pending: list[np.ndarray] = []  # audio for the recognizer, fed once per read
+        self.echo: EchoFeed | None = None
 
     async def listen(self) -> Outcome:
         ctx, listener = self.ctx, self.listener
@@ -181,7 +186,11 @@ class _Utterances:
             if ctx.stopping.is_set() and not listener.speaking:
                 raise HandBack(Job(stage="stt", sid=ctx.sid, turn=ctx.turn, cursor=self.cursor,
                                    position=listener.position))
-            entries = await ctx.read("mic", self.cursor, block_ms=self.BLOCK_MS, count=self.BATCH)
+            if self.echo is not None:  # the mic with UE's play clock and the reply it plays
+                entries = await self.echo.read(self.cursor, self.BLOCK_MS, self.BATCH)
+            else:
+                entries = await ctx.read("mic", self.cursor, block_ms=self.BLOCK_MS,
+                                         count=self.BATCH)
             if not entries:
                 ctx.lag_ms = 0.0  # caught up with the mic
                 waited = (time.monotonic() - heard) * 1000
