@@ -192,6 +192,7 @@ function onText(msg, keyOf) {
       const t = turnOf(keyOf(msg.turn), msg.turn);
       t.done = true;
       t.interrupted = msg.interrupted;
+      if (msg.no_speech) t.transcript = "(no speech heard)";
       t.audioSamples = msg.audio_samples;
       if (msg.timings) Object.assign(t.timings, msg.timings);
       break;

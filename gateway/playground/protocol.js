@@ -230,6 +230,7 @@ export const SERVER_MESSAGES = {
   turn_done: [["session", "string", req], ["turn", "int", u32(req)],
     ["audio_samples", "int", { required: true, min: 0, max: U53 }],
     ["face_frames", "int", u32(req)], ["segments", "int", u32(req)], ["interrupted", "bool", req],
+    ["no_speech", "bool", req],
     ["timings", "numbers", {}]],
   stop: [["session", "string", req], ["turn", "int", u32(req)]],
   taken_over: [["session", "string", req]],
