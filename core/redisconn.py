@@ -65,18 +65,52 @@ def connect(url: str, *, max_connections: int = 256) -> aioredis.Redis:
     )
     parsed = urlparse(url)
     if parsed.scheme in ("redis+cluster", "rediss+cluster"):
-        from redis.asyncio.cluster import RedisCluster
-
         plain = url.replace("+cluster", "", 1)
-        return RedisCluster.from_url(plain, retry=retry, health_check_interval=10,
-                                     socket_connect_timeout=2.0,
-                                     max_connections=max_connections)
+        return _cluster_class().from_url(plain, retry=retry, health_check_interval=10,
+                                          socket_connect_timeout=2.0,
+                                          max_connections=max_connections)
     if parsed.scheme.startswith("redis+sentinel"):
         hosts, service, db, password, sentinel_password = _sentinel_parts(url)
         sentinel = aioredis.Sentinel(hosts, socket_timeout=2.0,
                                      sentinel_kwargs={"password": sentinel_password})
         return sentinel.master_for(service, db=db, password=password, **opts)
     return aioredis.from_url(url, **opts)
+
+
+_STREAM_READS = ("XREAD", "XREADGROUP")
+_CLUSTER = None
+
+
+def _cluster_class():
+    """redis-py's asyncio RedisCluster, with one repair for failover.
+
+    For XREAD and XREADGROUP it asks its *default node* which keys the command names
+    (COMMAND GETKEYS), before its retry loop; when that node is the primary that died, every
+    read fails for good (measured: 30 s of "connection refused" after the replica had taken
+    over). The keys of these two commands follow STREAMS, so the slot is computed here; for
+    any other command a dead default node is replaced, so the next attempt asks a live one.
+    """
+    global _CLUSTER
+    if _CLUSTER is not None:
+        return _CLUSTER
+    from redis.asyncio.cluster import RedisCluster
+
+    class Cluster(RedisCluster):
+        async def _determine_slot(self, command: str, *args):
+            if str(command).upper() in _STREAM_READS:
+                names = [a.upper() if isinstance(a, (str, bytes)) else a for a in args]
+                for word in (b"STREAMS", "STREAMS"):
+                    if word in names:
+                        return self.keyslot(args[names.index(word) + 1])
+            try:
+                return await super()._determine_slot(command, *args)
+            except (ConnectionError, TimeoutError):
+                self._initialize = True
+                self.replace_default_node()
+                raise
+
+    _CLUSTER = Cluster
+    return Cluster
 
 
 def _sentinel_parts(url: str):

@@ -28,6 +28,7 @@ from gateway import core as C
 from gateway.admission import Admission, FleetLoad
 from gateway.lifecycle import SessionLifecycle
 from gateway.livelink import LiveLinkPlayer, LiveLinkSender, parse_target
+from gateway.mic_hold import MicHold
 from schemas import protocol as P
 from schemas.streams import (
     WAKE_LISTENER_LUA,
@@ -168,6 +169,7 @@ class Connection:
         self.players: dict[tuple[str, int], tuple[LiveLinkPlayer, asyncio.Task]] = {}
         self.mic_queues: dict[str, list[MicEntry]] = {}  # per sid, not yet in Redis
         self.mic_writers: dict[str, asyncio.Task] = {}
+        self.mic_holds: dict[str, MicHold] = {}  # per sid: recent chunks, for a failover
         self.reply_rates: dict[str, int] = {}
         self._marked: set[tuple[str, int, str]] = set()
         self.session_t0: dict[str, float] = {}  # Live Link timeline of each session
@@ -311,23 +313,37 @@ class Connection:
         450 ms behind its clients. Whatever queued meanwhile goes in one round trip."""
         queue = self.mic_queues.setdefault(sid, [])
         queue.append(entry)
+        self._start_mic_writer(session, sid)
+
+    def _start_mic_writer(self, session: str, sid: str) -> None:
+        queue = self.mic_queues.setdefault(sid, [])
         if sid not in self.mic_writers:
             task = asyncio.create_task(self._write_mic(session, sid, queue))
             self.mic_writers[sid] = task
             task.add_done_callback(lambda _t, s=sid: self.mic_writers.pop(s, None))
 
     async def _write_mic(self, session: str, sid: str, queue: list[MicEntry]) -> None:
-        while queue:
+        hold = self.mic_holds.setdefault(sid, MicHold(give_up_s=self.gw.config.gateway.mic_retry_s))
+        backoff = Backoff(cap_s=0.5)
+        while queue or hold.suspect:
             batch = queue[:]
             del queue[:len(batch)]
             try:
-                await self._append_mic(sid, batch)
+                if send := hold.to_send(batch):
+                    await self._append_mic(sid, send)
             except RETRYABLE as exc:
                 self.log.warning("redis_unavailable", during="mic", session=sid, error=str(exc))
+                if not hold.failed(time.monotonic()):
+                    queue[:0] = batch  # kept in order: a failover takes seconds
+                    await backoff.wait()
+                    continue
                 await self.send(P.ErrorEvent(
                     code=P.ErrorCode.UNAVAILABLE, session=session,
                     message=f"storage is unavailable: {len(batch)} mic message(s) were not "
                             "stored; resend from opened.next_mic_seq after a resume"))
+                continue
+            hold.stored(batch, time.monotonic())
+            backoff.reset()
         self.mic_queues.pop(sid, None)
 
     async def _append_mic(self, sid: str, entries: list[MicEntry]) -> None:
@@ -611,6 +627,7 @@ class Connection:
         writer = self.mic_writers.get(sid)
         if writer is not None:  # what the player said before closing still counts
             await asyncio.gather(writer, return_exceptions=True)
+        self.mic_holds.pop(sid, None)
         relay = self.relays.pop(session, None)
         if relay is not None:
             relay[1].cancel()
@@ -658,6 +675,9 @@ class Connection:
             except RETRYABLE as exc:
                 self.log.warning("redis_unavailable", during="relay", session=sid,
                                  error=str(exc))
+                if sid in self.mic_holds:  # the mic's last chunks may be gone with a primary
+                    self.mic_holds[sid].read_failed()
+                    self._start_mic_writer(relay.state.session, sid)
                 await backoff.wait()
                 continue
             for key, entries in res or []:

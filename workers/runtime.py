@@ -625,6 +625,7 @@ class Worker:
     async def _run_job(self, job: Job) -> None:
         log = self.log.bind(session=job.sid, turn=job.turn, job=job.id)
         ctx = JobContext(self, job)
+        rerun = False
         if job.id in self.inflight:
             self.inflight[job.id].ctx = ctx
         watcher = None
@@ -658,9 +659,12 @@ class Worker:
             log.info("session_gone", reason=str(exc))
             await self._safe(self._complete(job, Outcome()), log)
         except RETRYABLE as exc:
-            # Redis went away mid-job: the entry stays pending and is taken over once Redis is
-            # back (by us or another worker); outputs are idempotent so nothing doubles.
+            # Redis went away mid-job (a restart, a failover): the entry stays pending in our
+            # name, so no sibling takes it while we live; we run it again once Redis answers.
+            # The turn writer re-reads what was published, so nothing doubles, and a write the
+            # old primary acknowledged but never replicated is simply written again.
             log.warning("job_interrupted_by_redis", error=str(exc))
+            rerun = True
         except Exception as exc:  # a bad job must not kill the worker
             self.failed += 1
             log.error("job_failed", error=f"{type(exc).__name__}: {exc}", attempt=job.attempt,
@@ -671,6 +675,26 @@ class Worker:
                 watcher.cancel()
             self.inflight.pop(job.id, None)
             self.slots.release()
+        if rerun:
+            task = asyncio.create_task(self._rerun_when_back(job, log), name=f"rerun:{job.id}")
+            self.background.add(task)
+            task.add_done_callback(self._background_done)
+
+    async def _rerun_when_back(self, job: Job, log) -> None:
+        """Start ``job`` again once Redis answers, if it is still pending in our name (not
+        taken over, not acked, not lost with a failed primary: a watchdog re-issues that)."""
+        backoff = Backoff(self.config.worker.reconnect_max_s)
+        while not self.stopping.is_set():
+            await backoff.wait()
+            try:
+                got = await self.redis.xpending_range(self.stream, self.group, job.id, job.id, 1)
+            except RETRYABLE:
+                continue
+            if got and _s(got[0]["consumer"]) == self.consumer and job.id not in self.inflight:
+                await self.slots.acquire()
+                log.info("job_rerun_after_redis_outage")
+                self._start(job)
+            return
 
     async def _safe(self, coro, log) -> None:
         try:
