@@ -44,6 +44,8 @@ from schemas.streams import (
     parse_id,
 )
 
+STOP_STEP_S = 3.0
+
 
 class Gateway:
     def __init__(self, config: Config):
@@ -125,18 +127,21 @@ class Gateway:
                 yield state.sid
 
     async def stop(self) -> None:
+        # Each step is bounded: a Redis call caught mid-failover that swallows its task's
+        # cancellation (redis-py on Python 3.11) must not keep a stopping gateway alive.
         for task in (self._lifecycle_task, self._admission_task):
             if task is not None:
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await asyncio.wait([task], timeout=STOP_STEP_S)
         if self.server is not None:
             self.server.close()
-            await self.server.wait_closed()
+            await asyncio.wait([asyncio.ensure_future(self.server.wait_closed())],
+                               timeout=2 * STOP_STEP_S)
         if self._lease_task is not None:
             self._lease_task.cancel()
         if self.livelink is not None:
             self.livelink.close()
-        await self.redis.aclose()
+        await asyncio.wait([asyncio.ensure_future(self.redis.aclose())], timeout=STOP_STEP_S)
 
     async def _handler(self, ws: ServerConnection) -> None:
         conn = Connection(self, ws)

@@ -497,7 +497,10 @@ class Worker:
             return
         idle = await self.redis.xpending_range(self.stream, self.group, "-", "+", 100,
                                                idle=cfg.claim_idle_ms)
-        idle = [p for p in idle if _s(p["consumer"]) != self.consumer]
+        # Our own pending jobs that no task of ours runs are orphans: a failover brought back a
+        # job whose ack the old primary never replicated (or a rerun is waiting): run them.
+        idle = [p for p in idle if _s(p["consumer"]) != self.consumer
+                or _s(p["message_id"]) not in self.inflight]
         if not idle:
             return
         owners = sorted({_s(p["consumer"]) for p in idle})
@@ -510,7 +513,7 @@ class Worker:
                 break
             owner = _s(p["consumer"])
             stalled = p["time_since_delivered"] >= cfg.stall_ms
-            if owner in live and not stalled:
+            if owner in live and not stalled and owner != self.consumer:
                 continue  # busy, not dead
             # XCLAIM re-checks the idle time, so of two rescuers only one gets the job
             got = await self.redis.xclaim(self.stream, self.group, self.consumer,
@@ -520,7 +523,8 @@ class Worker:
                     continue
                 free -= 1
                 await self._take_over(Job.from_fields(eid, fields), p, owner,
-                                      "stalled" if owner in live else "gone")
+                                      "orphaned" if owner == self.consumer
+                                      else "stalled" if owner in live else "gone")
 
     async def _take_over(self, job: Job, pending: dict, owner: str, why: str) -> None:
         cfg = self.config.worker

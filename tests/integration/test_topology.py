@@ -32,6 +32,10 @@ ROOT = Path(__file__).resolve().parents[2]
 KEYS = Keys()
 RECOVER_LIMIT_S = 10.0
 TIMINGS: list[str] = []
+# The machine is shared: admission control would refuse the second session of a test while
+# STT catches up with the first; these tests are about failover, not admission.
+ENV = {**FLEET_ENV, "PARLEY_GATEWAY_ADMIT_MAX_LAG_MS": "0",
+       "PARLEY_GATEWAY_ADMIT_MAX_QUEUE_MS": "0"}
 UTTERANCE = "Who are you? What is your name? Tell me about the gate and the road north."
 
 
@@ -59,8 +63,7 @@ class Ha:
 def ha(request, tmp_path):
     topo = topology.start(request.param)
     log = tmp_path / "fleet.log"
-    fleet = Fleet(port=free_port(), workers=1, redis_url=topo.url, log_path=str(log),
-                  env=FLEET_ENV)
+    fleet = Fleet(port=free_port(), workers=1, redis_url=topo.url, log_path=str(log), env=ENV)
     fleet.start()
     ha = Ha(topo, fleet, log)
     try:
@@ -108,12 +111,12 @@ async def _wait(cond, timeout: float, what: str) -> None:
         await asyncio.sleep(0.005)
 
 
-async def _open_on_other_node(client: Client, ha: Ha) -> tuple[str, str]:
+async def _open_on_other_node(client: Client, ha: Ha, prefix: str) -> tuple[str, str]:
     """A session whose slot is served by another primary than the job streams' (on a
     Cluster; on Sentinel there is one primary): (client session name, sid)."""
     jobs_node = ha.topo.primary_for(KEYS.jobs("stt"))
     for i in range(12):
-        name = f"npc{i}"
+        name = f"{prefix}{i}"
         opened = await client.open(name, "guard", 16000, 1)
         node = ha.topo.primary_for(KEYS.session(opened.sid, "mic"))
         if ha.topo.kind != "cluster" or node is not jobs_node:
@@ -131,11 +134,12 @@ def _check(tr, done) -> None:
     assert abs(tr.face_frames - tr.audio_samples * 60 / tr.reply_rate) <= 2
 
 
-async def _turn(client: Client, ha: Ha, where: str, kill) -> tuple[float, float, str]:
+async def _turn(client: Client, ha: Ha, where: str, kill, prefix: str
+                ) -> tuple[float, float, str]:
     """One turn on a new session; ``kill(sid)`` is called at the moment under test (first
     partial transcript or first reply audio). Returns (seconds from that moment to
     turn_done, seconds until the killed slot took writes again, the session's node)."""
-    name, sid = await _open_on_other_node(client, ha)
+    name, sid = await _open_on_other_node(client, ha, prefix)
     tr = client.turns[name]
     talk = asyncio.create_task(client.stream(name, speech(UTTERANCE, 16000), 16000,
                                              realtime=True))
@@ -177,8 +181,8 @@ async def test_primary_killed_mid_turn_the_turn_completes_whole(ha, where):
 
     client = await Client.connect(ha.ws)
     try:
-        base, _, _ = await _turn(client, ha, where, None)
-        after, writable, _ = await _turn(client, ha, where, kill)
+        base, _, _ = await _turn(client, ha, where, None, "calm")
+        after, writable, _ = await _turn(client, ha, where, kill, "npc")
         TIMINGS.append(f"{ha.topo.kind:8} kill {where:7} primary: writable again after "
                        f"{writable:.2f} s, turn done {after:.2f} s after the kill "
                        f"({base:.2f} s without a kill), gaps 0, duplicates 0, lost 0")
@@ -237,3 +241,33 @@ async def test_gateway_killed_mid_turn_client_resumes_on_the_other_gateway(ha):
         assert done2.audio_samples > 0 and not client.turns["npc"].errors
     finally:
         await client.close()
+
+
+async def test_parley_up_on_a_cluster_url_serves_a_turn(tmp_path, jfk_path):
+    """`parley up` given a redis+cluster:// URL (its readiness check used to build a plain
+    client and crash at start)."""
+    from parley.client import say
+
+    topo = topology.start("cluster")
+    port = free_port()
+    out, err = tmp_path / "up.out", tmp_path / "up.err"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "parley", "up", "--port", str(port), "--workers", "1"],
+        cwd=ROOT, stdout=out.open("wb"), stderr=err.open("wb"),
+        env={**os.environ, **FLEET_ENV, "PARLEY_REDIS_URL": topo.url})
+    try:
+        await _wait(lambda: "parley up: gateway" in out.read_text() or proc.poll() is not None,
+                    120, "parley up to be ready")
+        assert proc.poll() is None, err.read_text()[-3000:]
+        result = await say(f"ws://127.0.0.1:{port}", jfk_path, tmp_path / "say", npc="guard",
+                           realtime=False)
+        s = result.summary()
+        assert not result.errors and s["transcript"] and s["reply"], s
+        assert s["seq_gaps"] == 0 and s["seq_duplicates"] == 0, s["seq_problems"]
+        assert result.done["audio_samples"] == result.audio_samples > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        topo.stop()
+    assert code == 0, err.read_text()[-3000:]
+
