@@ -60,6 +60,8 @@ class GatewayConfig:
     audio_realtime_factor: float = 20.0  # sustained mic audio faster than this is refused
     audio_burst_s: float = 30.0  # ...after this much audio sent at once (one long utterance)
     sweep_s: float = 5.0  # how often expired sessions are looked for and deleted
+    # mic audio waits this long for Redis (a failover) before it is dropped with `unavailable`
+    mic_retry_s: float = 10.0
     # Admission control (gateway/admission.py): new sessions get `overloaded` while STT runs
     # this far behind real time, or a job waits this long for a free worker (0: off).
     admit_max_lag_ms: float = 1000.0

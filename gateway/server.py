@@ -28,6 +28,7 @@ from gateway.admission import Admission, FleetLoad
 from gateway.lifecycle import SessionLifecycle
 from gateway.livelink import LiveLinkSender, parse_target
 from gateway.livelink_output import LiveLinkOutput
+from gateway.mic_hold import MicHold
 from gateway.observe import GatewayObserver, sent
 from gateway.retention import TRIM_EVERY, trim_session
 from schemas import protocol as P
@@ -44,6 +45,8 @@ from schemas.streams import (
     now_ms,
     parse_id,
 )
+
+STOP_STEP_S = 3.0
 
 
 class Gateway:
@@ -138,19 +141,22 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.observer.stop()  # not ready from now on
+        # Each step is bounded: a Redis call caught mid-failover that swallows its task's
+        # cancellation (redis-py on Python 3.11) must not keep a stopping gateway alive.
         for task in (self._lifecycle_task, self._admission_task):
             if task is not None:
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await asyncio.wait([task], timeout=STOP_STEP_S)
         if self.server is not None:
             self.server.close()
-            await self.server.wait_closed()
+            await asyncio.wait([asyncio.ensure_future(self.server.wait_closed())],
+                               timeout=2 * STOP_STEP_S)
         if self._lease_task is not None:
             self._lease_task.cancel()
         if self.livelink is not None:
             self.livelink.close()
         self.observer.close()
-        await self.redis.aclose()
+        await asyncio.wait([asyncio.ensure_future(self.redis.aclose())], timeout=STOP_STEP_S)
 
     async def _handler(self, ws: ServerConnection) -> None:
         conn = Connection(self, ws)
@@ -184,6 +190,7 @@ class Connection:
         self.mic_queues: dict[str, list[MicEntry]] = {}  # per sid, not yet in Redis
         self.mic_writers: dict[str, asyncio.Task] = {}
         self.mic_count: dict[str, int] = {}  # chunks appended per sid (for retention trims)
+        self.mic_holds: dict[str, MicHold] = {}  # per sid: recent chunks, for a failover
         self._marked: set[tuple[str, int, str]] = set()
         self._bg: set[asyncio.Task] = set()
         self.redis = gw.redis
@@ -334,23 +341,37 @@ class Connection:
         450 ms behind its clients. Whatever queued meanwhile goes in one round trip."""
         queue = self.mic_queues.setdefault(sid, [])
         queue.append(entry)
+        self._start_mic_writer(session, sid)
+
+    def _start_mic_writer(self, session: str, sid: str) -> None:
+        queue = self.mic_queues.setdefault(sid, [])
         if sid not in self.mic_writers:
             task = asyncio.create_task(self._write_mic(session, sid, queue))
             self.mic_writers[sid] = task
             task.add_done_callback(lambda _t, s=sid: self.mic_writers.pop(s, None))
 
     async def _write_mic(self, session: str, sid: str, queue: list[MicEntry]) -> None:
-        while queue:
+        hold = self.mic_holds.setdefault(sid, MicHold(give_up_s=self.gw.config.gateway.mic_retry_s))
+        backoff = Backoff(cap_s=0.5)
+        while queue or hold.suspect:
             batch = queue[:]
             del queue[:len(batch)]
             try:
-                await self._append_mic(sid, batch)
+                if send := hold.to_send(batch):
+                    await self._append_mic(sid, send)
             except RETRYABLE as exc:
                 self.log.warning("redis_unavailable", during="mic", session=sid, error=str(exc))
+                if not hold.failed(time.monotonic()):
+                    queue[:0] = batch  # kept in order: a failover takes seconds
+                    await backoff.wait()
+                    continue
                 await self.send(P.ErrorEvent(
                     code=P.ErrorCode.UNAVAILABLE, session=session,
                     message=f"storage is unavailable: {len(batch)} mic message(s) were not "
                             "stored; resend from opened.next_mic_seq after a resume"))
+                continue
+            hold.stored(batch, time.monotonic())
+            backoff.reset()
         self.mic_queues.pop(sid, None)
 
     async def _append_mic(self, sid: str, entries: list[MicEntry]) -> None:
@@ -630,6 +651,7 @@ class Connection:
         writer = self.mic_writers.get(sid)
         if writer is not None:  # what the player said before closing still counts
             await asyncio.gather(writer, return_exceptions=True)
+        self.mic_holds.pop(sid, None)
         relay = self.relays.pop(session, None)
         if relay is not None:
             relay[1].cancel()
@@ -675,6 +697,9 @@ class Connection:
             except RETRYABLE as exc:
                 self.log.warning("redis_unavailable", during="relay", session=sid,
                                  error=str(exc))
+                if sid in self.mic_holds:  # the mic's last chunks may be gone with a primary
+                    self.mic_holds[sid].read_failed()
+                    self._start_mic_writer(relay.state.session, sid)
                 await backoff.wait()
                 continue
             for key, entries in res or []:

@@ -132,11 +132,10 @@ class Fleet:
         A process that exits before it was ever ready stops the start (a bad config must not
         spin); one that was ready and then died is restarted, as the supervisor would, and
         reported to ``on_restart(name)``."""
-        import redis as syncredis
-
+        from core.redisconn import connect_sync
         from schemas.streams import Keys
 
-        r = syncredis.from_url(self.redis_url)
+        r = connect_sync(self.redis_url)
         keys = Keys(self.env.get("PARLEY_REDIS_PREFIX", "parley"))
         deadline = time.monotonic() + timeout
         try:
