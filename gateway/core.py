@@ -75,6 +75,7 @@ class ReadyAction:
     sid: str
     turn: int
     segment: int
+    first: bool = True  # not a resend (after a reconnect) of a ready the session had
 
 
 @dataclass
@@ -328,8 +329,9 @@ class ConnectionCore:
                     ErrorCode.UNKNOWN_SEGMENT,
                     f"ready for turn {msg.turn} segment {msg.segment}, whose audio was never "
                     "sent on this session", session=state.session)
+            first = key not in state.ready
             state.ready.add(key)
-            return [ReadyAction(state.session, state.sid, msg.turn, msg.segment)]
+            return [ReadyAction(state.session, state.sid, msg.turn, msg.segment, first)]
         if isinstance(msg, P.Interrupt):
             return [InterruptAction(state.session, state.sid, msg.played_samples)]
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.TYPE} is not accepted from clients")
@@ -619,12 +621,22 @@ class Relay:
             self._turn(ev.turn).failed = True
             return [P.ErrorEvent(code=ev.code or ErrorCode.TURN_FAILED, message=ev.message,
                                  session=self.state.session, turn=ev.turn)]
+        if ev.kind == "no_speech":
+            return self._no_speech(ev.turn)
         if ev.kind == "speech_start" and ev.ts >= self.live_since_ms:
             # the player speaks over a reply UE is still playing, turn_done or not
             playing = [t for t in self.turns if t < ev.turn and self.playing(t, now)]
             if playing:
                 return [InterruptTurn(max(playing), "barge_in")]
         return []
+
+    def _no_speech(self, turn: int) -> list[P.Message | bytes]:
+        """end_of_utterance after audio with nothing to answer: the turn ends, saying so."""
+        ts = self._turn(turn)
+        if ts.done:
+            return []  # a retried STT job told us twice
+        ts.done = True
+        return [P.TurnDone(session=self.state.session, turn=turn, no_speech=True)]
 
     def _voice(self, turn: int, seq: int, v: VoiceEntry, now: float) -> list[P.Message | bytes]:
         st = self.state

@@ -28,6 +28,7 @@ from gateway.admission import Admission, FleetLoad
 from gateway.lifecycle import SessionLifecycle
 from gateway.livelink import LiveLinkSender, parse_target
 from gateway.livelink_output import LiveLinkOutput
+from gateway.mic_hold import MicHold
 from gateway.observe import GatewayObserver, sent
 from gateway.retention import TRIM_EVERY, trim_session
 from schemas import protocol as P
@@ -44,6 +45,8 @@ from schemas.streams import (
     now_ms,
     parse_id,
 )
+
+STOP_STEP_S = 3.0
 
 
 class Gateway:
@@ -62,6 +65,7 @@ class Gateway:
         self._admission_task: asyncio.Task | None = None
         personas = load_personas(config.personas_dir())
         self.personas = {pid: p.voice for pid, p in personas.items()}
+        self._persona_info = personas
         g = config.gateway
         self.limits = C.Limits(
             max_frame_bytes=g.max_frame_bytes, max_sessions=g.max_sessions,
@@ -92,8 +96,16 @@ class Gateway:
             target = parse_target(self.config.lipsync.livelink)
             self.livelink = await LiveLinkSender(target, fps=self.config.lipsync.fps).open()
             self.log.info("livelink_target", host=target[0], port=target[1])
+        playground = None
+        if g.playground:
+            from gateway.playground_http import Playground
+
+            # its API (stored sessions) only where nobody else can ask: loopback, no tokens
+            local = access.is_loopback(host) and not self.limits.tokens
+            playground = Playground(self.redis, self.keys, self._persona_info, local).handle
         self.server = await serve(
             self._handler, host or None, g.port if port is None else port,
+            process_request=playground,
             max_size=g.ws_max_size, ping_interval=g.ping_interval_s,
             ping_timeout=g.ping_timeout_s, ssl=tls,
             compression=None,  # audio does not compress; deflate only adds latency
@@ -129,19 +141,22 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.observer.stop()  # not ready from now on
+        # Each step is bounded: a Redis call caught mid-failover that swallows its task's
+        # cancellation (redis-py on Python 3.11) must not keep a stopping gateway alive.
         for task in (self._lifecycle_task, self._admission_task):
             if task is not None:
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await asyncio.wait([task], timeout=STOP_STEP_S)
         if self.server is not None:
             self.server.close()
-            await self.server.wait_closed()
+            await asyncio.wait([asyncio.ensure_future(self.server.wait_closed())],
+                               timeout=2 * STOP_STEP_S)
         if self._lease_task is not None:
             self._lease_task.cancel()
         if self.livelink is not None:
             self.livelink.close()
         self.observer.close()
-        await self.redis.aclose()
+        await asyncio.wait([asyncio.ensure_future(self.redis.aclose())], timeout=STOP_STEP_S)
 
     async def _handler(self, ws: ServerConnection) -> None:
         conn = Connection(self, ws)
@@ -175,6 +190,7 @@ class Connection:
         self.mic_queues: dict[str, list[MicEntry]] = {}  # per sid, not yet in Redis
         self.mic_writers: dict[str, asyncio.Task] = {}
         self.mic_count: dict[str, int] = {}  # chunks appended per sid (for retention trims)
+        self.mic_holds: dict[str, MicHold] = {}  # per sid: recent chunks, for a failover
         self._marked: set[tuple[str, int, str]] = set()
         self._bg: set[asyncio.Task] = set()
         self.redis = gw.redis
@@ -289,6 +305,7 @@ class Connection:
                 self._queue_mic(action.session, action.sid,
                                 MicEntry(seq=action.after_seq, end_of_utterance=True))
         elif isinstance(action, C.ReadyAction):
+            played_at = now_ms()  # before the face frames go out: UE starts playing now
             relay = self.relays.get(action.session)
             self._control(action.sid, ControlEntry("ready", turn=action.turn,
                                                    segment=action.segment))
@@ -297,8 +314,16 @@ class Connection:
                 # frames first: the face is what UE is waiting for; the bookkeeping can follow
                 for out in relay[0].ready(action.turn, action.segment, time.monotonic()):
                     await self._send_out(relay[0], action.turn, out)
-            await self.redis.sadd(self.keys.session(action.sid, "ready"),
-                                  f"{action.turn}:{action.segment}")
+            # the play clock for STT's echo gate: when UE started this segment (wall clock,
+            # compared there with the arrival of the mic audio around it); a resend is not news
+            async with self.redis.pipeline(transaction=False) as p:
+                p.sadd(self.keys.session(action.sid, "ready"), f"{action.turn}:{action.segment}")
+                if action.first:
+                    p.xadd(self.keys.session(action.sid, "events"),
+                           EventEntry(kind="playing", turn=action.turn,
+                                      code=str(action.segment), ts=played_at).to_fields(),
+                           maxlen=self.gw.config.redis.stream_maxlen, approximate=True)
+                await p.execute()
             if self.livelink is not None:
                 self.livelink.ready(action.session, action.sid, action.turn)
         elif isinstance(action, C.OpenAction):
@@ -316,23 +341,37 @@ class Connection:
         450 ms behind its clients. Whatever queued meanwhile goes in one round trip."""
         queue = self.mic_queues.setdefault(sid, [])
         queue.append(entry)
+        self._start_mic_writer(session, sid)
+
+    def _start_mic_writer(self, session: str, sid: str) -> None:
+        queue = self.mic_queues.setdefault(sid, [])
         if sid not in self.mic_writers:
             task = asyncio.create_task(self._write_mic(session, sid, queue))
             self.mic_writers[sid] = task
             task.add_done_callback(lambda _t, s=sid: self.mic_writers.pop(s, None))
 
     async def _write_mic(self, session: str, sid: str, queue: list[MicEntry]) -> None:
-        while queue:
+        hold = self.mic_holds.setdefault(sid, MicHold(give_up_s=self.gw.config.gateway.mic_retry_s))
+        backoff = Backoff(cap_s=0.5)
+        while queue or hold.suspect:
             batch = queue[:]
             del queue[:len(batch)]
             try:
-                await self._append_mic(sid, batch)
+                if send := hold.to_send(batch):
+                    await self._append_mic(sid, send)
             except RETRYABLE as exc:
                 self.log.warning("redis_unavailable", during="mic", session=sid, error=str(exc))
+                if not hold.failed(time.monotonic()):
+                    queue[:0] = batch  # kept in order: a failover takes seconds
+                    await backoff.wait()
+                    continue
                 await self.send(P.ErrorEvent(
                     code=P.ErrorCode.UNAVAILABLE, session=session,
                     message=f"storage is unavailable: {len(batch)} mic message(s) were not "
                             "stored; resend from opened.next_mic_seq after a resume"))
+                continue
+            hold.stored(batch, time.monotonic())
+            backoff.reset()
         self.mic_queues.pop(sid, None)
 
     async def _append_mic(self, sid: str, entries: list[MicEntry]) -> None:
@@ -612,6 +651,7 @@ class Connection:
         writer = self.mic_writers.get(sid)
         if writer is not None:  # what the player said before closing still counts
             await asyncio.gather(writer, return_exceptions=True)
+        self.mic_holds.pop(sid, None)
         relay = self.relays.pop(session, None)
         if relay is not None:
             relay[1].cancel()
@@ -657,6 +697,9 @@ class Connection:
             except RETRYABLE as exc:
                 self.log.warning("redis_unavailable", during="relay", session=sid,
                                  error=str(exc))
+                if sid in self.mic_holds:  # the mic's last chunks may be gone with a primary
+                    self.mic_holds[sid].read_failed()
+                    self._start_mic_writer(relay.state.session, sid)
                 await backoff.wait()
                 continue
             for key, entries in res or []:

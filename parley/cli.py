@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     bk = sub.add_parser("backends", help="every backend per stage: can it load here, and why not")
     bk.add_argument("--json", action="store_true")
 
-    be = sub.add_parser("bench", help="benchmarks: latency, lipsync, chaos, batching, load, bake")
-    be.add_argument("which", choices=["latency", "lipsync", "chaos", "batching", "load", "bake"])
+    be = sub.add_parser("bench", help="benchmarks: latency, turns, lipsync, chaos, batching, "
+                                      "load, bake, echo")
+    be.add_argument("which", choices=["latency", "turns", "lipsync", "chaos", "batching", "load",
+                                      "bake", "echo"])
     be.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
 
     ex = sub.add_parser("export", help="a stored session's replies as WAV + Live Link Face CSV")
@@ -148,6 +150,8 @@ def _fleet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--livelink", help="HOST:PORT for Live Link Face UDP output")
     p.add_argument("--bake-workers", type=int, default=0,
                    help="bake workers beside the live fleet (low priority; see `parley bake`)")
+    p.add_argument("--no-playground", action="store_true",
+                   help="do not serve the browser playground on the gateway's port")
 
 
 def _workers_arg(text: str) -> int | str:
@@ -165,7 +169,8 @@ def _make_fleet(args, config: Config):
 
     return Fleet(port=args.port, host=args.host, workers=args.workers,
                  redis_url=os.environ.get("PARLEY_REDIS_URL"), config_path=args.config,
-                 livelink=args.livelink, bake_workers=args.bake_workers)
+                 livelink=args.livelink, bake_workers=args.bake_workers,
+                 playground=not args.no_playground)
 
 
 def _listen_refused(host: str, config: Config) -> str | None:
@@ -209,6 +214,9 @@ def cmd_up(args, config: Config) -> int:
         counts = ", ".join(f"{stage} {n}" for stage, n in worker_counts(args.workers).items())
         print(f"parley up: gateway ws://{args.host}:{fleet.port}, redis {fleet.redis_url}, "
               f"workers: {counts}. Ctrl-C stops.", flush=True)
+        if fleet.playground:
+            print(f"parley up: playground http://{args.host}:{fleet.port}/ (open it in a "
+                  "browser)", flush=True)
         while not stop:
             for name in fleet.supervise_once():
                 print(f"parley up: restarted {name}", file=sys.stderr, flush=True)

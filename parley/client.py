@@ -576,8 +576,10 @@ async def _await_turn(client: Client, session: str, mic: MicFile, wav: str | Pat
                        "the llm, tts and lipsync workers running? (see `parley status`)")
     if tr.done is not None and not tr.done.get("audio_samples") and not tr.interrupted:
         if not tr.transcript:
+            said = " (turn_done no_speech)" if tr.done.get("no_speech") else ""
             raise SayError(f"the server heard no speech in {Path(wav).name} (peak "
-                           f"{mic.peak_dbfs:.0f} dBFS): the turn ended without a transcript")
+                           f"{mic.peak_dbfs:.0f} dBFS): the turn ended without a "
+                           f"transcript{said}")
         raise SayError(f"heard {tr.transcript!r}, but the turn ended without reply audio "
                        f"(reply text {tr.reply!r})")
     return tr

@@ -21,6 +21,7 @@ import numpy as np
 import redis
 import soundfile as sf
 
+from core.redisconn import connect_sync
 from schemas.arkit import FACE_VALUE_NAMES, INDEX, NUM_FACE_VALUES
 from schemas.streams import FaceEntry, Keys, VoiceEntry, parse_id
 
@@ -157,7 +158,7 @@ def export_turns(redis_url: str, sid: str, turn: int | None, out_dir: Path,
     """
     keys = Keys(prefix)
     voice_key, face_key = keys.session(sid, "voice"), keys.session(sid, "face")
-    r = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
+    r = connect_sync(redis_url)
     try:
         present = _turns(r, voice_key)
         if not present:

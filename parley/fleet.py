@@ -66,6 +66,7 @@ class Fleet:
     livelink: str | None = None
     log_path: str | None = None
     bake_workers: int = 0  # `parley bake-worker` processes (rq, low priority)
+    playground: bool = False  # the gateway serves the browser playground on its port
     env: dict[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
     redis: RedisServer | None = None
@@ -97,6 +98,8 @@ class Fleet:
         env["PARLEY_REDIS_URL"] = self.redis_url or ""
         if self.livelink:
             env["PARLEY_LIPSYNC_LIVELINK"] = self.livelink
+        if self.playground:
+            env["PARLEY_GATEWAY_PLAYGROUND"] = "true"
         return env
 
     def _spawn(self, child: Child) -> None:
@@ -129,11 +132,10 @@ class Fleet:
         A process that exits before it was ever ready stops the start (a bad config must not
         spin); one that was ready and then died is restarted, as the supervisor would, and
         reported to ``on_restart(name)``."""
-        import redis as syncredis
-
+        from core.redisconn import connect_sync
         from schemas.streams import Keys
 
-        r = syncredis.from_url(self.redis_url)
+        r = connect_sync(self.redis_url)
         keys = Keys(self.env.get("PARLEY_REDIS_PREFIX", "parley"))
         deadline = time.monotonic() + timeout
         try:

@@ -6,11 +6,12 @@ import json
 
 import redis
 
+from core.redisconn import connect_sync
 from schemas.streams import STAGES, Keys
 
 
 def fleet_status(url: str, prefix: str = "parley") -> dict:
-    r = redis.from_url(url, socket_connect_timeout=2)
+    r = connect_sync(url)
     keys = Keys(prefix)
     workers = []
     for key in r.scan_iter(keys.worker_pattern(), count=500):

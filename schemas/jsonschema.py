@@ -90,6 +90,7 @@ FIELD_DOCS: dict[str, str] = {
     "suppressed": "Errors of the same kind left unsent since the last one.",
     "endpoint": "Who ends an utterance: \"vad\" (the server's VAD or end_of_utterance) or "
                 "\"client\" (end_of_utterance only).",
+    "no_speech": "The turn ended at end_of_utterance with no speech to answer (no reply).",
     "timings": "Wall-clock ms (Unix epoch) of each step of the turn; keys in the protocol "
                "document.",
     "npc": "NPC id; also the persona when `persona` is omitted.",

@@ -278,6 +278,9 @@ class TurnDone(Message):
     interrupted: bool = False
     # Wall-clock ms (Unix epoch) of each step of the turn; keys in docs/protocol.md
     timings: dict[str, float] | None = None
+    # end_of_utterance came after audio with no speech in it (or none the recognizer could
+    # make out): nothing to answer, and the client need not wait
+    no_speech: bool = False
 
 
 @dataclass

@@ -410,7 +410,7 @@ class FaceEntry:
 class EventEntry:
     """Turn-level control events: errors, and later interruptions and latency marks."""
 
-    kind: str  # "error" | ...
+    kind: str  # "error" | "speech_start" | "interrupt" | "playing" (UE's ready: code=segment)
     turn: int
     code: str = ""
     message: str = ""

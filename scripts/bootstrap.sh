@@ -18,6 +18,12 @@ if [[ ",$extras," == *",dev,"* ]] && ! command -v c++ >/dev/null 2>&1 \
     && ! command -v g++ >/dev/null 2>&1; then
   need_apt+=(g++)
 fi
+# the playground's tests: node runs the JavaScript codec's tests, and a headless chromium the
+# page itself (Playwright drives this system browser; it downloads none)
+if [[ ",$extras," == *",dev,"* ]]; then
+  command -v node >/dev/null 2>&1 || command -v nodejs >/dev/null 2>&1 || need_apt+=(nodejs)
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "bootstrap: installing ${need_apt[*]} (Debian packages)"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -46,5 +52,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "bootstrap: installing parley${extras:+[$extras]} into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+  if [[ ",$extras," == *",turn,"* ]]; then
+    # only the Smart Turn weights file is used: none of pipecat's own dependencies
+    .venv/bin/python -m pip install -q --no-deps "pipecat-ai==1.14.0"
+  fi
   touch "$stamp"
 fi

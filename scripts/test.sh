@@ -12,9 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 heavy="${PARLEY_TEST_BACKENDS:-1}"
 if [ "$heavy" = "1" ]; then
-  bash scripts/bootstrap.sh dev,test-backends
+  bash scripts/bootstrap.sh dev,test-backends,turn
 else
-  bash scripts/bootstrap.sh dev
+  bash scripts/bootstrap.sh dev,turn
 fi
 .venv/bin/ruff check .
 
@@ -35,5 +35,21 @@ if [ ${#failed[@]} -gt 0 ]; then
   .venv/bin/python -m pytest -q "$@" || true
   exit 1
 fi
+# The end-to-end and recovery tests once more on a real Redis Cluster (3 masters, 3 replicas;
+# tests/support/topology.py); tests/integration/test_topology.py runs in the main suite on
+# single, Cluster and Sentinel. PARLEY_TEST_TOPOLOGIES="cluster sentinel" adds Sentinel here,
+# PARLEY_TEST_TOPOLOGIES="" skips it.
+topo_failed=()
+if [ $# -eq 0 ]; then
+  for topo in ${PARLEY_TEST_TOPOLOGIES-cluster}; do
+    PARLEY_TEST_TOPOLOGY="$topo" .venv/bin/python -m pytest -q \
+      tests/integration/test_e2e.py tests/integration/test_recovery.py || topo_failed+=("$topo")
+  done
+fi
 # the main suite last, so its summary is the run's closing line
+if [ ${#topo_failed[@]} -gt 0 ]; then
+  echo "test.sh: end-to-end tests FAILED on: ${topo_failed[*]}" >&2
+  .venv/bin/python -m pytest -q "$@" || true
+  exit 1
+fi
 exec .venv/bin/python -m pytest -q "$@"

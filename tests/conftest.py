@@ -52,10 +52,25 @@ async def redis_client(scratch_url):
 
 
 @pytest.fixture(scope="session")
-def fleet(redis_server, tmp_path_factory):
+def redis_topology(redis_server):
+    """The Redis the fleet tests run on: PARLEY_TEST_TOPOLOGY=single (the session's
+    redis_server), cluster (3 masters + 3 replicas) or sentinel (primary, replica, 3
+    sentinels); see tests/support/topology.py."""
+    from tests.support import topology
+
+    if topology.selected() == "single":
+        yield redis_server
+        return
+    topo = topology.start()
+    yield topo
+    topo.stop()
+
+
+@pytest.fixture(scope="session")
+def fleet(redis_topology, tmp_path_factory):
     log = tmp_path_factory.mktemp("fleet") / "fleet.log"
-    f = Fleet(port=free_port(), workers=1, redis_url=redis_server.url, log_path=str(log),
-              env=FLEET_ENV)
+    f = Fleet(port=free_port(), workers=1, redis_url=redis_topology.url, log_path=str(log),
+              env=FLEET_ENV, playground=True)
     f.start()
     try:
         f.wait_ready(60)

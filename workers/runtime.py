@@ -499,7 +499,10 @@ class Worker:
             return
         idle = await self.redis.xpending_range(self.stream, self.group, "-", "+", 100,
                                                idle=cfg.claim_idle_ms)
-        idle = [p for p in idle if _s(p["consumer"]) != self.consumer]
+        # Our own pending jobs that no task of ours runs are orphans: a failover brought back a
+        # job whose ack the old primary never replicated (or a rerun is waiting): run them.
+        idle = [p for p in idle if _s(p["consumer"]) != self.consumer
+                or _s(p["message_id"]) not in self.inflight]
         if not idle:
             return
         owners = sorted({_s(p["consumer"]) for p in idle})
@@ -512,7 +515,7 @@ class Worker:
                 break
             owner = _s(p["consumer"])
             stalled = p["time_since_delivered"] >= cfg.stall_ms
-            if owner in live and not stalled:
+            if owner in live and not stalled and owner != self.consumer:
                 continue  # busy, not dead
             # XCLAIM re-checks the idle time, so of two rescuers only one gets the job
             got = await self.redis.xclaim(self.stream, self.group, self.consumer,
@@ -522,7 +525,8 @@ class Worker:
                     continue
                 free -= 1
                 await self._take_over(Job.from_fields(eid, fields), p, owner,
-                                      "stalled" if owner in live else "gone")
+                                      "orphaned" if owner == self.consumer
+                                      else "stalled" if owner in live else "gone")
 
     async def _take_over(self, job: Job, pending: dict, owner: str, why: str) -> None:
         cfg = self.config.worker
@@ -629,6 +633,7 @@ class Worker:
     async def _run_job(self, job: Job) -> None:
         log = self.log.bind(session=job.sid, turn=job.turn, job=job.id)
         ctx = JobContext(self, job)
+        rerun = False
         if job.id in self.inflight:
             self.inflight[job.id].ctx = ctx
         watcher = None
@@ -667,10 +672,13 @@ class Worker:
             log.info("session_gone", reason=str(exc))
             await self._safe(self._complete(job, Outcome()), log)
         except RETRYABLE as exc:
-            # Redis went away mid-job: the entry stays pending and is taken over once Redis is
-            # back (by us or another worker); outputs are idempotent so nothing doubles.
+            # Redis went away mid-job (a restart, a failover): the entry stays pending in our
+            # name, so no sibling takes it while we live; we run it again once Redis answers.
+            # The turn writer re-reads what was published, so nothing doubles, and a write the
+            # old primary acknowledged but never replicated is simply written again.
             ended = "redis_lost"
             log.warning("job_interrupted_by_redis", error=str(exc))
+            rerun = True
         except Exception as exc:  # a bad job must not kill the worker
             self.failed += 1
             ended = "failed"
@@ -683,6 +691,26 @@ class Worker:
             self.inflight.pop(job.id, None)
             self.slots.release()
             self.observer.job_ended(ended, time.monotonic() - t0)
+        if rerun:
+            task = asyncio.create_task(self._rerun_when_back(job, log), name=f"rerun:{job.id}")
+            self.background.add(task)
+            task.add_done_callback(self._background_done)
+
+    async def _rerun_when_back(self, job: Job, log) -> None:
+        """Start ``job`` again once Redis answers, if it is still pending in our name (not
+        taken over, not acked, not lost with a failed primary: a watchdog re-issues that)."""
+        backoff = Backoff(self.config.worker.reconnect_max_s)
+        while not self.stopping.is_set():
+            await backoff.wait()
+            try:
+                got = await self.redis.xpending_range(self.stream, self.group, job.id, job.id, 1)
+            except RETRYABLE:
+                continue
+            if got and _s(got[0]["consumer"]) == self.consumer and job.id not in self.inflight:
+                await self.slots.acquire()
+                log.info("job_rerun_after_redis_outage")
+                self._start(job)
+            return
 
     async def _safe(self, coro, log) -> None:
         try:

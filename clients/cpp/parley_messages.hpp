@@ -323,8 +323,10 @@ struct TurnDone
     // Wall-clock ms (Unix epoch) of each step of the turn; keys in the protocol document.
     // Optional: absent when unset, never null.
     std::optional<std::map<std::string, double>> timings;
+    // The turn ended at end_of_utterance with no speech to answer (no reply).
+    bool no_speech = false;
     // The JSON keys of the fields above, besides `type`.
-    static constexpr const char* kFields[] = {"session", "turn", "audio_samples", "face_frames", "segments", "interrupted", "timings"};
+    static constexpr const char* kFields[] = {"session", "turn", "audio_samples", "face_frames", "segments", "interrupted", "timings", "no_speech"};
 };
 
 // Something was refused or failed. The connection and all other sessions go on.

@@ -61,8 +61,7 @@ async def test_full_turn_from_jfk_flac(gateway_url, jfk_path, tmp_path):
 
 
 async def test_timing_marks_lie_inside_their_segment(fleet, gateway_url, tmp_path):
-    import redis
-
+    from core.redisconn import connect_sync
     from schemas.streams import Keys, VoiceEntry
 
     frames = speech("Who are you? What is your name?", 16000)
@@ -73,7 +72,7 @@ async def test_timing_marks_lie_inside_their_segment(fleet, gateway_url, tmp_pat
         await client.wait_done("marks", 60)
     finally:
         await client.close()
-    r = redis.from_url(fleet.redis_url)
+    r = connect_sync(fleet.redis_url)
     voice = [VoiceEntry.from_fields(f)
              for _, f in r.xrange(Keys().session(opened.sid, "voice"), "1-0", "1-99999")]
     r.close()

@@ -41,13 +41,15 @@ import redis
 
 from core.config import Config
 from core.personas import load_personas
+from core.redisconn import connect_sync
 from parley.client import Client, TurnResult
 from parley.fleet import Fleet
-from parley.redis_server import RedisServer, free_port
+from parley.redis_server import free_port
 from parley.status import fleet_status
 from schemas import protocol as P
 from schemas.streams import Job, Keys, ListenState
 from tests.conftest import speech
+from tests.support import topology
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +111,7 @@ def _s(v) -> str:
 @dataclass
 class Rig:
     fleet: Fleet
-    server: RedisServer
+    server: topology.SingleTopology | topology.ClusterTopology | topology.SentinelTopology
     log: Path
     r: redis.Redis
     stopping: threading.Event = field(default_factory=threading.Event)
@@ -142,7 +144,7 @@ def _supervise(fleet: Fleet, stopping: threading.Event) -> None:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
-    server = RedisServer().start()
+    server = topology.start()  # PARLEY_TEST_TOPOLOGY: single, cluster or sentinel
     log = tmp_path_factory.mktemp("recovery") / "fleet.log"
     traps = tmp_path_factory.mktemp("traps")
     fleet = Fleet(port=free_port(), workers=2, redis_url=server.url, log_path=str(log),
@@ -155,7 +157,7 @@ def rig(tmp_path_factory):
         server.stop()
         print(log.read_text(errors="replace")[-5000:])
         raise
-    rig = Rig(fleet, server, log, redis.from_url(server.url))
+    rig = Rig(fleet, server, log, connect_sync(server.url))
     rig.supervisor = threading.Thread(target=_supervise, args=(fleet, rig.stopping),
                                       daemon=True, name="supervisor")
     rig.supervisor.start()

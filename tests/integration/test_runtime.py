@@ -116,6 +116,28 @@ async def test_a_dead_consumers_job_is_taken_over(scratch_url, redis_client):
     await stop((w, task))
 
 
+async def test_a_pending_job_of_our_own_that_we_do_not_run_is_run(scratch_url, redis_client):
+    """After a failover the replica may hold a job as pending in a live worker's name that the
+    worker has finished (its ack was never replicated) or never saw: the worker runs it again
+    (outputs are idempotent). Here the test reads the job in the worker's name, as the
+    replica would show it."""
+    cfg = config(scratch_url)
+    keys = Keys()
+    w, stage, task = await start(cfg, "survivor")
+    await enqueue(redis_client, "replayed", "0")
+    assert await wait_for(lambda: _count(redis_client, ["done:replayed"], 1), 5)
+    await enqueue(redis_client, "unseen", "0")
+    got = await redis_client.xreadgroup("toy", "survivor", {keys.jobs("toy"): ">"}, count=1)
+    if got:  # the worker did not read it first: it is now pending in its name, not running
+        t0 = time.monotonic()
+        assert await wait_for(lambda: _count(redis_client, ["done:unseen"], 1), 5)
+        assert time.monotonic() - t0 < 3.0
+    assert stage.ran.count("unseen") == 1
+    info = await redis_client.xpending(keys.jobs("toy"), "toy")
+    assert info["pending"] == 0
+    await stop((w, task))
+
+
 async def test_heartbeat_keeps_a_long_job_with_its_live_worker(scratch_url, redis_client):
     cfg = config(scratch_url)
     a, sa, ta = await start(cfg, "busy")

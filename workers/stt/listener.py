@@ -1,8 +1,15 @@
 """What STT makes of one session's mic audio, chunk by chunk (Sans-I/O).
 
 A :class:`Listener` takes mic entries and says what to do: start an utterance (with the
-pre-roll to feed the recognizer), feed more audio, end the utterance, or give the session back
-because nothing is arriving. It holds the converter to 16 kHz mono, the VAD and the pre-roll;
+pre-roll to feed the recognizer), feed more audio, ask the end-of-turn model whether a pause is
+the end (``Check``; the caller answers with :meth:`Listener.verdict`), end the utterance, or
+give the session back because nothing is arriving.
+
+The end of a turn (hands-free): with an end-of-turn model, a VAD silence of ``turn_pause_ms``
+asks the model; "complete" ends the turn there, "not yet" waits for more speech, up to
+``turn_max_silence_ms`` of silence in all. Without a model, ``silence_ms`` of silence ends it.
+
+It holds the converter to 16 kHz mono, the VAD and the pre-roll;
 the recognizer, Redis and the clock stay with the caller (``workers/stt/stage.py``), so every
 decision here is testable with arrays alone. Positions are 16 kHz samples since the session's
 first mic chunk (``base`` is where this listener's first chunk sits).
@@ -17,7 +24,8 @@ import numpy as np
 
 from schemas.streams import MicEntry
 from workers.stt.audio import MicConverter
-from workers.stt.vad import Vad
+from workers.stt.echo import EchoGate
+from workers.stt.vad import Vad, VadEvent
 
 RATE = 16000
 
@@ -36,12 +44,24 @@ class Feed:
 
 
 @dataclass
+class Check:
+    """A pause in speech: ask the end-of-turn model about ``audio`` (the utterance's last
+    seconds, 16 kHz) and pass its probability to :meth:`Listener.verdict`."""
+
+    audio: np.ndarray
+    pause: int  # where the pause began (16 kHz samples since the session's first chunk)
+
+
+@dataclass
 class End:
-    """The utterance is over: finish the recognizer. ``reason``: vad, client, max_length,
-    audio_gap (the client stopped sending mid-utterance)."""
+    """The utterance is over: finish the recognizer. ``reason``: vad (silence_ms), turn_model
+    (the model heard a complete turn), silence_cap (turn_max_silence_ms), client, max_length,
+    audio_gap (the client stopped sending mid-utterance). ``speech`` is False when nothing was
+    heard (an end_of_utterance after silence): the client still gets an answer."""
 
     reason: str
     eos_ts: float  # wall clock of the chunk that ended it, for the latency waterfall
+    speech: bool = True
 
 
 @dataclass
@@ -50,7 +70,7 @@ class Release:
     more (an idle NPC costs nothing)."""
 
 
-Action = Start | Feed | End | Release
+Action = Start | Feed | Check | End | Release
 
 
 @dataclass
@@ -61,22 +81,51 @@ class ListenerConfig:
     max_utterance_s: float = 30.0
     idle_release_ms: int = 1500
     audio_gap_end_ms: int = 3000
+    vad: str = "energy"  # "energy" | "silero"
+    turn_model: bool = False  # the caller has an end-of-turn model to answer Check with
+    turn_pause_ms: int = 200
+    turn_max_silence_ms: int = 1200
+    turn_threshold: float = 0.5
+    turn_window_s: float = 8.0
+
+
+def make_vad(cfg: ListenerConfig):
+    """The configured VAD at 16 kHz; both kinds share one interface (push -> VadEvent)."""
+    silence = cfg.turn_pause_ms if cfg.turn_model else cfg.silence_ms
+    if cfg.vad == "silero":
+        from workers.stt.silero_vad import SileroVad
+
+        return SileroVad(rate=RATE, silence_ms=silence, start_ms=cfg.start_ms)
+    if cfg.vad == "energy":
+        return Vad(rate=RATE, silence_ms=silence, start_ms=cfg.start_ms)
+    raise ValueError(f"stt.vad must be silero or energy, not {cfg.vad!r}")
 
 
 class Listener:
     def __init__(self, rate: int, channels: int, fmt: str, cfg: ListenerConfig,
-                 base: int = 0, client_ends: bool = False):
+                 base: int = 0, client_ends: bool = False, after_server_end: bool = False,
+                 echo: EchoGate | None = None):
         self.cfg = cfg
+        self.echo = echo  # keeps the NPC's own voice (the reply UE plays) from the VAD
         self.base = base
         self.client_ends = client_ends
+        # the previous utterance was ended by the server (VAD or model): an end_of_utterance
+        # before any new speech is that utterance's own, late; it was answered already
+        self.after_server_end = after_server_end
         self.conv = MicConverter(rate, channels, fmt, RATE)
-        self.vad = Vad(rate=RATE, silence_ms=cfg.silence_ms, start_ms=cfg.start_ms)
+        self.vad = make_vad(cfg)
         self.preroll: deque[np.ndarray] = deque()
         self.preroll_len = 0
         self.preroll_max = cfg.preroll_ms * RATE // 1000
         self.speaking = False  # an utterance is open (a recognizer stream is fed)
         self.speech_start = 0
         self.mic_seq = 0
+        # the utterance's last turn_window_s, for the end-of-turn model
+        self.recent: deque[np.ndarray] = deque()
+        self.recent_len = 0
+        self.recent_max = int(cfg.turn_window_s * RATE)
+        self.paused: int | None = None  # in a pause the model was asked about (its start)
+        self.pause_ts = 0.0  # wall clock of the chunk where that pause was heard
 
     @property
     def position(self) -> int:
@@ -86,31 +135,77 @@ class Listener:
     def push(self, mic: MicEntry) -> list[Action]:
         self.mic_seq = mic.seq
         if mic.end_of_utterance:
-            # end_of_utterance outside an utterance (nothing heard yet) ends nothing
-            return [End("client", mic.ts)] if self.speaking else []
+            if self.speaking:
+                return self._end([], "client", mic.ts)
+            if self.after_server_end:
+                self.after_server_end = False
+                return []
+            # nothing heard: the turn still ends, with an answer that says so
+            return [End("client", mic.ts, speech=False)]
         samples = self.conv.push(mic.pcm)
         if not len(samples):
             return []
-        events = self.vad.push(samples)
+        heard = samples if self.echo is None else self.echo.push(samples, mic.ts)
+        # in an utterance the player speaks and the reply stops: the VAD hears the raw mic
+        events = self.vad.push(samples if self.speaking else heard)
         out: list[Action] = []
         if not self.speaking:
             self._hold(samples)
+        pause: VadEvent | None = None
         for ev in events:
             if ev.kind == "start" and not self.speaking:
                 self.speaking = True
+                self.after_server_end = False
                 self.speech_start = self.base + ev.sample
-                out.append(Start(self.speech_start, np.concatenate(list(self.preroll))))
+                pre = np.concatenate(list(self.preroll))
+                out.append(Start(self.speech_start, pre))
+                self._remember(pre)
                 self.preroll.clear()
                 self.preroll_len = 0
                 samples = samples[:0]  # this chunk went out with the pre-roll
+            elif ev.kind == "start":
+                self.paused, pause = None, None  # the speaker went on after the pause
             elif ev.kind == "end" and self.speaking and not self.client_ends:
-                out.append(Feed(samples))
-                return self._end(out, "vad", mic.ts)
+                if not self.cfg.turn_model:
+                    out.append(Feed(samples))
+                    return self._end(out, "vad", mic.ts)
+                pause = ev
         if self.speaking and len(samples):
             out.append(Feed(samples))
+            self._remember(samples)
+        if pause is not None:
+            self.paused = self.base + pause.sample
+            self.pause_ts = mic.ts
+            out.append(Check(self._recent_audio(), self.paused))
+        if self.speaking and self.paused is not None and (
+                self.position - self.paused >= self._cap_samples()):
+            return self._end(out, "silence_cap", self.pause_ts)
         if self.speaking and self.position - self.speech_start > self.cfg.max_utterance_s * RATE:
             return self._end(out, "max_length", mic.ts)
         return out
+
+    def verdict(self, probability: float, check: Check) -> list[Action]:
+        """The end-of-turn model's answer to ``check``: a complete turn ends here, unless the
+        speaker went on meanwhile; an incomplete one waits (up to turn_max_silence_ms)."""
+        if not self.speaking or self.paused != check.pause:
+            return []
+        if probability >= self.cfg.turn_threshold:
+            return self._end([], "turn_model", self.pause_ts)
+        return []
+
+    def _cap_samples(self) -> int:
+        return self.cfg.turn_max_silence_ms * RATE // 1000
+
+    def _remember(self, samples: np.ndarray) -> None:
+        if not self.cfg.turn_model or not len(samples):
+            return
+        self.recent.append(samples)
+        self.recent_len += len(samples)
+        while self.recent and self.recent_len - len(self.recent[0]) >= self.recent_max:
+            self.recent_len -= len(self.recent.popleft())
+
+    def _recent_audio(self) -> np.ndarray:
+        return np.concatenate(list(self.recent)) if self.recent else np.zeros(0, np.float32)
 
     def quiet(self, waited_ms: float, now_ms: float) -> list[Action]:
         """Nothing arrived for ``waited_ms``: give the session back, or end an utterance whose
@@ -125,9 +220,13 @@ class Listener:
     def utterance_done(self) -> None:
         """The caller finished the recognizer; listen for the next utterance."""
         self.speaking = False
+        self.paused = None
+        self.recent.clear()
+        self.recent_len = 0
 
     def _end(self, out: list[Action], reason: str, ts: float) -> list[Action]:
         self.speaking = False
+        self.paused = None
         out.append(End(reason, ts))
         return out
 

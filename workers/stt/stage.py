@@ -29,9 +29,13 @@ from schemas.streams import (
 from workers import registry
 from workers.runtime import HandBack, JobContext, Outcome, Stage, TurnWriter
 from workers.stt.backends import FallbackRecognizer
-from workers.stt.listener import End, Feed, Listener, ListenerConfig, Release, Start
+from workers.stt.echo import EchoGate
+from workers.stt.echo_feed import EchoFeed
+from workers.stt.listener import Check, End, Feed, Listener, ListenerConfig, Release, Start
 
 RATE = 16000
+# An STT job's ``text`` (unused otherwise): the utterance before it was ended by the server
+SERVER_END = "after_server_end"
 
 
 def make_backend(name: str, config: Config):
@@ -48,6 +52,8 @@ class SttStage(Stage):
         self.backend: FallbackRecognizer | None = None
         self._wake = None
         self.inline = False
+        self.vad = "energy"
+        self.turn_model = None  # workers.stt.turn_model.SmartTurn when loaded
 
     async def start(self, worker) -> None:
         """The chain is built of the backends that load and warm up; one that cannot (a model
@@ -70,6 +76,33 @@ class SttStage(Stage):
         # thread would not run beside the event loop anyway. The liveness sidecar keeps the
         # worker's jobs its own while the loop is busy.
         self.inline = self.backend.holds_gil
+        await self._load_endpointing(worker)
+
+    async def _load_endpointing(self, worker) -> None:
+        """The VAD and end-of-turn model: Silero and Smart Turn where installed, the energy VAD
+        and a fixed silence where not (said once, loudly)."""
+        from workers.stt import silero_vad, turn_model
+
+        cfg = self.config.stt
+        self.vad = cfg.vad
+        if cfg.vad == "silero" and (why := silero_vad.available()):
+            worker.log.warning("vad_fallback", wanted="silero", using="energy", reason=why)
+            self.vad = "energy"
+        if cfg.turn_model not in ("auto", "smart-turn", "none"):
+            raise ValueError(f"stt.turn_model must be auto, smart-turn or none, not "
+                             f"{cfg.turn_model!r}")
+        if cfg.turn_model == "none":
+            return
+        why = turn_model.available(cfg.turn_model_path)
+        if why and cfg.turn_model == "auto":
+            worker.log.info("turn_model_unavailable", reason=why,
+                            using=f"vad_silence_ms={cfg.vad_silence_ms}")
+            return
+        if why:
+            raise RuntimeError(f"stt.turn_model=smart-turn: {why}")
+        model = turn_model.SmartTurn(cfg.turn_model_path)
+        await asyncio.to_thread(model.warm)
+        self.turn_model = model
 
     async def stop(self) -> None:
         if self.backend is not None:
@@ -77,14 +110,20 @@ class SttStage(Stage):
 
     def describe(self) -> dict:
         return {"backend": self.backend.name if self.backend else None,
-                "chain": self.config.stt.backends, "vad_silence_ms": self.config.stt.vad_silence_ms}
+                "chain": self.config.stt.backends, "vad": self.vad,
+                "turn_model": self.turn_model.name if self.turn_model else None,
+                "vad_silence_ms": self.config.stt.vad_silence_ms}
 
     def listener_config(self) -> ListenerConfig:
         cfg = self.config.stt
         return ListenerConfig(silence_ms=cfg.vad_silence_ms, start_ms=cfg.vad_start_ms,
                               preroll_ms=cfg.preroll_ms, max_utterance_s=cfg.max_utterance_s,
                               idle_release_ms=cfg.idle_release_ms,
-                              audio_gap_end_ms=cfg.audio_gap_end_ms)
+                              audio_gap_end_ms=cfg.audio_gap_end_ms, vad=self.vad,
+                              turn_model=self.turn_model is not None,
+                              turn_pause_ms=cfg.turn_pause_ms,
+                              turn_max_silence_ms=cfg.turn_max_silence_ms,
+                              turn_threshold=cfg.turn_threshold)
 
     async def on_dead(self, worker, job: Job) -> Outcome:
         """The utterance is lost, the session is not: listen on after the mic audio that failed
@@ -107,10 +146,13 @@ class SttStage(Stage):
 
     async def handle(self, ctx: JobContext) -> Outcome:
         meta = await ctx.meta()
+        echo = EchoGate(base=ctx.job.position) if self.config.stt.echo_gate else None
         listener = Listener(meta.sample_rate, meta.channels, meta.format,
                             self.listener_config(), base=ctx.job.position,
-                            client_ends=meta.endpoint == "client")
+                            client_ends=meta.endpoint == "client",
+                            after_server_end=ctx.job.text == SERVER_END, echo=echo)
         run = _Utterances(self, ctx, listener, await ctx.writer("transcript"))
+        run.echo = EchoFeed(ctx, echo) if echo is not None else None
         try:
             return await run.listen()
         finally:
@@ -135,6 +177,7 @@ class _Utterances:
         self.cursor = ctx.job.cursor
         self.due_ms = 0.0  # see track_lag
         self.pending: list[np.ndarray] = []  # audio for the recognizer, fed once per read
+        self.echo: EchoFeed | None = None
 
     async def listen(self) -> Outcome:
         ctx, listener = self.ctx, self.listener
@@ -143,7 +186,11 @@ class _Utterances:
             if ctx.stopping.is_set() and not listener.speaking:
                 raise HandBack(Job(stage="stt", sid=ctx.sid, turn=ctx.turn, cursor=self.cursor,
                                    position=listener.position))
-            entries = await ctx.read("mic", self.cursor, block_ms=self.BLOCK_MS, count=self.BATCH)
+            if self.echo is not None:  # the mic with UE's play clock and the reply it plays
+                entries = await self.echo.read(self.cursor, self.BLOCK_MS, self.BATCH)
+            else:
+                entries = await ctx.read("mic", self.cursor, block_ms=self.BLOCK_MS,
+                                         count=self.BATCH)
             if not entries:
                 ctx.lag_ms = 0.0  # caught up with the mic
                 waited = (time.monotonic() - heard) * 1000
@@ -183,6 +230,9 @@ class _Utterances:
         elif isinstance(action, Feed):
             if self.stream is not None and len(action.audio):
                 self.pending.append(action.audio)
+        elif isinstance(action, Check):
+            await self.flush()
+            return await self.check(action)
         elif isinstance(action, End):
             await self.flush()
             return await self.finish(action)
@@ -216,9 +266,24 @@ class _Utterances:
     async def emit(self, entry: TranscriptEntry) -> None:
         await self.writer.put(entry.to_fields())
 
+    async def check(self, check: Check) -> Outcome | None:
+        """Ask the end-of-turn model about a pause; a complete turn ends here."""
+        t0 = time.perf_counter()
+        probability = await asyncio.to_thread(self.stage.turn_model.predict, check.audio)
+        ms = (time.perf_counter() - t0) * 1000
+        self.ctx.log.debug("turn_check", probability=round(probability, 3), ms=round(ms, 1))
+        for action in self.listener.verdict(probability, check):
+            await self.ctx.mark("turn_model_ms", ms)
+            outcome = await self.act(action)
+            if outcome is not None:
+                return outcome
+        return None
+
     async def finish(self, end: End) -> Outcome | None:
         ctx, lis = self.ctx, self.listener
         eos_ts = end.eos_ts or now_ms()
+        if not end.speech:
+            return await self.no_speech(end)
         t0 = now_ms()
         finish = self.stream.finish
         text = (finish() if self.stage.inline else await asyncio.to_thread(finish)).strip()
@@ -227,6 +292,8 @@ class _Utterances:
         lis.utterance_done()
         self.last_partial = ""
         if not text:
+            if end.reason == "client":  # the client asked for an answer: it gets one
+                return await self.no_speech(end)
             ctx.log.info("utterance_empty", reason=end.reason)  # noise, a cough: no turn
             return None
         end_sample = lis.position
@@ -243,8 +310,22 @@ class _Utterances:
         return Outcome(follow=[
             Job(stage="llm", sid=ctx.sid, turn=ctx.turn, text=text),
             Job(stage="stt", sid=ctx.sid, turn=ctx.turn + 1, cursor=self.cursor,
-                position=end_sample),
+                position=end_sample, text="" if end.reason == "client" else SERVER_END),
         ], state=(ctx.keys.listener(ctx.sid), nxt.to_fields()))
+
+    async def no_speech(self, end: End) -> Outcome:
+        """end_of_utterance with nothing to answer (no speech, or nothing recognised): the turn
+        ends with turn_done no_speech, and the next utterance is the next turn."""
+        ctx, lis = self.ctx, self.listener
+        self.close()
+        lis.utterance_done()
+        ctx.log.info("utterance_no_speech", heard_speech=end.speech)
+        await ctx.event("no_speech")
+        nxt = ListenState(active=True, cursor=self.cursor, turn=ctx.turn + 1,
+                          position=lis.position)
+        return Outcome(follow=[Job(stage="stt", sid=ctx.sid, turn=ctx.turn + 1,
+                                   cursor=self.cursor, position=lis.position)],
+                       state=(ctx.keys.listener(ctx.sid), nxt.to_fields()))
 
     def release(self) -> Outcome:
         ctx = self.ctx

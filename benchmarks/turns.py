@@ -1,0 +1,421 @@
+"""`parley bench turns`: what the player feels, hands-free: from the real end of their speech
+to the NPC's first sound, and how often the turn is cut off or never ends.
+
+A set of utterances with known speech boundaries is streamed at real-time pace (as a microphone
+would) into sessions with ``endpoint: vad``, followed by 2.5 s of whatever follows speech in
+that recording (digital silence, room tone, noise), and no ``end_of_utterance``: the server
+alone decides where the turn ends. Each endpointing setting gets its own fleet and runs the
+whole set; the 500 ms energy VAD (the previous default) is the baseline row.
+
+The set: espeak-ng sentences with a pause of 200-700 ms inserted at a word boundary inside the
+sentence ("I want | the sword from the blacksmith."; the sentence is synthesised whole, so the
+words before the pause carry the pitch of an unfinished sentence), sentences without a pause,
+a dip in level mid-sentence, at 8, 16, 44.1 and 48 kHz, in digital silence, room tone
+(-50 dBFS brown noise) or trailing noise (-42 dBFS white noise after the speech); and real
+speech: jfk.flac (44.1 kHz, crowd noise, pauses of 0.4-1.3 s between clauses) at 44.1 and
+8 kHz, its end of speech marked from its waveform (last 20 ms frame 12 dB over its noise floor).
+Items marked ``held_out`` (jfk and three sentences) took no part in choosing the settings.
+
+Per utterance: v2v = first reply audio at the client - the time the chunk holding the true end
+of speech was sent; a cut-off = the turn ended before the speaker was done (a final transcript
+before that chunk was sent, or more than one turn); missed = no turn within 2 s of the end.
+Fleet overhead = the server's own part (gateway's first audio - the end decision) minus the
+time in models on the critical path (STT finish, end-of-turn model, LLM to first fragment, TTS
+first synthesis). The push-to-talk row (endpoint client): first reply audio after the
+``end_of_utterance`` that follows the last chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from parley.client import Client, to_pcm
+from parley.fleet import Fleet
+from parley.redis_server import RedisServer, free_port
+from schemas import protocol as P
+
+PERSONAS = Path(__file__).resolve().parent / "personas"
+JFK = Path(__file__).resolve().parents[1] / "parley" / "samples" / "jfk.flac"
+CHUNK_MS = 20
+LEAD_S = 0.4
+TAIL_S = 2.5
+MISSED_S = 2.0
+
+# (text, pause before this word index (None: no pause), pause ms, rate, scene, held out)
+SENTENCES = (
+    ("I want the sword from the blacksmith.", 2, 450, 16000, "silence", False),
+    ("Can you tell me where the old mill is?", 4, 600, 48000, "room", False),
+    ("Open the gate, please.", None, 0, 44100, "trailing_noise", False),
+    ("My brother went into the forest and never came back.", 5, 300, 8000, "room", False),
+    ("What do you sell here?", None, 0, 8000, "dip", False),
+    ("I am looking for the captain of the guard.", 3, 700, 44100, "silence", False),
+    ("Tell me about the town.", None, 0, 16000, "room", False),
+    ("Is the road to the north safe at night?", 4, 250, 16000, "trailing_noise", False),
+    ("How much does the red potion cost?", 2, 500, 48000, "room", True),
+    ("I need a room for the night.", None, 0, 16000, "silence", True),
+    ("Where can I find the old wizard who lives in the tower?", 5, 650, 8000, "trailing_noise",
+     True),
+)
+CONFIGS = {
+    "energy-500": {"PARLEY_STT_VAD": "energy", "PARLEY_STT_TURN_MODEL": "none",
+                   "PARLEY_STT_VAD_SILENCE_MS": "500"},
+    "silero-500": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "none",
+                   "PARLEY_STT_VAD_SILENCE_MS": "500"},
+    "silero-300": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "none",
+                   "PARLEY_STT_VAD_SILENCE_MS": "300"},
+    "silero+smart-turn": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "smart-turn"},
+}
+BASELINE = "energy-500"
+
+
+@dataclass
+class Item:
+    name: str
+    audio: np.ndarray  # int16 (n, 1) at rate
+    rate: int
+    end: int  # true end of speech, samples at rate
+    held_out: bool
+
+
+def _level_db(x: np.ndarray, rate: int) -> np.ndarray:
+    f = rate * CHUNK_MS // 1000
+    n = len(x) // f
+    frames = x[: n * f].astype(np.float64).reshape(n, f)
+    return 10 * np.log10(np.mean(frames * frames, axis=1) + 1e-12)
+
+
+def speech_end(x: np.ndarray, rate: int, over_floor_db: float = 12.0) -> int:
+    """End of the last 20 ms frame ``over_floor_db`` above the recording's noise floor (its
+    10th percentile level), and above -60 dBFS."""
+    levels = _level_db(x, rate)
+    floor = max(float(np.percentile(levels, 10)), -80.0)
+    loud = np.nonzero(levels > max(floor + over_floor_db, -60.0))[0]
+    f = rate * CHUNK_MS // 1000
+    return int((loud[-1] + 1) * f) if len(loud) else 0
+
+
+def _noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "room":  # brown noise: the low rumble of a room
+        x = np.cumsum(rng.standard_normal(n))
+        x -= np.convolve(x, np.ones(256) / 256, mode="same")  # no DC drift
+        return x / (np.sqrt(np.mean(x * x)) + 1e-9) * 10 ** (-50 / 20)
+    return rng.standard_normal(n) * 10 ** (-42 / 20)
+
+
+def synth_item(synth, text: str, word: int | None, pause_ms: int, rate: int, scene: str,
+               held_out: bool, rng: np.random.Generator) -> Item:
+    chunks = list(synth.synthesize(text))
+    pcm = np.concatenate([c.pcm for c in chunks]).astype(np.float32) / 32768
+    words = sorted((w for c in chunks for w in c.words), key=lambda w: w.sample)
+    src = synth.sample_rate
+    end = speech_end(pcm, src)
+    pcm = pcm[:end]  # espeak's own trailing pause is not speech
+    if word is not None:
+        at = words[word].sample
+        pcm = np.concatenate([pcm[:at], np.zeros(src * pause_ms // 1000, np.float32), pcm[at:]])
+    if scene == "dip":  # a 150 ms drop of 25 dB after the second word, as a turned head does
+        at = words[2].sample
+        pcm[at - src * 3 // 20: at] *= 10 ** (-25 / 20)
+    x = soxr.resample(pcm, src, rate)
+    speech_len = len(x)
+    lead, tail = int(LEAD_S * rate), int(TAIL_S * rate)
+    x = np.concatenate([np.zeros(lead, np.float32), x, np.zeros(tail, np.float32)])
+    if scene == "room":
+        x += _noise("room", len(x), rng).astype(np.float32)
+    elif scene == "trailing_noise":
+        x[lead + speech_len:] += _noise("white", tail, rng).astype(np.float32)
+    pause = f" pause {pause_ms} ms" if word is not None else ""
+    name = f"{text[:24]!r}{pause} {rate / 1000:g}k {scene}"
+    return Item(name, _int16(x), rate, lead + speech_len, held_out)
+
+
+def jfk_items(rng: np.random.Generator) -> list[Item]:
+    x, src = sf.read(str(JFK), dtype="float32", always_2d=True)
+    x = x.mean(axis=1)
+    end = speech_end(x, src)
+    quiet = x[int(2.45 * src):int(3.15 * src)]  # its own crowd noise, from a pause
+    tail = np.tile(quiet, int(np.ceil(TAIL_S * src / len(quiet))))[: int(TAIL_S * src)]
+    x = np.concatenate([x[:end], tail])
+    out = []
+    for rate in (44100, 8000):
+        y = x if rate == src else soxr.resample(x, src, rate)
+        out.append(Item(f"jfk.flac (11 s, pauses 0.4-1.3 s) {rate / 1000:g}k", _int16(y), rate,
+                        end * rate // src, True))
+    return out
+
+
+def _int16(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, -1, 32767 / 32768) * 32768).astype(np.int16)[:, None]
+
+
+def build_set(seed: int = 7) -> list[Item]:
+    from workers.tts.espeak import EspeakSynth
+
+    synth, rng = EspeakSynth(), np.random.default_rng(seed)
+    items = [synth_item(synth, *s, rng=rng) for s in SENTENCES]
+    return items + jfk_items(rng)
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+async def _stream(client: Client, session: str, item: Item) -> tuple[float, float]:
+    """Sends the item paced like a microphone; returns (time the chunk with the true end went
+    out, time the last chunk went out)."""
+    opened = client.opened[session]
+    step = item.rate * CHUNK_MS // 1000
+    seq = client.next_seq[session]
+    t0 = time.perf_counter()
+    t_end = 0.0
+    for i, start in enumerate(range(0, len(item.audio), step)):
+        pcm = to_pcm(item.audio[start:start + step], "s16le")
+        await client.send(P.MicAudio(opened.channel, seq, pcm).encode())
+        now = time.perf_counter()
+        if not t_end and start + step >= item.end:
+            t_end = now
+        seq += 1
+        delay = t0 + (i + 1) * CHUNK_MS / 1000 - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    client.next_seq[session] = seq
+    return t_end, time.perf_counter()
+
+
+def _finals(client: Client, session: str) -> list[tuple[int, float, int]]:
+    """(turn, arrival, where the server ended it: 16 kHz samples since the session began)."""
+    return [(m.turn, t, m.end_sample or 0) for m, t in client.final_times
+            if m.session == session]
+
+
+async def _hands_free(client: Client, n: int, item: Item) -> dict:
+    session = f"hf{n}"
+    await client.open(session, "bench1", item.rate, 1)
+    t_end, _ = await _stream(client, session, item)
+    for _ in range(100):  # a late turn is still measured (and counted as missed)
+        if _finals(client, session):
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)  # a second turn (the rest after a cut-off) comes this soon
+    finals = _finals(client, session)
+    # judged on the server's own positions, so a CPU that lags behind real time does not turn
+    # a cut-off into a late end or a timely end into a missed one
+    end16 = item.end * 16000 // item.rate
+    row = {"item": item.name, "held_out": item.held_out, "turns": len(finals),
+           "cutoff": len(finals) > 1 or any(pos < end16 for _, _, pos in finals),
+           "missed": not finals or finals[0][2] > end16 + MISSED_S * 16000}
+    if finals:
+        row["endpoint_ms"] = (finals[0][2] - end16) / 16
+    if finals and not row["cutoff"] and not row["missed"]:
+        turn = finals[-1][0]
+        with _suppress():
+            await client.wait_turn(session, turn, timeout=10)
+        first = client.first_audio.get((session, turn))
+        done = client.done_turns.get((session, turn))
+        row["v2v_ms"] = (first - t_end) * 1000 if first else None
+        row["decided_ms"] = (finals[-1][1] - t_end) * 1000
+        row.update(_overhead(done.timings if done else None))
+    await client.send(P.CloseSession(session=session))
+    return row
+
+
+async def _push_to_talk(client: Client, n: int, item: Item) -> dict:
+    session = f"ptt{n}"
+    await client.open(session, "bench1", item.rate, 1, endpoint="client")
+    cut = Item(item.name, item.audio[: item.end + item.rate // 10], item.rate, item.end,
+               item.held_out)
+    _, t_last = await _stream(client, session, cut)
+    await client.send(P.EndOfUtterance(session=session))
+    row = {"item": item.name, "held_out": item.held_out}
+    with _suppress():
+        for _ in range(200):
+            finals = _finals(client, session)
+            if finals:
+                break
+            await asyncio.sleep(0.05)
+        turn = finals[-1][0]
+        await client.wait_turn(session, turn, timeout=10)
+        first = client.first_audio.get((session, turn))
+        row["v2v_ms"] = (first - t_last) * 1000 if first else None
+        done = client.done_turns.get((session, turn))
+        row.update(_overhead(done.timings if done else None))
+    await client.send(P.CloseSession(session=session))
+    return row
+
+
+def _overhead(t: dict | None) -> dict:
+    if not t or "gw_first_audio" not in t or "eos" not in t:
+        return {}
+    models = sum(t.get(k, 0.0) for k in ("stt_finish_ms", "turn_model_ms",
+                                         "llm_first_fragment_ms", "tts_first_synth_ms"))
+    server = t["gw_first_audio"] - t["eos"]
+    return {"server_ms": server, "overhead_ms": server - models,
+            "stt_finish_ms": t.get("stt_finish_ms")}
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        return kind is not None and issubclass(kind, (TimeoutError, KeyError, IndexError,
+                                                      UnboundLocalError))
+
+
+class BenchClient(Client):
+    """The reference client, noting when each final transcript and each turn's first reply
+    audio arrived."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.final_times: list[tuple[P.Transcript, float]] = []
+        self.first_audio: dict[tuple[str, int], float] = {}
+
+    def _on_transcript(self, msg: P.Transcript, now: float) -> None:
+        if msg.final:
+            self.final_times.append((msg, now))
+        super()._on_transcript(msg, now)
+
+    async def _on_binary(self, frame, now: float) -> None:
+        session = self.by_channel.get(frame.channel)
+        if session is not None and isinstance(frame, P.ReplyAudio):
+            self.first_audio.setdefault((session, frame.turn), now)
+        await super()._on_binary(frame, now)
+
+
+async def _run_set(url: str, items: list[Item], ptt: bool) -> dict:
+    client = await BenchClient.connect(url)
+    out: dict = {"hands_free": [], "ptt": []}
+    try:
+        for n, item in enumerate(items):
+            out["hands_free"].append(await _hands_free(client, n, item))
+        if ptt:
+            for n, item in enumerate(items):
+                out["ptt"].append(await _push_to_talk(client, n, item))
+    finally:
+        await client.close()
+    return out
+
+
+def run_config(name: str, items: list[Item], ptt: bool) -> dict:
+    redis = RedisServer(appendonly=False).start()
+    # admission control off: one player at a time, and a busy 2-core machine must not turn
+    # the bench's next session away
+    env = {**CONFIGS[name], "PARLEY_LLM_PERSONAS_DIR": str(PERSONAS),
+           "PARLEY_LOG_LEVEL": "warning", "PARLEY_GATEWAY_ADMIT_MAX_LAG_MS": "0",
+           "PARLEY_GATEWAY_ADMIT_MAX_QUEUE_MS": "0"}
+    fleet = Fleet(port=free_port(), workers=1, redis_url=redis.url, env=env)
+    try:
+        fleet.start()
+        fleet.wait_ready(90)
+        return asyncio.run(_run_set(f"ws://127.0.0.1:{fleet.port}", items, ptt))
+    finally:
+        fleet.stop()
+        redis.stop()
+
+
+def _row(label: str, rows: list[dict]) -> str:
+    v2v = [r["v2v_ms"] for r in rows if r.get("v2v_ms") is not None]
+    ep = [r["endpoint_ms"] for r in rows if r.get("endpoint_ms") is not None
+          and not r.get("cutoff")]
+    over = [r["overhead_ms"] for r in rows if r.get("overhead_ms") is not None]
+    cut = sum(bool(r.get("cutoff")) for r in rows)
+    miss = sum(bool(r.get("missed")) for r in rows)
+    n = len(rows)
+    return (f"{label:34} {n:>3} {pct(v2v, 50):>8.0f} {pct(v2v, 95):>8.0f} "
+            f"{cut:>4} ({100 * cut / max(n, 1):>3.0f}%) {miss:>6} {pct(ep, 50):>8.0f} "
+            f"{pct(over, 50):>9.1f}")
+
+
+def report(results: dict[str, dict]) -> str:
+    lines = [f"{'endpointing / subset':34} {'n':>3} {'v2v p50':>8} {'v2v p95':>8} "
+             f"{'cut-offs':>11} {'missed':>6} {'endpoint':>8} {'overhead':>9}"]
+    for name, res in results.items():
+        hf = res["hands_free"]
+        tag = " (baseline)" if name == BASELINE else ""
+        lines.append(_row(f"{name}{tag}", hf))
+        lines.append(_row("  tuning set", [r for r in hf if not r["held_out"]]))
+        lines.append(_row("  held out", [r for r in hf if r["held_out"]]))
+        if res["ptt"]:
+            lines.append(_row("  push-to-talk (end_of_utterance)", res["ptt"]))
+    lines.append("")
+    for name, res in results.items():
+        for r in res["hands_free"]:
+            flag = "CUT" if r["cutoff"] else "MISSED" if r["missed"] else ""
+            v = r.get("v2v_ms")
+            ep = r.get("endpoint_ms")
+            lines.append(f"  {name:18} {r['item']:58} turns {r['turns']} "
+                         f"v2v {v if v is None else round(v)} "
+                         f"endpoint {ep if ep is None else round(ep)} {flag}")
+    best = _best(results)
+    hf = results[best]["hands_free"] if best else []
+    base = results.get(BASELINE, {}).get("hands_free", [])
+    ptt = results[best]["ptt"] if best else []
+
+    def p(rows, key, q=50):
+        return pct([r[key] for r in rows if r.get(key) is not None], q)
+
+    lines += [
+        "",
+        "v2v: true end of speech (its chunk sent) -> first reply audio at the client; cut-off:",
+        "the turn ended before the speaker was done; missed: no turn within 2 s of the end;",
+        "endpoint: where the server ended the turn (its 16 kHz position) - the true end, p50 of",
+        "turns not cut off: the wait itself, whatever the CPU; overhead: server time from the",
+        "end decision to first audio minus time inside models.",
+        f"best={best} v2v_p50_ms={p(hf, 'v2v_ms'):.0f} v2v_p95_ms={p(hf, 'v2v_ms', 95):.0f} "
+        f"cutoff_rate={_rate(hf, 'cutoff'):.3f} missed={sum(bool(r['missed']) for r in hf)} "
+        f"baseline_v2v_p50_ms={p(base, 'v2v_ms'):.0f} "
+        f"baseline_cutoff_rate={_rate(base, 'cutoff'):.3f} "
+        f"ptt_p50_ms={p(ptt, 'v2v_ms'):.0f} overhead_p50_ms={p(hf, 'overhead_ms'):.1f}",
+    ]
+    return "\n".join(lines)
+
+
+def _rate(rows: list[dict], key: str) -> float:
+    return sum(bool(r.get(key)) for r in rows) / len(rows) if rows else float("nan")
+
+
+def _best(results: dict[str, dict]) -> str | None:
+    """The setting the product uses when it can: the end-of-turn model, else the last row."""
+    for name in ("silero+smart-turn", *reversed(list(results))):
+        if name in results:
+            return name
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="parley bench turns")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    ap.add_argument("--no-ptt", action="store_true", help="skip the push-to-talk rows")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N utterances")
+    args = ap.parse_args(argv)
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown config(s) {unknown}; known: {list(CONFIGS)}")
+    items = build_set()
+    if args.limit:
+        items = items[: args.limit]
+    print(f"{len(items)} utterances x {len(names)} endpointing settings "
+          f"({sum(i.held_out for i in items)} held out)", flush=True)
+    results = {}
+    for name in names:
+        t0 = time.monotonic()
+        # push-to-talk does not depend on the hands-free setting: once, on the product's
+        results[name] = run_config(name, items, ptt=not args.no_ptt and name == names[-1])
+        print(f"  {name:20} {time.monotonic() - t0:5.1f} s", flush=True)
+    print(report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

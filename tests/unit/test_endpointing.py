@@ -1,0 +1,275 @@
+"""The end of a turn, Sans-I/O: the Silero VAD, the end-of-turn model's features and loading,
+and the listener's decision (pause -> ask the model -> end, wait, or end at the silence cap),
+all on synthesized audio with known speech boundaries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soxr
+
+from schemas.streams import MicEntry
+from workers.stt import silero_vad, turn_model
+from workers.stt.listener import Check, End, Feed, Listener, ListenerConfig, Start
+
+R = 16000
+needs_silero = pytest.mark.skipif(silero_vad.available() is not None,
+                                  reason=f"Silero VAD: {silero_vad.available()}")
+TURN_MISSING = turn_model.available()
+needs_turn_model = pytest.mark.skipif(
+    TURN_MISSING is not None,
+    reason=f"the end-of-turn model is not installed here ({TURN_MISSING}); "
+           "scripts/bootstrap.sh dev,turn installs it")
+
+
+def speech(text: str, pause_before_word: int | None = None, pause_s: float = 0.0):
+    """16 kHz float32 espeak-ng speech, trimmed to its last loud sample, with an optional pause
+    inserted before a word; returns (audio, [(start, end) of each stretch of speech])."""
+    from workers.tts.espeak import EspeakSynth
+
+    synth = EspeakSynth()
+    chunks = list(synth.synthesize(text))
+    pcm = np.concatenate([c.pcm for c in chunks]).astype(np.float32) / 32768
+    loud = np.flatnonzero(np.abs(pcm) > 0.01)
+    pcm = pcm[: loud[-1] + 1]
+    spans = [[int(loud[0]), len(pcm)]]
+    if pause_before_word is not None:
+        words = sorted((w for c in chunks for w in c.words), key=lambda w: w.sample)
+        at = words[pause_before_word].sample
+        gap = int(pause_s * synth.sample_rate)
+        pcm = np.concatenate([pcm[:at], np.zeros(gap, np.float32), pcm[at:]])
+        spans = [[spans[0][0], at], [at + gap, len(pcm)]]
+    k = R / synth.sample_rate
+    return (soxr.resample(pcm, synth.sample_rate, R).astype(np.float32),
+            [(int(a * k), int(b * k)) for a, b in spans])
+
+
+def noise(n: int, db: float, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(n) * 10 ** (db / 20)).astype(np.float32)
+
+
+def mic(seq: int, x: np.ndarray, ts: float = 0.0) -> MicEntry:
+    pcm = (np.clip(x, -1, 0.99997) * 32768).astype("<i2").tobytes()
+    return MicEntry(seq=seq, pcm=pcm, ts=ts or float(seq))
+
+
+def feed(lis: Listener, x: np.ndarray, chunk: int = 320, seq0: int = 1):
+    """(mic seq, action) for every action the listener gives, chunk by chunk."""
+    out = []
+    for i, s in enumerate(range(0, len(x), chunk)):
+        out += [(seq0 + i, a) for a in lis.push(mic(seq0 + i, x[s:s + chunk]))]
+    return out
+
+
+# --- Silero VAD -------------------------------------------------------------------------------
+
+@needs_silero
+@pytest.mark.parametrize("scene", ["silence", "white-45", "room-50"])
+def test_silero_finds_the_sentence_and_nothing_in_the_noise(scene):
+    s, [(a, b)] = speech("I would like to buy a sword.")
+    lead = R // 2
+    x = np.concatenate([np.zeros(lead, np.float32), s, np.zeros(R, np.float32)])
+    if scene == "white-45":
+        x += noise(len(x), -45)
+    elif scene == "room-50":
+        x += np.cumsum(noise(len(x), -50)) / 40
+    vad = silero_vad.SileroVad(silence_ms=300)
+    events = []
+    for i in range(0, len(x), 320):
+        events += vad.push(x[i:i + 320])
+    assert [e.kind for e in events] == ["start", "end"], events
+    assert abs(events[0].sample - (lead + a)) <= 0.1 * R
+    assert -0.15 * R <= events[1].sample - (lead + b) <= 0.12 * R
+
+
+@needs_silero
+def test_silero_holds_a_sentence_through_a_level_dip():
+    """The energy VAD's failure from the issue: a short dip in level ended the turn after two
+    words. Silero hears the voice under the dip."""
+    s, [(a, b)] = speech("What do you sell here in the market?")
+    dip = slice(a + int(0.35 * R), a + int(0.5 * R))
+    s[dip] *= 10 ** (-25 / 20)
+    x = np.concatenate([np.zeros(R // 2, np.float32), s, np.zeros(R, np.float32)])
+    events = silero_vad.SileroVad(silence_ms=200).push(x)
+    assert [e.kind for e in events] == ["start", "end"]
+
+
+@needs_silero
+def test_silero_vad_any_chunking_same_events():
+    s, _ = speech("Open the gate.")
+    x = np.concatenate([np.zeros(R // 4, np.float32), s, np.zeros(R, np.float32)])
+    whole = silero_vad.SileroVad().push(x)
+    v = silero_vad.SileroVad()
+    pieces = []
+    for i in range(0, len(x), 333):
+        pieces += v.push(x[i:i + 333])
+    assert whole == pieces
+
+
+def test_silero_vad_rejects_other_rates_and_bad_durations():
+    if silero_vad.available():
+        pytest.skip(silero_vad.available())
+    with pytest.raises(ValueError):
+        silero_vad.SileroVad(rate=8000)
+    with pytest.raises(ValueError):
+        silero_vad.SileroVad(silence_ms=-1)
+
+
+# --- end-of-turn model: features and loading --------------------------------------------------
+
+def test_log_mel_shape_range_and_the_tone_lands_in_its_mel_band():
+    t = np.arange(2 * R) / R
+    x = 0.3 * np.sin(2 * np.pi * 1000 * t).astype(np.float32)
+    feats = turn_model.log_mel(x)
+    assert feats.shape == (80, 800) and feats.dtype == np.float32
+    assert feats.max() - feats.min() <= 2.0 + 1e-6  # clamped to 8 decades, scaled by 1/4
+    # the last 2 s (the audio sits at the end of the 8 s window) peak in the band around 1 kHz
+    band = int(np.argmax(feats[:, -100:].mean(axis=1)))
+    centres = turn_model._mel_to_hz(np.linspace(turn_model._hz_to_mel(0.0),
+                                                turn_model._hz_to_mel(8000.0), 82))[1:-1]
+    assert abs(centres[band] - 1000) < 60
+    # the zero padding before it is flat
+    assert np.ptp(feats[:, :500]) < 1e-3
+
+
+def test_mel_filters_have_unit_area_in_hz():
+    f = turn_model.mel_filters()
+    assert f.shape == (80, 201)
+    hz_per_bin = 8000 / 200
+    areas = f.sum(axis=1) * hz_per_bin
+    assert np.allclose(areas[5:-5], 1.0, rtol=0.1)  # the edges are cut by the bin grid
+
+
+def test_the_window_keeps_the_last_8_s():
+    x = np.arange(10 * R, dtype=np.float32)
+    assert turn_model.fit_window(x)[-1] == x[-1] and len(turn_model.fit_window(x)) == 8 * R
+    short = turn_model.fit_window(np.ones(R, np.float32))
+    assert short[: 7 * R].sum() == 0 and short[7 * R:].sum() == R
+
+
+def test_missing_weights_say_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        turn_model.find_weights(str(tmp_path / "nope.onnx"))
+    assert "nope.onnx" in turn_model.available(str(tmp_path / "nope.onnx"))
+
+
+@needs_turn_model
+def test_smart_turn_loads_the_real_weights_and_tells_finished_from_unfinished():
+    model = turn_model.SmartTurn()
+    assert model.path.name == "smart-turn-v3.2-cpu.onnx"
+    done, _ = speech("Can you tell me where the old mill is?")
+    tail = np.zeros(R // 5, np.float32)
+    p_done = model.predict(np.concatenate([done, tail]))
+    # the same sentence, cut in its pause: "Can you tell me ..." with the pitch left hanging
+    cut, [(_, b), _] = speech("Can you tell me where the old mill is?", 4, 0.5)
+    p_cut = model.predict(np.concatenate([cut[:b], tail]))
+    assert 0.0 <= p_cut < p_done <= 1.0
+    assert p_done >= 0.5
+
+
+# --- the decision ---------------------------------------------------------------------------
+
+def listener(turn_model: bool = True, **kw) -> Listener:
+    cfg = ListenerConfig(vad="energy", turn_model=turn_model, turn_pause_ms=200,
+                         turn_max_silence_ms=1000, **kw)
+    return Listener(R, 1, "s16le", cfg)
+
+
+def test_a_pause_asks_the_model_and_a_complete_turn_ends_at_the_pause():
+    s, [(_, b)] = speech("I want the sword.")
+    x = np.concatenate([np.zeros(R // 2, np.float32), s, np.zeros(R, np.float32)])
+    lis = listener()
+    actions = feed(lis, x)
+    kinds = [type(a).__name__ for _, a in actions]
+    assert kinds[0] == "Start" and "End" not in kinds
+    checks = [(seq, a) for seq, a in actions if isinstance(a, Check)]
+    assert len(checks) == 1
+    seq, check = checks[0]
+    # asked ~200 ms after the end of speech, about the utterance up to there
+    assert 0.15 * R <= lis.position - check.pause <= 1.0 * R
+    assert abs(check.pause - (R // 2 + b)) <= 0.1 * R
+    assert len(check.audio) >= len(s)
+    lis2 = listener()
+    before = [a for q, a in feed(lis2, x[: seq * 320]) if isinstance(a, Check)]
+    [end] = lis2.verdict(0.9, before[-1])
+    assert isinstance(end, End) and end.reason == "turn_model" and end.eos_ts == float(seq)
+    assert not lis2.speaking
+
+
+def test_an_unfinished_turn_waits_for_the_speaker_and_the_rest_joins_it():
+    s, [(_, b1), (a2, b2)] = speech("I want the sword from the blacksmith.", 2, 0.6)
+    x = np.concatenate([np.zeros(R // 2, np.float32), s, np.zeros(2 * R, np.float32)])
+    lis = listener()
+    ends, checks = [], 0
+    for i, st in enumerate(range(0, len(x), 320)):
+        for a in lis.push(mic(i + 1, x[st:st + 320])):
+            if isinstance(a, Check):
+                checks += 1
+                # the model hears "I want" as unfinished; the full sentence as finished
+                done = a.pause > R // 2 + a2
+                ends += lis.verdict(0.9 if done else 0.1, a)
+            elif isinstance(a, End):
+                ends.append(a)
+    assert checks == 2
+    [end] = ends
+    assert end.reason == "turn_model"
+
+
+def test_the_silence_cap_ends_a_turn_the_model_never_calls_complete():
+    s, [(_, b)] = speech("I want the sword.")
+    x = np.concatenate([np.zeros(R // 2, np.float32), s, np.zeros(2 * R, np.float32)])
+    lis = listener()
+    ends = []
+    for i, st in enumerate(range(0, len(x), 320)):
+        for a in lis.push(mic(i + 1, x[st:st + 320])):
+            if isinstance(a, Check):
+                ends += lis.verdict(0.1, a)
+            elif isinstance(a, End):
+                ends.append((st + 320, a))
+    [(at, end)] = ends
+    assert end.reason == "silence_cap"
+    assert 0.95 * R <= at - (R // 2 + b) <= 1.15 * R
+
+
+def test_a_verdict_after_the_speaker_went_on_ends_nothing():
+    s, [(_, b1), (a2, _)] = speech("I want the sword from the blacksmith.", 2, 0.5)
+    x = np.concatenate([np.zeros(R // 2, np.float32), s])
+    lis = listener()
+    check = None
+    for i, st in enumerate(range(0, len(x), 320)):
+        for a in lis.push(mic(i + 1, x[st:st + 320])):
+            if isinstance(a, Check) and check is None:
+                check = a
+        if check is not None and st > R // 2 + a2 + R // 10:
+            break
+    assert check is not None
+    assert lis.verdict(0.99, check) == []
+    assert lis.speaking
+
+
+def test_without_a_model_the_silence_ends_the_turn():
+    s, _ = speech("I want the sword.")
+    x = np.concatenate([np.zeros(R // 2, np.float32), s, np.zeros(R, np.float32)])
+    lis = listener(turn_model=False, silence_ms=500)
+    actions = [a for _, a in feed(lis, x)]
+    assert not any(isinstance(a, Check) for a in actions)
+    [end] = [a for a in actions if isinstance(a, End)]
+    assert end.reason == "vad"
+
+
+def test_end_of_utterance_with_no_speech_still_ends_the_turn():
+    lis = listener()
+    actions = [a for _, a in feed(lis, noise(R, -70))]
+    assert not any(isinstance(a, (Start, Feed)) for a in actions)
+    [end] = lis.push(MicEntry(seq=99, end_of_utterance=True, ts=5.0))
+    assert isinstance(end, End) and end.reason == "client" and end.speech is False
+
+
+def test_the_late_end_of_utterance_of_a_turn_the_server_ended_is_not_a_second_turn():
+    """endpoint vad: the VAD ended the turn, then the client's own end_of_utterance for the same
+    speech arrives; that one was answered already. A later one after silence is answered."""
+    lis = Listener(R, 1, "s16le", ListenerConfig(vad="energy"), after_server_end=True)
+    feed(lis, np.zeros(R // 2, np.float32))
+    assert lis.push(MicEntry(seq=50, end_of_utterance=True, ts=1.0)) == []
+    [end] = lis.push(MicEntry(seq=51, end_of_utterance=True, ts=2.0))
+    assert end.speech is False
