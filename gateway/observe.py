@@ -13,6 +13,8 @@ from schemas import protocol as P
 REFRESH_S = 2.0
 # Readiness needs Redis answering: a gateway that cannot reach it can only refuse sessions.
 REDIS_STALE_S = 10.0
+# Liveness: the gateway runs no model, so a loop that ran nothing this long is wedged.
+LOOP_STALL_S = 60.0
 
 
 class GatewayObserver:
@@ -20,18 +22,24 @@ class GatewayObserver:
         self.gw = gw
         self.stopping = False
         self.redis_ok_at = 0.0
+        self.loop_ok_at = time.monotonic()
+        self.stall_s = LOOP_STALL_S
         self.server: M.MetricsServer | None = None
         self._task: asyncio.Task | None = None
+        self._tick_task: asyncio.Task | None = None
 
     def start(self) -> None:
-        self.server = M.serve(self.gw.config, M.Probe(ready=self.not_ready), self.gw.log)
+        self.server = M.serve(self.gw.config, M.Probe(ready=self.not_ready, alive=self.not_alive),
+                              self.gw.log)
         self._task = asyncio.create_task(self._refresh_loop())
+        self._tick_task = asyncio.create_task(self._tick())
 
     async def stop(self) -> None:
         self.stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, self._tick_task) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def close(self) -> None:
         if self.server is not None:
@@ -47,15 +55,28 @@ class GatewayObserver:
             return "redis unreachable"
         return ""
 
+    def not_alive(self) -> str:
+        """Why the kubelet should restart this process ("" when it should not)."""
+        stalled = time.monotonic() - self.loop_ok_at
+        return f"event loop ran nothing for {stalled:.0f} s" if stalled > self.stall_s else ""
+
     def local_gauges(self) -> None:
         open_, talking = 0, 0
         for conn in list(self.gw.connections):
             open_ += len(conn.core.sessions)
             for relay, _ in list(conn.relays.values()):
-                talking += any(not ts.done for ts in list(relay.turns.values()))
+                turns = dict(relay.turns)
+                # the newest turn only: an older one that never finished is not talk
+                talking += bool(turns) and not turns[max(turns)].done
         M.SESSIONS.labels("open").set(open_)
         M.SESSIONS.labels("talking").set(talking)
         M.CONNECTIONS.set(len(self.gw.connections))
+
+    async def _tick(self) -> None:
+        """Proof that the event loop runs (a Redis call that hangs is not a wedged loop)."""
+        while True:
+            self.loop_ok_at = time.monotonic()
+            await asyncio.sleep(1.0)
 
     async def _refresh_loop(self) -> None:
         while True:

@@ -382,7 +382,7 @@ class Worker:
     async def _run(self) -> None:
         await self._retrying(self._ensure_group, "ensure_group")
         await self.stage.start(self)
-        self.observer.loaded = True
+        self.observer.mark_loaded()
         self.log.info("worker_started", stage=self.stage.name, **self.stage.describe())
         loops = [
             asyncio.create_task(self._read_loop(), name="read"),

@@ -133,9 +133,14 @@ async def test_a_pending_job_of_our_own_that_we_do_not_run_is_run(scratch_url, r
         assert await wait_for(lambda: _count(redis_client, ["done:unseen"], 1), 5)
         assert time.monotonic() - t0 < 3.0
     assert stage.ran.count("unseen") == 1
-    info = await redis_client.xpending(keys.jobs("toy"), "toy")
-    assert info["pending"] == 0
-    await stop((w, task))
+    try:
+        assert await wait_for(lambda: _no_pending(redis_client, keys.jobs("toy")), 5)
+    finally:
+        await stop((w, task))
+
+
+async def _no_pending(r, stream):
+    return (await r.xpending(stream, "toy"))["pending"] == 0
 
 
 async def test_heartbeat_keeps_a_long_job_with_its_live_worker(scratch_url, redis_client):
