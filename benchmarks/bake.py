@@ -167,7 +167,8 @@ def run(turns: int = 12, lines: int = 60, bake_workers: int = 0) -> dict:
     rig = Rig(bake_workers)
     url = f"ws://127.0.0.1:{rig.fleet.port}"
     conds = ["live", "bake_live", "unyielding"]
-    res: dict = {"cores": cpu_count(), "bake_workers": bake_workers, "turns": turns}
+    res: dict = {"cores": cpu_count(), "bake_workers": bake_workers, "turns": turns,
+                 "loadavg_before": os.getloadavg()[0]}
     res.update({c: {"latency": [], "baked": 0, "s": 0.0, "failed": 0} for c in conds})
     try:
         asyncio.run(one_turn(url, wavs[0], -1))  # warm-up
@@ -192,6 +193,7 @@ def run(turns: int = 12, lines: int = 60, bake_workers: int = 0) -> dict:
                     res[cond]["latency"].append(lat)
         for c in conds:
             res[c]["bake_lines_per_s"] = res[c]["baked"] / max(1e-6, res[c]["s"])
+        res["loadavg_after"] = os.getloadavg()[0]
     finally:
         rig.close()
     return res
@@ -200,7 +202,9 @@ def run(turns: int = 12, lines: int = 60, bake_workers: int = 0) -> dict:
 def render(res: dict) -> str:
     rows = [f"{res['cores']} cores, {res['bake_workers']} bake worker(s) per kind, "
             f"{res['turns']} rounds of live turns (one player, short questions at real-time "
-            "pace, conditions interleaved)", "",
+            "pace, conditions interleaved); load average before "
+            f"{res['loadavg_before']:.1f}, after {res.get('loadavg_after', float('nan')):.1f} "
+            "(figures are only comparable within a run on a machine with other load)", "",
             f"{'condition':38} {'turns':>5} {'first audio p50':>16} {'p95':>8} "
             f"{'bake lines/s':>13}"]
 
