@@ -226,3 +226,6 @@ def test_bake_waits_while_the_fleet_makes_a_reply(redis_server):
     assert live.busy() == ""
     r.delete(keys.worker("tts@test:1:x"))  # a worker that is gone counts for nothing
     assert live.busy() == ""
+    worker("stt", [{"job": "1-0"}], lag_ms=50)
+    assert live.busy() == ""
+    assert LiveLoad(r, keys, 200, speech=True).busy() == "stt: a player is speaking"
