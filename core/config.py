@@ -192,6 +192,7 @@ class BakeConfig:
     # queued, or STT runs this far behind; at most max_pause_s per line, so a busy fleet
     # slows a bake down without stopping it.
     yield_stt_lag_ms: float = 200.0
+    yield_to_speech: bool = False  # also wait while a player speaks (an STT job in flight)
     max_pause_s: float = 10.0
     liveness_ms: int = 500  # a killed bake worker's line is handed on within about 2x this
 
