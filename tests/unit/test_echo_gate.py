@@ -141,3 +141,14 @@ def test_without_any_echo_a_voice_over_the_reply_is_heard_at_once(reply, player)
     alone = starts(scene.mic, None)
     got = starts(scene.mic, gate_for(scene))
     assert got and got[0] - alone[0] <= 0.1 * RATE, (got, alone)
+
+
+def test_a_ready_wants_its_reply_before_it_is_placed(reply):
+    """STT may read a ready together with many mic chunks after it (when behind real time):
+    the reply's audio must be fetched before those chunks are judged, not after."""
+    g = EchoGate()
+    g.played(1, 0, ts_ms=1000.0)
+    assert g.playing_turns == [1]
+    g.reference(1, 0, 0, *reply)
+    g.push(np.zeros(FRAME, np.float32), ts_ms=1020.0)
+    assert g._segments[(1, 0)].start is not None

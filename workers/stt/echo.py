@@ -158,8 +158,8 @@ class EchoGate:
         the next mic push (stamped with its arrival time) turns into a position."""
         if turn in self._cut:
             return
+        self._open_turns.add(turn)  # its audio is wanted now, before the ready is placed
         if at is not None:
-            self._open_turns.add(turn)
             self._segment(turn, segment).ready_at = at
             self._place(turn)
         else:
@@ -194,6 +194,14 @@ class EchoGate:
     def playing_turns(self) -> list[int]:
         """Turns UE started whose reply audio has not all been given yet."""
         return sorted(self._open_turns)
+
+    def describe(self) -> dict:
+        """For the log line of an utterance that starts while a reply is in reach."""
+        return {"echo_delay_ms": self.delay_ms, "echo_learned": self._learned,
+                "echo_frames": self.echo_frames, "voice_frames": self.voice_frames,
+                "echo_turns": sorted({t for t, _ in self._segments}),
+                "echo_placed": [(k[1], s.start) for k, s in sorted(self._segments.items())],
+                "echo_ref": (self._ref_start, len(self._ref)), "echo_at": self.position}
 
     def cut(self) -> None:
         """The player barged in: UE stops the reply now; no more of it will sound."""
