@@ -195,6 +195,11 @@ class EchoGate:
         """Turns UE started whose reply audio has not all been given yet."""
         return sorted(self._open_turns)
 
+    @property
+    def in_reach(self) -> bool:
+        """Could the mic be hearing a reply now?"""
+        return self._in_reach(self._frames)
+
     def describe(self) -> dict:
         """For the log line of an utterance that starts while a reply is in reach."""
         return {"echo_delay_ms": self.delay_ms, "echo_learned": self._learned,
