@@ -64,9 +64,12 @@ def test_an_end_of_utterance_is_not_taken_for_the_audio_chunk_of_its_seq():
     assert [(e.seq, e.end_of_utterance) for e in sent] == [(7, False), (7, True)]
 
 
-def test_writes_failing_for_give_up_s_drop_their_batch():
+def test_writes_failing_for_give_up_s_drop_their_batch_and_the_hold():
     hold = MicHold(give_up_s=10.0)
+    hold.stored(chunks(1), now=0.0)
     assert not hold.failed(now=0.0)
     assert not hold.failed(now=9.9)
     assert hold.failed(now=10.0)
+    # the client resends after a resume: the writer stops, nothing is re-appended
+    assert not hold.suspect and seqs(hold.to_send([])) == []
     assert not hold.failed(now=10.5)  # the next batch gets its own 10 s
