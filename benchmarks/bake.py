@@ -5,7 +5,9 @@
 Starts its own redis-server and a fleet (gateway, one worker per stage), then:
 
 * **bake alone**: ``--lines`` lines (the personas' own scripted replies) on ``--bake-workers``
-  bake workers (default: one per core); lines per second and seconds of audio per second.
+  bake workers (default: one per core); lines per second and seconds of audio per second, and
+  the bake workers' CPU time per line, which says what idle cores would do (wall-clock rates
+  here depend on whatever else the machine runs).
 * then ``--turns`` rounds of three live turns, one per condition, in rotating order (so load
   from outside the benchmark falls on each alike): one player speaks a short question
   (espeak-ng speech at 16 kHz, real-time pace, through the reference client) and the first
@@ -16,9 +18,9 @@ Starts its own redis-server and a fleet (gateway, one worker per stage), then:
   - **live + bake, not yielding**: the baseline, as many bake workers at nice 0 with no
     pause, on a queue of their own.
 
-Prints a table and ends with ``bake_lines_per_s=<x> live_p50_ms=<ms> live_p95_ms=<ms>
-bake_live_p50_ms=<ms> bake_live_p95_ms=<ms> unyielding_p95_ms=<ms>
-bake_during_live_lines_per_s=<x>`` (one line).
+Prints a table and ends with ``bake_lines_per_s=<x> bake_cpu_ms_per_line=<ms>
+live_p50_ms=<ms> live_p95_ms=<ms> bake_live_p50_ms=<ms> bake_live_p95_ms=<ms>
+unyielding_p95_ms=<ms> bake_during_live_lines_per_s=<x>`` (one line).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import redis
 import soundfile as sf
 
 from benchmarks.chaos import synthesize
+from benchmarks.load import _cpu_ticks
 from core.config import Config
 from core.personas import load_personas
 from parley.client import say
@@ -141,18 +144,24 @@ def _baked(out: Path) -> int:
     return sum(1 for _ in out.glob("*.json"))
 
 
-def bake_alone(rig: Rig, lines: int, out: Path) -> dict:
+def bake_alone(rig: Rig, lines: int, out: Path, workers: int) -> dict:
+    """Wall-clock lines/s here, and CPU seconds per line (the production bake workers' own
+    CPU time): the second says what an idle machine does, 2 cores / CPU s per line."""
     bq = rig.queues["bake_live"]
     batch = _lines(lines, "alone")
+    pids = [p.pid for p in rig.procs[:workers]]  # the production kind start first
+    cpu0 = sum(_cpu_ticks(pid) for pid in pids)
     t0 = time.monotonic()
     jobs = bq.enqueue(batch, out)
     by_job = dict(zip(jobs, batch, strict=True))
     while not all(o.state in ("done", "failed") for o in bq.outcomes(by_job)):
         time.sleep(0.05)
     elapsed = time.monotonic() - t0
+    cpu_s = (sum(_cpu_ticks(pid) for pid in pids) - cpu0) / os.sysconf("SC_CLK_TCK")
     audio_s = sum(json.loads(p.read_text())["audio_s"] for p in out.glob("*.json"))
-    return {"lines": _baked(out), "s": elapsed, "lines_per_s": _baked(out) / elapsed,
-            "audio_x": audio_s / elapsed}
+    n = _baked(out)
+    return {"lines": n, "s": elapsed, "lines_per_s": n / elapsed, "audio_x": audio_s / elapsed,
+            "cpu_s_per_line": cpu_s / max(1, n), "audio_s_per_line": audio_s / max(1, n)}
 
 
 def run(turns: int = 12, lines: int = 60, bake_workers: int = 0) -> dict:
@@ -167,11 +176,12 @@ def run(turns: int = 12, lines: int = 60, bake_workers: int = 0) -> dict:
     rig = Rig(bake_workers)
     url = f"ws://127.0.0.1:{rig.fleet.port}"
     conds = ["live", "bake_live", "unyielding"]
-    res: dict = {"cores": cpu_count(), "bake_workers": bake_workers, "turns": turns}
+    res: dict = {"cores": cpu_count(), "bake_workers": bake_workers, "turns": turns,
+                 "loadavg_before": os.getloadavg()[0]}
     res.update({c: {"latency": [], "baked": 0, "s": 0.0, "failed": 0} for c in conds})
     try:
         asyncio.run(one_turn(url, wavs[0], -1))  # warm-up
-        res["bake_alone"] = bake_alone(rig, lines, tmp / "alone")
+        res["bake_alone"] = bake_alone(rig, lines, tmp / "alone", bake_workers)
         n = 0
         for rnd in range(turns):
             for cond in conds[rnd % 3:] + conds[:rnd % 3]:
@@ -192,6 +202,7 @@ def run(turns: int = 12, lines: int = 60, bake_workers: int = 0) -> dict:
                     res[cond]["latency"].append(lat)
         for c in conds:
             res[c]["bake_lines_per_s"] = res[c]["baked"] / max(1e-6, res[c]["s"])
+        res["loadavg_after"] = os.getloadavg()[0]
     finally:
         rig.close()
     return res
@@ -200,7 +211,9 @@ def run(turns: int = 12, lines: int = 60, bake_workers: int = 0) -> dict:
 def render(res: dict) -> str:
     rows = [f"{res['cores']} cores, {res['bake_workers']} bake worker(s) per kind, "
             f"{res['turns']} rounds of live turns (one player, short questions at real-time "
-            "pace, conditions interleaved)", "",
+            "pace, conditions interleaved); load average before "
+            f"{res['loadavg_before']:.1f}, after {res.get('loadavg_after', float('nan')):.1f} "
+            "(figures are only comparable within a run on a machine with other load)", "",
             f"{'condition':38} {'turns':>5} {'first audio p50':>16} {'p95':>8} "
             f"{'bake lines/s':>13}"]
 
@@ -214,6 +227,10 @@ def render(res: dict) -> str:
     b = res["bake_alone"]
     rows.append(f"{'bake alone':38} {'-':>5} {'-':>16} {'-':>8} {b['lines_per_s']:13.2f}"
                 f"   ({b['lines']} lines in {b['s']:.1f} s, {b['audio_x']:.1f} s of audio/s)")
+    if "cpu_s_per_line" in b:
+        rows.append(f"{'  CPU per line':38} {b['cpu_s_per_line'] * 1000:.0f} ms for "
+                    f"{b['audio_s_per_line']:.1f} s of audio: {res['cores']} idle cores would "
+                    f"bake {res['cores'] / max(1e-6, b['cpu_s_per_line']):.1f} lines/s")
     rows.append(row("live alone", res["live"], None))
     rows.append(row("live + bake (nice 19, pausing)", res["bake_live"],
                     res["bake_live"]["bake_lines_per_s"]))
@@ -223,7 +240,9 @@ def render(res: dict) -> str:
 
 
 def summary(res: dict) -> str:
-    return (f"bake_lines_per_s={res['bake_alone']['lines_per_s']:.2f} "
+    b = res["bake_alone"]
+    return (f"bake_lines_per_s={b['lines_per_s']:.2f} "
+            f"bake_cpu_ms_per_line={b.get('cpu_s_per_line', float('nan')) * 1000:.0f} "
             f"live_p50_ms={_pct(res['live']['latency'], 50):.0f} "
             f"live_p95_ms={_pct(res['live']['latency'], 95):.0f} "
             f"bake_live_p50_ms={_pct(res['bake_live']['latency'], 50):.0f} "

@@ -69,11 +69,12 @@ CONFIGS = {
                    "PARLEY_STT_VAD_SILENCE_MS": "500"},
     "silero-500": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "none",
                    "PARLEY_STT_VAD_SILENCE_MS": "500"},
-    "silero-300": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "none",
-                   "PARLEY_STT_VAD_SILENCE_MS": "300"},
+    "silero-800": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "none",
+                   "PARLEY_STT_VAD_SILENCE_MS": "800"},
     "silero+smart-turn": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "smart-turn"},
 }
 BASELINE = "energy-500"
+DEFAULT = "silero-800"  # what the product ships (core/config.py)
 
 
 @dataclass
@@ -384,15 +385,60 @@ def _rate(rows: list[dict], key: str) -> float:
 
 
 def _best(results: dict[str, dict]) -> str | None:
-    """The setting the product uses when it can: the end-of-turn model, else the last row."""
-    for name in ("silero+smart-turn", *reversed(list(results))):
+    """The setting the product ships, else the last row."""
+    for name in (DEFAULT, *reversed(list(results))):
         if name in results:
             return name
     return None
 
 
+# the decision alone: (label, ListenerConfig kwargs, uses the end-of-turn model)
+OFFLINE = (
+    ("energy-500", {"vad": "energy", "silence_ms": 500}, False),
+    ("silero-500", {"vad": "silero", "silence_ms": 500}, False),
+    ("silero-650", {"vad": "silero", "silence_ms": 650}, False),
+    ("silero-800", {"vad": "silero", "silence_ms": 800}, False),
+    ("silero-1000", {"vad": "silero", "silence_ms": 1000}, False),
+    ("silero+smart-turn p>=0.5", {"vad": "silero", "turn_threshold": 0.5}, True),
+    ("silero+smart-turn p>=0.9", {"vad": "silero", "turn_threshold": 0.9}, True),
+    ("silero+smart-turn p>=0.98", {"vad": "silero", "turn_threshold": 0.98}, True),
+)
+
+
+def run_offline(items: list[Item]) -> str:
+    """Cut-offs, missed ends and the endpoint wait of each setting's decision alone: the
+    Sans-I/O listener on the same audio, no fleet, no CPU contention, deterministic."""
+    from workers.stt import turn_model
+    from workers.stt.listener import ListenerConfig
+
+    why = turn_model.available()
+    model = None if why else turn_model.SmartTurn()
+    lines = [f"{'decision (offline)':28} {'subset':8} {'n':>3} {'cut-offs':>8} {'missed':>6} "
+             f"{'endpoint p50':>12} {'p95':>6}"]
+    summary = {}
+    for label, kw, needs_model in OFFLINE:
+        if needs_model and model is None:
+            lines.append(f"{label:28} skipped: {why}")
+            continue
+        cfg = ListenerConfig(**kw, turn_model=needs_model)
+        rows = [offline_row(it, decide(it, cfg, model)) for it in items]
+        summary[label] = rows
+        for sub, rs in (("all", rows), ("tuning", [r for r in rows if not r["held_out"]]),
+                        ("held out", [r for r in rows if r["held_out"]])):
+            ep = [r["endpoint_ms"] for r in rs if r["endpoint_ms"] is not None
+                  and not r["cutoff"]]
+            lines.append(f"{label if sub == 'all' else '':28} {sub:8} {len(rs):>3} "
+                         f"{sum(r['cutoff'] for r in rs):>8} {sum(r['missed'] for r in rs):>6} "
+                         f"{pct(ep, 50):>12.0f} {pct(ep, 95):>6.0f}")
+    lines += ["", "endpoint: where the turn ends - the true end of speech (ms of audio), turns "
+              "not cut off."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="parley bench turns")
+    ap.add_argument("--offline", action="store_true",
+                    help="the end-of-turn decision alone, without fleets (seconds, exact)")
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help=f"comma-separated, of: {', '.join(CONFIGS)}")
     ap.add_argument("--no-ptt", action="store_true", help="skip the push-to-talk rows")
@@ -405,13 +451,17 @@ def main(argv: list[str] | None = None) -> int:
     items = build_set()
     if args.limit:
         items = items[: args.limit]
+    if args.offline:
+        print(run_offline(items))
+        return 0
     print(f"{len(items)} utterances x {len(names)} endpointing settings "
           f"({sum(i.held_out for i in items)} held out)", flush=True)
     results = {}
     for name in names:
         t0 = time.monotonic()
         # push-to-talk does not depend on the hands-free setting: once, on the product's
-        results[name] = run_config(name, items, ptt=not args.no_ptt and name == names[-1])
+        results[name] = run_config(name, items, ptt=not args.no_ptt and name == _best(
+            dict.fromkeys(names)))
         print(f"  {name:20} {time.monotonic() - t0:5.1f} s", flush=True)
     print(report(results))
     return 0
@@ -419,3 +469,38 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --- the decision alone, offline ------------------------------------------------------------
+
+def decide(item: Item, cfg, model=None) -> list[tuple[str, int]]:
+    """(reason, 16 kHz position) of every turn end the Sans-I/O listener makes on ``item``,
+    fed in 20 ms chunks as the STT worker would, the model answering each pause at once."""
+    from schemas.streams import MicEntry
+    from workers.stt.listener import Check, End, Listener
+
+    lis = Listener(item.rate, 1, "s16le", cfg)
+    step = item.rate * CHUNK_MS // 1000
+    ends: list[tuple[str, int]] = []
+
+    def take(actions):
+        for a in actions:
+            if isinstance(a, Check) and model is not None:
+                take(lis.verdict(model.predict(a.audio), a))
+            elif isinstance(a, End):
+                ends.append((a.reason, lis.position))
+                lis.utterance_done()
+
+    for i, start in enumerate(range(0, len(item.audio), step)):
+        pcm = to_pcm(item.audio[start:start + step], "s16le")
+        take(lis.push(MicEntry(seq=i + 1, pcm=pcm, ts=float(i))))
+    return ends
+
+
+def offline_row(item: Item, ends: list[tuple[str, int]]) -> dict:
+    end16 = item.end * 16000 // item.rate
+    after = [p for _, p in ends if p >= end16]
+    return {"item": item.name, "held_out": item.held_out, "turns": len(ends),
+            "cutoff": any(p < end16 for _, p in ends),
+            "missed": not after or after[0] > end16 + MISSED_S * 16000,
+            "endpoint_ms": (after[0] - end16) / 16 if after else None}

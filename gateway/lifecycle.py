@@ -34,6 +34,12 @@ RESWEEP_MS = 60_000  # stragglers: a job that was mid-turn at the sweep is long 
 SWEEP_BATCH = 500
 
 
+def _unlink(pipeline, key: str) -> None:
+    """Queue one UNLINK. Not ``pipeline.unlink``: on redis-py's async Cluster pipeline that is
+    a coroutine, so unawaited it queued nothing and swept sessions kept their keys there."""
+    pipeline.execute_command("UNLINK", key)
+
+
 class SessionLifecycle:
     def __init__(self, redis, keys: Keys, config: Config):
         self.redis = redis
@@ -122,7 +128,8 @@ class SessionLifecycle:
         async with self.redis.pipeline(transaction=False) as p:
             p.hset(self.keys.session(sid, "meta"), mapping={"state": "ended",
                                                             "state_ts": now_ms()})
-            p.unlink(self.keys.session(sid, "cancel"), self.keys.listener(sid))
+            _unlink(p, self.keys.session(sid, "cancel"))
+            _unlink(p, self.keys.listener(sid))
             await p.execute()
         await self._unlink_guards(sid, turns)
 
@@ -134,7 +141,7 @@ class SessionLifecycle:
             turns = parse_id(top[0][0])[0] if top else 1
         async with self.redis.pipeline(transaction=False) as p:
             for key in self.keys.session_keys(sid):
-                p.unlink(key)
+                _unlink(p, key)
             deleted = sum(await p.execute())
         return deleted + await self._unlink_guards(sid, turns)
 
@@ -142,7 +149,7 @@ class SessionLifecycle:
         async with self.redis.pipeline(transaction=False) as p:
             for turn in range(1, turns + 2):
                 for stage in STAGES:
-                    p.unlink(self.keys.started(stage, sid, turn))
+                    _unlink(p, self.keys.started(stage, sid, turn))
             return sum(await p.execute())
 
     async def forget(self, sid: str) -> int:

@@ -52,7 +52,11 @@ class MicHold:
         if self.failing_since is None:
             self.failing_since = now
         if now - self.failing_since >= self.give_up_s:
+            # the client is told to resend after a resume: nothing is re-appended from here,
+            # and the writer ends instead of waiting out a long outage
             self.failing_since = None
+            self.suspect = False
+            self.recent.clear()
             return True
         return False
 

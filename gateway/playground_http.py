@@ -94,16 +94,27 @@ class Playground:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return None  # the protocol: go on with the handshake
         path = unquote(urlsplit(request.path).path)
+        method = getattr(request, "method", "GET")  # websockets < 14 parses GET only
+        if method not in ("GET", "HEAD"):
+            out = error(405, f"{method[:10]}: the playground only answers GET and HEAD")
+            out.headers["Allow"] = "GET, HEAD"
+            return out
         try:
-            if path.startswith("/api/"):
-                return await self._api(path)
-            file = self.files.get(path)
-            if file is None:
-                return error(404, f"no such file: {path[:80]}")
-            return response(200, file.read_bytes(), CONTENT_TYPES[file.suffix])
+            out = await self._get(path)
         except Exception as exc:  # one bad request must not touch the gateway
             self.log.exception("http_failed", path=path[:80], error=repr(exc)[:200])
-            return error(500, "the server failed on this request")
+            out = error(500, "the server failed on this request")
+        if method == "HEAD":  # the same headers (Content-Length included), no body
+            out = Response(out.status_code, out.reason_phrase, out.headers, b"")
+        return out
+
+    async def _get(self, path: str) -> Response:
+        if path.startswith("/api/"):
+            return await self._api(path)
+        file = self.files.get(path)
+        if file is None:
+            return error(404, f"no such file: {path[:80]}")
+        return response(200, file.read_bytes(), CONTENT_TYPES[file.suffix])
 
     async def _api(self, path: str) -> Response:
         if not self.local:

@@ -26,9 +26,9 @@ STAGES = ("stt", "llm", "tts", "lipsync")
 
 # Every per-session key (``Keys.session``), with who writes it. All of them, and the session's
 # listening state (``Keys.listener``), are deleted together by the session sweep
-# (gateway/lifecycle.py) when the session expires: a detached session after
-# ``redis.detached_grace_s``, a closed one after ``redis.session_ttl_s``. Nothing else expires
-# them one by one, so no key of a session can outlive the rest.
+# (gateway/lifecycle.py) when the session's recording expires, ``redis.retention_s`` after the
+# session ended (closed, or detached past ``redis.detached_grace_s``), or by ``parley forget``.
+# Nothing else expires them one by one, so no key of a session can outlive the rest.
 SESSION_KEYS = (
     "meta",        # hash, gateway: SessionMeta, state (open, detached, closed)
     "mic",         # stream, gateway: mic chunks <seq>-0, end_of_utterance <seq>-1

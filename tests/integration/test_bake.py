@@ -188,3 +188,44 @@ def test_parley_up_runs_bake_workers_beside_the_fleet(redis_server, tmp_path):
     finally:
         codes = fleet.stop()
     assert codes["bake-1"] == 0, (tmp_path / "fleet.log").read_text()[-3000:]
+
+
+def test_bake_waits_while_the_fleet_makes_a_reply(redis_server):
+    """The yield signal, read from the registry and job streams the live workers keep."""
+    import json
+
+    from schemas.streams import Keys
+    from workers.bake.worker import LiveLoad
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/5"
+    r = redis.Redis.from_url(url)
+    r.flushdb()
+    keys = Keys("parley")
+    live = LiveLoad(r, keys, stt_lag_ms=200)
+    assert live.busy() == ""
+
+    def worker(stage: str, jobs: list, lag_ms: float = 0.0) -> None:
+        name = f"{stage}@test:1:x"
+        r.zadd(keys.workers(stage), {name: time.time() * 1000})
+        r.hset(keys.worker(name), mapping={"jobs": json.dumps(jobs), "lag_ms": lag_ms})
+
+    worker("stt", [{"job": "1-0"}], lag_ms=50)  # a player speaking: STT keeps up
+    worker("llm", [])
+    assert live.busy() == ""
+    worker("stt", [{"job": "1-0"}], lag_ms=900)
+    assert live.busy() == "stt: 900 ms behind"
+    worker("stt", [], lag_ms=0)
+    worker("tts", [{"job": "2-0"}])
+    assert live.busy() == "tts: a reply is being made"
+    worker("tts", [])
+    # a job nobody has picked up yet
+    r.xgroup_create(keys.jobs("lipsync"), keys.group("lipsync"), id="0", mkstream=True)
+    r.xadd(keys.jobs("lipsync"), {"sid": "s"})
+    assert live.busy() == "lipsync: 1 job(s) queued"
+    r.xreadgroup(keys.group("lipsync"), "c", {keys.jobs("lipsync"): ">"})
+    assert live.busy() == ""
+    r.delete(keys.worker("tts@test:1:x"))  # a worker that is gone counts for nothing
+    assert live.busy() == ""
+    worker("stt", [{"job": "1-0"}], lag_ms=50)
+    assert live.busy() == ""
+    assert LiveLoad(r, keys, 200, speech=True).busy() == "stt: a player is speaking"

@@ -1,6 +1,6 @@
 """The end of a turn through the real fleet: a mid-sentence pause does not end the turn, the
-finished sentence does, soon (the end-of-turn model, where installed), and an end_of_utterance
-with nothing to answer gets turn_done no_speech instead of silence."""
+finished sentence does, and an end_of_utterance with nothing to answer gets turn_done no_speech
+instead of silence."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ import pytest
 from benchmarks.turns import BenchClient
 from parley.client import Client, to_pcm
 from schemas import protocol as P
-from workers.stt import turn_model
 
 pytestmark = pytest.mark.slow
 R = 16000
-TURN_MISSING = turn_model.available()
 
 
 def sentence_with_pause(text: str, word: int, pause_s: float):
@@ -29,6 +27,20 @@ def sentence_with_pause(text: str, word: int, pause_s: float):
     lead = int(0.3 * R)
     x = np.concatenate([np.zeros(lead, np.float32), s, np.zeros(2 * R, np.float32)])
     return (np.clip(x, -1, 0.99997) * 32768).astype(np.int16)[:, None], lead + spans[-1][1]
+
+
+async def open_when_admitted(client: Client, session: str, **kw) -> None:
+    """A shared 2-core machine can leave STT behind real time for a while after the previous
+    test; the gateway then (rightly) says overloaded. Wait for it, as a game would."""
+    for _ in range(60):
+        try:
+            await client.open(session, "guard", R, 1, **kw)
+            return
+        except RuntimeError as exc:
+            if "overloaded" not in str(exc):
+                raise
+            await asyncio.sleep(1.0)
+    raise TimeoutError(f"{session}: still overloaded after 60 s")
 
 
 async def stream_paced(client: Client, session: str, frames: np.ndarray, end: int) -> float:
@@ -46,26 +58,27 @@ async def stream_paced(client: Client, session: str, frames: np.ndarray, end: in
     return t_end
 
 
-@pytest.mark.skipif(TURN_MISSING is not None,
-                    reason=f"needs the end-of-turn model ({TURN_MISSING}); without it a pause "
-                           "longer than stt.vad_silence_ms ends the turn by design")
 async def test_a_mid_sentence_pause_does_not_end_the_turn_and_the_sentence_end_does(
         gateway_url):
+    """The shipped default (Silero VAD, 800 ms of silence): a 600 ms pause inside the sentence
+    stays inside the turn; after the last word the turn ends within a second or so."""
     frames, end = sentence_with_pause("I want the sword from the blacksmith.", 2, 0.6)
     client = await BenchClient.connect(gateway_url)
     try:
-        await client.open("pause", "guard", R, 1)
+        await open_when_admitted(client, "pause")
         t_end = await stream_paced(client, "pause", frames, end)
-        finals = [(m, t) for m, t in client.final_times if m.session == "pause"]
-        assert len(finals) == 1, [m.text for m, _ in finals]  # one turn: not cut at the pause
-        msg, t_final = finals[0]
-        assert t_final > t_end, "the turn ended before the speaker was done"
-        done = await client.wait_turn("pause", msg.turn, timeout=30)
-        # the model heard the finished sentence (not the 1.2 s silence cap); a gross bound on
-        # a shared 2-core machine
-        assert "turn_model_ms" in (done.timings or {}), done.timings
-        assert t_final - t_end < 1.1
-        assert client.first_audio[("pause", msg.turn)] > t_end
+        for _ in range(100):  # a loaded machine's STT may lag; positions decide, not clocks
+            if any(m.session == "pause" for m, _ in client.final_times):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        finals = [m for m, _ in client.final_times if m.session == "pause"]
+        assert len(finals) == 1, [m.text for m in finals]  # one turn: not cut at the pause
+        # the server ended it after the true end of speech, by about the silence it waits
+        assert end <= finals[0].end_sample <= end + int(1.2 * R), (finals[0].end_sample, end)
+        done = await client.wait_turn("pause", finals[0].turn, timeout=30)
+        assert done.audio_samples > 0 and not done.no_speech
+        assert client.first_audio[("pause", finals[0].turn)] > t_end
     finally:
         await client.close()
 
@@ -75,7 +88,7 @@ async def test_end_of_utterance_without_speech_gets_turn_done_no_speech(gateway_
     client = await Client.connect(gateway_url)
     session = f"quiet-{endpoint}"
     try:
-        await client.open(session, "guard", R, 1, endpoint=endpoint)
+        await open_when_admitted(client, session, endpoint=endpoint)
         hiss = (np.random.default_rng(1).standard_normal((R // 2, 1)) * 30).astype(np.int16)
         await client.stream(session, hiss, R, realtime=False)  # then end_of_utterance
         done = await client.wait_turn(session, 1, timeout=15)

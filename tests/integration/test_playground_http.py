@@ -45,9 +45,9 @@ async def get(gw: Gateway, path: str) -> httpx.Response:
         return await c.get(path)
 
 
-async def raw_get(gw: Gateway, path: str) -> tuple[int, bytes]:
+async def raw_get(gw: Gateway, path: str, method: str = "GET") -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
     await writer.drain()
     data = await asyncio.wait_for(reader.read(), 5)
     writer.close()
@@ -81,6 +81,13 @@ async def test_static_files_with_their_types_and_nothing_else(redis_server):
             await ws.send(P.encode(P.Hello(protocol=2, client="test")))
             welcome = json.loads(await ws.recv())
             assert welcome["type"] == "welcome" and "guard" in welcome["npcs"]
+
+
+async def test_head_and_other_methods(redis_server):
+    async with gateway(redis_server.url) as gw:
+        assert await raw_get(gw, "/", "HEAD") == (200, b"")
+        status, body = await raw_get(gw, "/api/personas", "POST")
+        assert status == 405 and "GET and HEAD" in json.loads(body)["error"]
 
 
 async def test_personas_endpoint(redis_server):

@@ -3,9 +3,16 @@ whatever their ID scheme, and `forget` leaves no key of the session behind."""
 
 from __future__ import annotations
 
+import subprocess
+import time
+
+import pytest
+import redis as syncredis
+
 from core.config import Config
 from gateway.lifecycle import SessionLifecycle
 from gateway.retention import trim_session
+from parley.redis_server import free_port
 from schemas.streams import ControlEntry, Keys, MicEntry, TranscriptEntry, mic_id
 
 KEYS = Keys()
@@ -59,3 +66,70 @@ async def test_forget_deletes_every_key_of_the_session(redis_client):
     left = [k async for k in r.scan_iter(match=f"*{SID}*")]
     assert left == []
     assert await r.zscore(KEYS.sessions(), SID) is None
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Three masters of a real Redis Cluster, no replicas."""
+    ports = [free_port() for _ in range(3)]
+    procs = []
+    for port in ports:
+        d = tmp_path_factory.mktemp(f"cluster{port}")
+        procs.append(subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
+             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        for port in ports:
+            _wait_ping(port)
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=30)
+        for port in ports:
+            r = syncredis.Redis(port=port)
+            for _ in range(200):
+                if r.cluster("info").get("cluster_state") == "ok":
+                    break
+                time.sleep(0.05)
+            r.close()
+        yield ports
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+
+
+def _wait_ping(port: int) -> None:
+    for _ in range(200):
+        try:
+            if syncredis.Redis(port=port).ping():
+                return
+        except syncredis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError(f"redis-server on {port} did not start")
+
+
+async def test_forget_and_trim_on_a_redis_cluster(cluster):
+    from core.redisconn import connect
+
+    r = connect(f"redis+cluster://127.0.0.1:{cluster[0]}")
+    try:
+        t0 = 1_700_000_000_000.0
+        await _fill(r, t0)
+        dropped = await trim_session(r, KEYS, SID, cutoff_ms=t0 + 300_000)
+        assert dropped["mic"] == 305
+        await r.hset(KEYS.listener(SID), mapping={"turn": "3"})  # in the {jobs} slot
+        await r.set(KEYS.started("tts", SID, 3), 1)
+        await r.hset(KEYS.session(SID, "meta"), mapping={"sid": SID})
+        life = SessionLifecycle(r, KEYS, Config())
+        await life._end(SID)  # ended: live state gone, recording kept
+        assert await r.exists(KEYS.listener(SID)) == 0
+        assert await r.hget(KEYS.session(SID, "meta"), "state") == b"ended"
+        assert await life.forget(SID) >= 4
+    finally:
+        await r.aclose()
+    for port in cluster:
+        node = syncredis.Redis(port=port)
+        assert node.keys(f"*{SID}*") == [], port
+        node.close()

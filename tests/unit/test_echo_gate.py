@@ -141,3 +141,35 @@ def test_without_any_echo_a_voice_over_the_reply_is_heard_at_once(reply, player)
     alone = starts(scene.mic, None)
     got = starts(scene.mic, gate_for(scene))
     assert got and got[0] - alone[0] <= 0.1 * RATE, (got, alone)
+
+
+def test_a_ready_wants_its_reply_before_it_is_placed(reply):
+    """STT may read a ready together with many mic chunks after it (when behind real time):
+    the reply's audio must be fetched before those chunks are judged, not after."""
+    g = EchoGate()
+    g.played(1, 0, ts_ms=1000.0)
+    assert g.playing_turns == [1]
+    g.reference(1, 0, 0, *reply)
+    g.push(np.zeros(FRAME, np.float32), ts_ms=1020.0)
+    assert g._segments[(1, 0)].start is not None
+
+
+def test_a_mic_that_was_off_when_the_reply_began_is_the_player(reply, player):
+    """A client that sends audio only while the player talks (no open mic, so no echo): the
+    player cutting in at the very start of the reply, at the reply's own level, is heard as
+    the VAD alone hears them."""
+    pcm, rate = reply
+    before = noise(RATE // 2, -55, 1)  # the tail of the question's stream
+    voice = noise(2 * RATE, -55, 2)
+    voice[RATE // 10:RATE // 10 + 24000] += 0.1 * player[:24000] / np.abs(player).max()
+    g = EchoGate()
+    g.reference(1, 0, 0, pcm, rate)
+    t0 = 1e6
+    for i in range(0, len(before), FRAME):
+        g.push(before[i:i + FRAME], ts_ms=t0 + (i + FRAME) / 16)
+    g.played(1, 0, ts_ms=t0 + 1500)  # UE starts the reply while the client sends nothing
+    t1 = t0 + 1600  # and the player cuts in 100 ms later
+    out = np.concatenate([g.push(voice[i:i + FRAME], ts_ms=t1 + (i + FRAME) / 16)
+                          for i in range(0, len(voice), FRAME)])
+    assert g._segments[(1, 0)].start < len(before)  # placed in the gap, before the cut-in
+    assert starts(out, None) == starts(voice, None) != []

@@ -86,7 +86,7 @@ def test_silero_finds_the_sentence_and_nothing_in_the_noise(scene):
 def test_silero_holds_a_sentence_through_a_level_dip():
     """The energy VAD's failure from the issue: a short dip in level ended the turn after two
     words. Silero hears the voice under the dip."""
-    s, [(a, b)] = speech("What do you sell here in the market?")
+    s, [(a, _b)] = speech("What do you sell here in the market?")
     dip = slice(a + int(0.35 * R), a + int(0.5 * R))
     s[dip] *= 10 ** (-25 / 20)
     x = np.concatenate([np.zeros(R // 2, np.float32), s, np.zeros(R, np.float32)])
@@ -197,7 +197,7 @@ def test_a_pause_asks_the_model_and_a_complete_turn_ends_at_the_pause():
 
 
 def test_an_unfinished_turn_waits_for_the_speaker_and_the_rest_joins_it():
-    s, [(_, b1), (a2, b2)] = speech("I want the sword from the blacksmith.", 2, 0.6)
+    s, [(_, _b1), (a2, _b2)] = speech("I want the sword from the blacksmith.", 2, 0.6)
     x = np.concatenate([np.zeros(R // 2, np.float32), s, np.zeros(2 * R, np.float32)])
     lis = listener()
     ends, checks = [], 0
@@ -232,7 +232,7 @@ def test_the_silence_cap_ends_a_turn_the_model_never_calls_complete():
 
 
 def test_a_verdict_after_the_speaker_went_on_ends_nothing():
-    s, [(_, b1), (a2, _)] = speech("I want the sword from the blacksmith.", 2, 0.5)
+    s, [(_, _b1), (a2, _)] = speech("I want the sword from the blacksmith.", 2, 0.5)
     x = np.concatenate([np.zeros(R // 2, np.float32), s])
     lis = listener()
     check = None

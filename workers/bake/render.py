@@ -112,12 +112,13 @@ class LineRenderer:
 
 def _atomic(path: Path, write) -> None:
     """``write(tmp)`` then rename over ``path``: readers see the old file or the whole new one,
-    and a worker killed mid-write leaves only a ``.tmp`` file that the next run overwrites."""
+    and a worker killed mid-write leaves only a ``.tmp`` file (removed at the end of the bake).
+    No fsync: a killed process loses nothing the kernel has, and after a machine crash the
+    check in lines.baked (samples and frames against the JSON) finds a short file and the line
+    is baked again; live workers share the disk with Redis's AOF."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -38,10 +38,11 @@ REPLY_STAGES = ("llm", "tts", "lipsync")
 class LiveLoad:
     """Whether the live fleet is busy, read from its worker registry and job streams."""
 
-    def __init__(self, conn, keys: Keys, stt_lag_ms: float):
+    def __init__(self, conn, keys: Keys, stt_lag_ms: float, speech: bool = False):
         self.conn = conn
         self.keys = keys
         self.stt_lag_ms = stt_lag_ms
+        self.speech = speech  # STT jobs in flight count too
 
     def busy(self) -> str:
         """Why bake should wait now; "" when the fleet is idle."""
@@ -73,6 +74,8 @@ class LiveLoad:
                 continue  # lapsed: a worker that is gone
             if st in REPLY_STAGES and json.loads(reg[0]):
                 return f"{st}: a reply is being made"
+            if st == "stt" and self.speech and json.loads(reg[0]):
+                return "stt: a player is speaking"
             if st == "stt" and float(reg[1] or 0) > self.stt_lag_ms:
                 return f"stt: {float(reg[1]):.0f} ms behind"
         return ""
@@ -189,7 +192,8 @@ def run_bake_worker(config: Config, burst: bool = False) -> int:
     _wait_alive(conn, alive_key(config.redis.prefix, name), sidecar)
     bq = BakeQueue(conn, config)
     worker = BakeWorker([Queue(cfg.queue, connection=conn)], connection=conn, name=name)
-    worker.live = LiveLoad(fleet, keys, cfg.yield_stt_lag_ms) if cfg.max_pause_s > 0 else None
+    worker.live = (LiveLoad(fleet, keys, cfg.yield_stt_lag_ms, cfg.yield_to_speech)
+                   if cfg.max_pause_s > 0 else None)
     worker.max_pause_s = cfg.max_pause_s
     stop = threading.Event()
     reg = threading.Thread(target=_register, args=(worker, fleet, bq, keys, name, stop),

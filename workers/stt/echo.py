@@ -73,6 +73,7 @@ class EchoConfig:
     margin_db: float = 6.0  # a second voice must exceed the echo bound by this much
     snr_db: float = 6.0  # ... and be this far above the room's noise floor
     voice_share: float = 0.3  # ... and carry this share of the frame's energy above the floor
+    prior_db: float = 0.0  # before the room is known, an echo is no louder than the reply
     learn_ms: int = 400  # the reply's first audible echo, taken as echo, to learn delay and gain
     learn_quantile: float = 0.9  # of the learned ratios: an odd reverb spike is not the gain
     min_corr: float = 0.4  # the learned audio must follow the reply this well to be its echo
@@ -124,6 +125,7 @@ class EchoGate:
         self._snr = 10 ** (cfg.snr_db / 10)
         self._decay = 10 ** (-cfg.decay_db_s * FRAME / RATE / 10)
         self._rise = 10 ** (cfg.rise_db / 10)
+        self._prior = 10 ** (cfg.prior_db / 10)
         self._learn = max(1, cfg.learn_ms * RATE // 1000 // FRAME)
         self._hold = cfg.hold_ms * RATE // 1000 // FRAME
         # reference audio on the mic timeline: samples [ref_start, ref_start + len(ref))
@@ -135,6 +137,7 @@ class EchoGate:
         self._cut: set[int] = set()  # turns the player cut off: their audio no longer plays
         self._pending: list[tuple[tuple[int, int], float]] = []  # readies anchored by time
         self._offsets: deque[float] = deque(maxlen=50)  # see _clock
+        self._resumed_at: int | None = None  # where the mic came back after a gap
         self._gain = np.zeros(_N_BANDS)
         self._learned = 0
         self._held = 0
@@ -158,8 +161,8 @@ class EchoGate:
         the next mic push (stamped with its arrival time) turns into a position."""
         if turn in self._cut:
             return
+        self._open_turns.add(turn)  # its audio is wanted now, before the ready is placed
         if at is not None:
-            self._open_turns.add(turn)
             self._segment(turn, segment).ready_at = at
             self._place(turn)
         else:
@@ -194,6 +197,19 @@ class EchoGate:
     def playing_turns(self) -> list[int]:
         """Turns UE started whose reply audio has not all been given yet."""
         return sorted(self._open_turns)
+
+    @property
+    def in_reach(self) -> bool:
+        """Could the mic be hearing a reply now?"""
+        return self._in_reach(self._frames)
+
+    def describe(self) -> dict:
+        """For the log line of an utterance that starts while a reply is in reach."""
+        return {"echo_delay_ms": self.delay_ms, "echo_learned": self._learned,
+                "echo_frames": self.echo_frames, "voice_frames": self.voice_frames,
+                "echo_turns": sorted({t for t, _ in self._segments}),
+                "echo_placed": [(k[1], s.start) for k, s in sorted(self._segments.items())],
+                "echo_ref": (self._ref_start, len(self._ref)), "echo_at": self.position}
 
     def cut(self) -> None:
         """The player barged in: UE stops the reply now; no more of it will sound."""
@@ -249,7 +265,7 @@ class EchoGate:
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
         end = self.position + len(x)
         if ts_ms is not None:
-            self._clock(ts_ms, end)
+            self._clock(ts_ms, end, self.position)
         if self._pending:
             # a ready is placed by the mic audio that arrived after it (see _clock)
             later = [p for p in self._pending if ts_ms is not None and p[1] > ts_ms]
@@ -283,7 +299,7 @@ class EchoGate:
         self._echo = tail_echo
         return out[held:]
 
-    def _clock(self, ts_ms: float, end: int) -> None:
+    def _clock(self, ts_ms: float, end: int, start: int) -> None:
         """The mic's capture clock against the arrival clock: arrival minus audio time, at its
         smallest over the last second of chunks (the least delayed ones; a chunk held up in
         the network or in a busy client arrives late, and is not when it was captured). A
@@ -292,6 +308,7 @@ class EchoGate:
         offset = ts_ms - end * 1000 / RATE
         if self._offsets and offset - min(self._offsets) > self.GAP_MS:
             self._offsets.clear()
+            self._resumed_at = start
         self._offsets.append(offset)
 
     def _noise(self, n: int) -> np.ndarray:
@@ -346,15 +363,11 @@ class EchoGate:
         if bound.sum() < 1e-9:  # digital silence in the reply: nothing to hear
             return False
         excess = np.maximum(signal - self._margin * self._gain * bound, 0.0).sum()
-        if (audible and excess > self._snr * noise.sum()
-                and excess > self.cfg.voice_share * signal.sum()):
-            self._voiced += 1
-            if self._voiced >= 2:  # one odd frame is not a voice
-                self._held = self._hold
-                self.voice_frames += 1
-                return False
-        else:
-            self._voiced = 0
+        if self._is_voice(excess if audible else 0.0, signal, noise):
+            self._held = self._hold
+            self.voice_frames += 1
+            return False
+        if not self._voiced:
             # slow to rise: a second voice that swells from a whisper must not teach the gain
             ratio = signal / (bound + _EPS)
             self._gain = np.clip(ratio, self._gain * self._decay, self._gain * self._rise)
@@ -375,6 +388,10 @@ class EchoGate:
         if self._held:
             self._held -= 1
             return False
+        if self._resumed_at is not None and self._resumed_at >= self._ref_start:
+            # the mic was off when the reply began (a client that sends only while the player
+            # talks, not an open mic): what it sends now is the player
+            return False
         if not audible:
             bound = self._bound(f, self._lags)
             if bound.sum() > self._loud:
@@ -389,20 +406,41 @@ class EchoGate:
             return self._verdict(noise)
         self._quiet = 0
         self._quiet_gain = 0.0
+        # louder than the reply itself could come back (by margin_db, in its share of the
+        # frame) at every delay the echo could have: the player, talking before the room is
+        # known
+        excess = min(np.maximum(signal - self._margin * self._prior
+                                * self._bound(f, range(lag, lag + self._tail + 1)), 0.0).sum()
+                     for lag in range(self._lo, self._delay_hi + 1))
+        if self._is_voice(excess, signal, noise):
+            return self._not_echo()
         self._history.append((f, signal))
         self._learned += 1
         probe = self._learned - self.cfg.probe_frames
         if probe >= 0 and (probe % 4 == 0 or self._learned == self._learn):
             lag, corr = self._best_lag()
             if corr < self.cfg.min_corr and (corr < self.cfg.no_echo_corr or self._loud_voice()):
-                self._history.clear()
-                self._learned = 0
-                self._held = self._hold
-                self.voice_frames += 1
-                return False
+                return self._not_echo()
             if self._learned == self._learn:
                 self._calibrate(lag if corr >= self.cfg.min_corr else None)
         return self._verdict(noise)
+
+    def _is_voice(self, excess: float, signal: np.ndarray, noise: np.ndarray) -> bool:
+        """Energy beyond the echo bound, enough over the floor and of the frame, two frames
+        running (one odd frame is not a voice)."""
+        if (excess > self._snr * noise.sum() and excess > self.cfg.voice_share * signal.sum()):
+            self._voiced += 1
+            return self._voiced >= 2
+        self._voiced = 0
+        return False
+
+    def _not_echo(self) -> bool:
+        """What learning took for echo was a voice: let it through, learn again after it."""
+        self._history.clear()
+        self._learned = 0
+        self._held = self._hold
+        self.voice_frames += 1
+        return False
 
     def _loud_voice(self) -> bool:
         """Louder than a reply that comes back through the room can be (speakers are heard

@@ -227,6 +227,8 @@ class _Utterances:
             # playing: only it knows what UE is playing.
             await self.ctx.event("speech_start")
             await self.ctx.mark("speech_start")
+            if self.echo is not None and self.echo.gate.in_reach:
+                self.ctx.log.info("speech_over_reply", **self.echo.gate.describe())
         elif isinstance(action, Feed):
             if self.stream is not None and len(action.audio):
                 self.pending.append(action.audio)

@@ -1,0 +1,51 @@
+"""`parley bench turns`: its utterance set has the boundaries it claims, its offline decision
+counts a cut-off as one, and its report ends with the key=value line."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from benchmarks import turns as T
+from workers.stt.listener import ListenerConfig
+
+
+def test_the_set_covers_the_rates_scenes_pauses_and_held_out_real_speech():
+    items = T.build_set()
+    assert {i.rate for i in items} == {8000, 16000, 44100, 48000}
+    assert any("jfk" in i.name and i.held_out for i in items)
+    assert 0 < sum(i.held_out for i in items) < len(items)
+    for it in items:
+        x = it.audio[:, 0].astype(np.float32) / 32768
+        # nothing speech-loud after the marked end: only the scene's tail
+        after = x[it.end + it.rate // 50:]
+        assert len(after) >= 2 * it.rate
+        assert np.sqrt(np.mean(after ** 2)) < 0.02, it.name
+        before = x[it.end - it.rate // 5: it.end]
+        assert np.sqrt(np.mean(before ** 2)) > 0.01, it.name  # speech right up to the end
+
+
+def test_offline_decision_counts_a_pause_cut_as_a_cut_off():
+    items = {i.name: i for i in T.build_set()}
+    paused = next(i for n, i in items.items() if "pause 600 ms" in n)
+    plain = next(i for n, i in items.items() if n.startswith("'Tell me about"))
+    short = ListenerConfig(vad="energy", silence_ms=300)
+    long = ListenerConfig(vad="energy", silence_ms=900)
+    assert T.offline_row(paused, T.decide(paused, short))["cutoff"]
+    row = T.offline_row(paused, T.decide(paused, long))
+    assert not row["cutoff"] and not row["missed"] and 850 <= row["endpoint_ms"] <= 1300
+    row = T.offline_row(plain, T.decide(plain, short))
+    assert not row["cutoff"] and row["turns"] == 1
+
+
+def test_report_ends_with_one_key_value_line():
+    def rows(v2v, cut):
+        return [{"item": f"u{i}", "held_out": i % 3 == 0, "turns": 1, "cutoff": i < cut,
+                 "missed": False, "v2v_ms": v2v + i, "endpoint_ms": 500.0,
+                 "overhead_ms": 4.0} for i in range(6)]
+
+    text = T.report({"energy-500": {"hands_free": rows(900, 2), "ptt": []},
+                     "silero-800": {"hands_free": rows(1100, 0), "ptt": rows(90, 0)}})
+    last = text.splitlines()[-1]
+    assert last.startswith("best=silero-800 v2v_p50_ms=1102 ")
+    assert "baseline_cutoff_rate=0.333" in last and "ptt_p50_ms=92" in last
+    assert all("=" in kv for kv in last.split())
