@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import redis
-import soxr
 
+from benchmarks.speech import speech
 from parley.client import Client, TurnResult
 from parley.fleet import Fleet
 from parley.redis_server import RedisServer, free_port
@@ -68,21 +68,6 @@ UTTERANCES = (
 TURN_TIMEOUT_S = 60.0
 
 
-# --------------------------------------------------------------------------- speech
-
-
-def synthesize(text: str, rate: int = RATE) -> np.ndarray:
-    """espeak-ng speech at ``rate`` as int16 frames (n, 1), with 200 ms of silence around it."""
-    from workers.tts.espeak import EspeakSynth
-
-    synth = EspeakSynth()
-    pcm = np.concatenate([c.pcm for c in synth.synthesize(text, voice="en-us")])
-    audio = pcm.astype(np.float32) / 32768.0
-    if rate != synth.sample_rate:
-        audio = soxr.resample(audio, synth.sample_rate, rate)
-    pad = np.zeros(rate // 5, np.float32)
-    audio = np.concatenate([pad, audio, pad])
-    return (np.clip(audio, -1, 1) * 32767).astype(np.int16)[:, None]
 
 
 # --------------------------------------------------------------------------- the client side
@@ -260,7 +245,7 @@ def _supervise(fleet: Fleet, stop: threading.Event, restarts: list[str]) -> None
 def run(sessions: int = 4, turns: int = 5, workers: int = 2, kill_every_s: float = 3.0,
         seed: int = 0, aim: bool = False) -> dict:
     """Run the chaos benchmark; returns the per-turn records, the kills and the summary."""
-    speech = [synthesize(t) for t in UTTERANCES]
+    said = [speech(t, RATE) for t in UTTERANCES]
     log = Path(tempfile.mkdtemp(prefix="parley-chaos-")) / "fleet.log"
     server = RedisServer().start()
     fleet = Fleet(port=free_port(), workers=workers, redis_url=server.url, log_path=str(log),
@@ -287,7 +272,7 @@ def run(sessions: int = 4, turns: int = 5, workers: int = 2, kill_every_s: float
 
         async def main() -> None:
             url = f"ws://127.0.0.1:{fleet.port}"
-            await asyncio.gather(*(_session(url, i, turns, speech, records)
+            await asyncio.gather(*(_session(url, i, turns, said, records)
                                    for i in range(sessions)))
 
         asyncio.run(main())

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import soxr
 
+from benchmarks.speech import speech
 from parley.client import Client
 from parley.fleet import Fleet
 from parley.redis_server import RedisServer, free_port
@@ -38,17 +38,8 @@ CONFIGS = (("streaming", ""), ("sequential", ""), ("streaming", "sim"), ("sequen
 
 
 def synth_utterances(rate: int = 16000) -> list[np.ndarray]:
-    from workers.tts.espeak import EspeakSynth
-
-    synth = EspeakSynth()
-    out = []
-    for text in UTTERANCES:
-        pcm = np.concatenate([c.pcm for c in synth.synthesize(text)]).astype(np.float32) / 32768
-        pcm = soxr.resample(pcm, synth.sample_rate, rate)
-        lead = np.zeros(rate // 5, np.float32)
-        x = np.concatenate([lead, pcm])  # speech ends where the file ends: EOU is end of speech
-        out.append((np.clip(x, -1, 1) * 32767).astype(np.int16)[:, None])
-    return out
+    # speech ends where the file ends: the end of the utterance is the end of speech
+    return [speech(text, rate, tail_s=0.0) for text in UTTERANCES]
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-import soxr
 
+from benchmarks.speech import speech  # noqa: F401  (the tests' one speech source)
 from parley.fleet import Fleet
 from parley.redis_server import RedisServer, free_port
 
@@ -87,23 +86,6 @@ def fleet(redis_topology, tmp_path_factory):
 @pytest.fixture(scope="session")
 def gateway_url(fleet) -> str:
     return f"ws://127.0.0.1:{fleet.port}"
-
-
-def speech(text: str, rate: int, channels: int = 1, voice: str = "en-us") -> np.ndarray:
-    """espeak-ng speech resampled to ``rate``, as int16 frames (n, channels), with lead-in."""
-    from workers.tts.espeak import EspeakSynth
-
-    synth = EspeakSynth()
-    pcm = np.concatenate([c.pcm for c in synth.synthesize(text, voice=voice)]).astype(np.float32)
-    pcm /= 32768.0
-    if rate != synth.sample_rate:
-        pcm = soxr.resample(pcm, synth.sample_rate, rate)
-    lead = np.zeros(rate // 5, np.float32)
-    pcm = np.concatenate([lead, pcm, lead])
-    frames = np.repeat(pcm[:, None], channels, axis=1)
-    if channels > 1:
-        frames[:, 1] *= 0.8  # not identical channels, so the downmix is really exercised
-    return (np.clip(frames, -1, 1) * 32767).astype(np.int16)
 
 
 @pytest.fixture(scope="session")

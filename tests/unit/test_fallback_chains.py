@@ -225,14 +225,9 @@ async def test_lipsync_failure_in_the_flush_still_ends_the_turn_whole():
 
 @pytest.fixture(scope="module")
 def utterance():
-    import soxr
+    from benchmarks.speech import speech_16k
 
-    from tests.unit.speech_fixture import synthesize
-
-    pcm, rate = synthesize("hello how are you today")
-    x = soxr.resample(pcm.astype(np.float32) / 32768, rate, 16000)
-    pad = np.zeros(4800, np.float32)
-    return np.concatenate([pad, x, pad]).astype(np.float32)
+    return speech_16k("hello how are you today", pad_s=0.3)
 
 
 def _recognize(recognizer, audio) -> tuple[str, list]:

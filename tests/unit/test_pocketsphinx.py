@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import soxr
 
-from tests.unit.speech_fixture import synthesize
+from benchmarks.speech import speech_16k
 from workers.stt.audio import MicConverter
 from workers.stt.pocketsphinx_backend import PocketsphinxBackend, RecognizerStream
 from workers.stt.vad import Vad
@@ -27,10 +26,7 @@ def backend():
 
 def utterance(text, pad_s=0.3):
     """espeak-ng speech at 16 kHz with the silence a VAD preroll would include."""
-    pcm, rate = synthesize(text)
-    x = soxr.resample(pcm.astype(np.float32) / 32768, rate, R)
-    pad = np.zeros(int(pad_s * R), np.float32)
-    return np.concatenate([pad, x, pad])
+    return speech_16k(text, pad_s)
 
 
 @pytest.fixture(scope="module")

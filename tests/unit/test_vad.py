@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-import soxr
 
-from tests.unit.speech_fixture import synthesize
+from benchmarks.speech import speech_16k
 from workers.stt.vad import Vad, VadEvent
 
 R = 16000
@@ -137,8 +136,7 @@ def test_a_noise_step_does_not_hold_speech_forever():
 
 
 def test_real_speech_with_a_comma_pause_is_one_utterance():
-    pcm, rate = synthesize("Hello there, how are you today?")
-    speech = soxr.resample(pcm.astype(np.float32) / 32768, rate, R)
+    speech = speech_16k("Hello there, how are you today?")
     voiced = np.flatnonzero(np.abs(speech) > 1e-2)
     x = np.concatenate([silence(1.0), speech, silence(1.0)])
     x = x + noise(len(x) / R, -60)
