@@ -11,20 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.speech import speech  # noqa: F401  (the tests' one speech source)
-from parley.fleet import Fleet
-from parley.redis_server import RedisServer, free_port
+from benchmarks.speech import speech  # noqa: F401
+from parley.redis_server import RedisServer
+
+# tests import speech and FLEET_ENV from here
+from tests.support.fleet import FLEET_ENV, running_fleet  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 JFK = ROOT / "parley" / "samples" / "jfk.flac"
-
-# Fast takeover and short VAD tails keep the suite quick; production defaults are in config.py.
-FLEET_ENV = {
-    "PARLEY_WORKER_CLAIM_IDLE_MS": "1000",
-    "PARLEY_WORKER_HEARTBEAT_MS": "200",
-    "PARLEY_GATEWAY_ADMISSION_POLL_S": "0.2",
-    "PARLEY_LOG_LEVEL": "warning",
-}
 
 
 @pytest.fixture(scope="session")
@@ -68,19 +62,8 @@ def redis_topology(redis_server):
 @pytest.fixture(scope="session")
 def fleet(redis_topology, tmp_path_factory):
     log = tmp_path_factory.mktemp("fleet") / "fleet.log"
-    f = Fleet(port=free_port(), workers=1, redis_url=redis_topology.url, log_path=str(log),
-              env=FLEET_ENV, playground=True)
-    f.start()
-    try:
-        f.wait_ready(60)
-    except Exception:
-        f.stop()
-        print(log.read_text()[-5000:])
-        raise
-    yield f
-    codes = f.stop()
-    bad = {k: v for k, v in codes.items() if v != 0}
-    assert not bad, f"fleet processes exited uncleanly: {bad}\n{log.read_text()[-3000:]}"
+    with running_fleet(redis_topology.url, log, playground=True) as f:
+        yield f
 
 
 @pytest.fixture(scope="session")

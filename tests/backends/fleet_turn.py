@@ -34,21 +34,12 @@ async def fleet_turn(tmp_path: Path, env: dict[str, str], *, text: str = "Who ar
     import redis.asyncio as aioredis
 
     from parley.client import Client
-    from parley.fleet import Fleet
-    from parley.redis_server import free_port
     from schemas.streams import Keys
-    from tests.conftest import FLEET_ENV, speech
+    from tests.conftest import speech
+    from tests.support.fleet import running_fleet
 
     log_path = tmp_path / "fleet.log"
-    fleet = Fleet(port=free_port(), workers=1, log_path=str(log_path),
-                  env={**FLEET_ENV, **env})
-    fleet.start()
-    try:
-        try:
-            fleet.wait_ready(ready_s)
-        except Exception as exc:  # the log says which process did not come up, and why
-            raise AssertionError(f"fleet not ready: {exc}\n{log_path.read_text()[-4000:]}") \
-                from exc
+    with running_fleet(None, log_path, env=env, ready_s=ready_s, clean_exit=False) as fleet:
         client = await Client.connect(f"ws://127.0.0.1:{fleet.port}")
         try:
             await client.open("npc-1", persona, 16000, 1, endpoint="client")
@@ -61,7 +52,5 @@ async def fleet_turn(tmp_path: Path, env: dict[str, str], *, text: str = "Who ar
             entries = await r.xrange(Keys().session(result.sid, "reply"))
         finally:
             await r.aclose()
-    finally:
-        codes = fleet.stop()
     return FleetTurn(result=result, reply=[ReplyEntry.from_fields(f) for _, f in entries],
-                     log=log_path.read_text(), codes=codes)
+                     log=log_path.read_text(), codes=fleet.exit_codes)

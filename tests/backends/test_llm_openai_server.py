@@ -184,7 +184,7 @@ async def test_a_fleet_turn_answered_by_the_real_server(server, tiny_lm_dir, tmp
     """The whole loop with the LLM stage talking to the server: the reply the player hears is
     the model's, the reply stream records which backend answered, and audio and face arrive."""
     from tests.backends.fleet_turn import fleet_turn
-    from tests.integration.test_e2e import check_turn
+    from tests.support.turns import check_turn
 
     turn = await fleet_turn(tmp_path, {
         "PARLEY_LLM_BACKENDS": "openai,scripted", "PARLEY_LLM_OPENAI_URL": server,

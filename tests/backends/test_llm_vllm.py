@@ -464,7 +464,7 @@ async def test_real_engine_in_a_fleet_worker_answers_a_turn(vllm_model_dir, tmp_
     the player hears the model's reply (audio and face), and the worker shuts the engine's
     processes down and exits 0."""
     from tests.backends.fleet_turn import fleet_turn
-    from tests.integration.test_e2e import check_turn
+    from tests.support.turns import check_turn
 
     turn = await fleet_turn(tmp_path, {
         "PARLEY_LLM_BACKENDS": "vllm", "PARLEY_LLM_VLLM_MODEL": str(vllm_model_dir),

@@ -422,7 +422,7 @@ async def test_real_whisperx_in_a_fleet_worker_hears_a_turn(tiny_whisper_dir, tm
     or whichever line the nonsense happens to match."""
     pytest.importorskip("whisperx.asr")
     from tests.backends.fleet_turn import fleet_turn
-    from tests.integration.test_e2e import check_turn
+    from tests.support.turns import check_turn
 
     turn = await fleet_turn(tmp_path, {
         "PARLEY_STT_BACKENDS": "whisperx", "PARLEY_STT_MODEL": str(tiny_whisper_dir),

@@ -493,7 +493,7 @@ async def test_real_model_in_a_fleet_worker_voices_a_turn(tiny_vits, tmp_path):
     the reply at the model's rate; lipsync follows that audio (no phoneme marks from coqui)
     and every process exits 0."""
     from tests.backends.fleet_turn import fleet_turn
-    from tests.integration.test_e2e import check_turn
+    from tests.support.turns import check_turn
 
     turn = await fleet_turn(tmp_path, {
         "PARLEY_TTS_BACKENDS": "coqui", "PARLEY_TTS_COQUI_MODEL": str(tiny_vits["single"]),

@@ -14,11 +14,10 @@ import redis
 
 from benchmarks import simulated
 from parley.client import Client
-from parley.fleet import Fleet
-from parley.redis_server import free_port
 from schemas import protocol as P
 from schemas.streams import Keys, VoiceEntry
-from tests.conftest import FLEET_ENV, speech
+from tests.conftest import speech
+from tests.support.fleet import running_fleet
 
 pytestmark = pytest.mark.slow
 PREFIX = "sim"
@@ -29,15 +28,11 @@ def sim_fleet(redis_server, tmp_path_factory):
     log = tmp_path_factory.mktemp("simfleet") / "fleet.log"
     # the real recognizer hears the player; LLM and TTS at SIMULATED GPU-class speed, so the
     # reply is still being made when the player cuts in
-    env = {**FLEET_ENV, "PARLEY_REDIS_PREFIX": PREFIX,
+    env = {"PARLEY_REDIS_PREFIX": PREFIX,
            "PARLEY_LLM_BACKENDS": simulated.ENV["PARLEY_LLM_BACKENDS"],
            "PARLEY_TTS_BACKENDS": simulated.ENV["PARLEY_TTS_BACKENDS"]}
-    f = Fleet(port=free_port(), workers=1, redis_url=redis_server.url, log_path=str(log), env=env)
-    f.start()
-    f.wait_ready(60)
-    yield f
-    codes = f.stop()
-    assert all(c == 0 for c in codes.values()), (codes, log.read_text()[-3000:])
+    with running_fleet(redis_server.url, log, env=env) as f:
+        yield f
 
 
 def timing(r, sid: str) -> dict[str, float]:

@@ -13,28 +13,9 @@ from parley.client import Client, say
 from schemas import protocol as P
 from schemas.protocol import ErrorCode
 from tests.conftest import speech
+from tests.support.turns import check_turn
 
 pytestmark = pytest.mark.slow
-
-
-def check_turn(result, *, min_audio_s: float = 0.5):
-    s = result.summary()
-    assert not result.errors, result.errors
-    assert result.done is not None, "turn_done received"
-    assert s["transcript"], "a final transcript"
-    assert s["reply"], "a reply"
-    assert s["reply_audio_s"] >= min_audio_s
-    assert s["seq_gaps"] == 0 and s["seq_duplicates"] == 0, s["seq_problems"]
-    assert s["face_before_ready"] == 0, "no face frame before its segment's ready"
-    expected = result.audio_samples * 60 / result.reply_rate
-    assert abs(result.face_frames - expected) <= 2, (result.face_frames, expected)
-    assert result.done["audio_samples"] == result.audio_samples
-    assert result.done["face_frames"] == result.face_frames
-    lat = s["latency_ms"]
-    # gross bounds only: this machine is shared and noisy
-    assert 0 < lat["first_audio"] < 10_000
-    assert 0 <= lat["first_face"] < 2_000
-    return s
 
 
 async def test_full_turn_from_jfk_flac(gateway_url, jfk_path, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from core.personas import load_personas
 from tests.backends.fleet_turn import fleet_turn
-from tests.integration.test_e2e import check_turn
+from tests.support.turns import check_turn
 from workers.llm.scripted import ScriptedPersonaBackend
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ import pytest
 import redis
 
 from parley.client import Client
-from parley.fleet import Fleet
-from parley.redis_server import RedisServer, free_port
+from parley.redis_server import RedisServer
 from schemas.streams import Keys
-from tests.conftest import FLEET_ENV, speech
+from tests.conftest import speech
+from tests.support.fleet import running_fleet
 
 pytestmark = pytest.mark.slow
 
@@ -29,20 +29,18 @@ def idle_fleet(tmp_path_factory):
     server = RedisServer().start()
     log = tmp_path_factory.mktemp("lifecycle") / "fleet.log"
     # recordings are kept 2 s after the session ended: then every key goes
-    env = {**FLEET_ENV, "PARLEY_REDIS_DETACHED_GRACE_S": str(GRACE_S),
+    env = {"PARLEY_REDIS_DETACHED_GRACE_S": str(GRACE_S),
            "PARLEY_REDIS_RETENTION_S": "2",
            "PARLEY_GATEWAY_SWEEP_S": "0.5", "PARLEY_GATEWAY_MAX_SESSIONS": "1000",
            # a game server with a token may hold hundreds of NPC sessions
            "PARLEY_GATEWAY_TOKENS": f"town:{TOKEN}"}
-    f = Fleet(port=free_port(), workers=1, redis_url=server.url, log_path=str(log), env=env)
-    f.start()
-    f.wait_ready(60)
-    f.r = redis.Redis.from_url(server.url)
-    yield f
-    codes = f.stop()
-    f.r.close()
-    server.stop()
-    assert all(c == 0 for c in codes.values()), (codes, log.read_text()[-3000:])
+    try:
+        with running_fleet(server.url, log, env=env) as f:
+            f.r = redis.Redis.from_url(server.url)
+            yield f
+            f.r.close()
+    finally:
+        server.stop()
 
 
 def stt_pending(r: redis.Redis) -> int:

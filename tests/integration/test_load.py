@@ -16,9 +16,9 @@ import time
 import pytest
 
 from parley.client import Client
-from parley.fleet import Fleet
-from parley.redis_server import RedisServer, free_port
-from tests.conftest import FLEET_ENV, speech
+from parley.redis_server import RedisServer
+from tests.conftest import speech
+from tests.support.fleet import running_fleet
 
 pytestmark = pytest.mark.slow
 
@@ -32,16 +32,14 @@ LINES = ["Who are you and what do you guard here?", "Tell me about the road to t
 def loaded_fleet(tmp_path_factory):
     server = RedisServer().start()
     log = tmp_path_factory.mktemp("load") / "fleet.log"
-    env = {**FLEET_ENV, "PARLEY_GATEWAY_ADMIT_MAX_QUEUE_MS": "500",
+    env = {"PARLEY_GATEWAY_ADMIT_MAX_QUEUE_MS": "500",
            "PARLEY_GATEWAY_ADMISSION_POLL_S": "0.1"}
-    f = Fleet(port=free_port(), workers=2, redis_url=server.url, log_path=str(log), env=env)
-    f.start()
-    f.wait_ready(60)
-    f.log = log
-    yield f
-    codes = f.stop()
-    server.stop()
-    assert all(c == 0 for c in codes.values()), (codes, log.read_text()[-3000:])
+    try:
+        with running_fleet(server.url, log, workers=2, env=env) as f:
+            f.log = log
+            yield f
+    finally:
+        server.stop()
 
 
 async def test_eight_players_at_once_lose_no_turn_and_no_job(loaded_fleet):

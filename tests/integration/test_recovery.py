@@ -50,6 +50,7 @@ from schemas import protocol as P
 from schemas.streams import Job, Keys, ListenState
 from tests.conftest import speech
 from tests.support import topology
+from tests.support.turns import turn_problems
 
 pytestmark = pytest.mark.slow
 
@@ -453,54 +454,7 @@ def fresh_turn(client: Client, session: str) -> None:
 def problems(client: RecordingClient, session: str, result: TurnResult, turn: int = 1,
              baseline: TurnResult | None = None) -> list[str]:
     """Everything wrong with a turn as the player got it (empty: the turn is whole)."""
-    s = result.summary()
-    out = []
-    if result.errors:
-        out.append(f"errors: {result.errors}")
-    if result.done is None:
-        return [*out, "no turn_done"]
-    if result.done.get("turn") != turn:
-        out.append(f"turn_done for turn {result.done.get('turn')}, expected {turn}")
-    if not s["transcript"]:
-        out.append("no final transcript")
-    if not s["reply"]:
-        out.append("no final reply text")
-    if s["seq_gaps"] or s["seq_duplicates"]:
-        out.append(f"seq gaps={s['seq_gaps']} duplicates={s['seq_duplicates']}: "
-                   f"{s['seq_problems']}")
-    if s["face_before_ready"]:
-        out.append(f"{s['face_before_ready']} face frames before their segment's ready")
-    rate = result.reply_rate
-    expected = result.audio_samples * 60 / rate if rate else 0
-    if abs(result.face_frames - expected) > 2:
-        out.append(f"face frames {result.face_frames} for {expected:.1f} at 60/s of audio")
-    if result.done["audio_samples"] != result.audio_samples:
-        out.append(f"turn_done.audio_samples {result.done['audio_samples']} != "
-                   f"{result.audio_samples} received")
-    if result.done["face_frames"] != result.face_frames:
-        out.append(f"turn_done.face_frames {result.done['face_frames']} != "
-                   f"{result.face_frames} received")
-    pos = 0
-    for _, seq, sample, n in sorted(c for c in client.chunks.get(session, []) if c[0] == turn):
-        if sample != pos:
-            out.append(f"audio seq {seq} starts at sample {sample}, previous chunk ended at {pos}")
-            break
-        pos += n
-    if result.face_samples:
-        stamps = np.concatenate(result.face_samples).astype(np.int64)
-        want = np.rint(np.arange(len(stamps)) * rate / 60).astype(np.int64)
-        bad = np.flatnonzero(stamps != want)
-        if len(bad):
-            i = int(bad[0])
-            out.append(f"face frame {i} at sample {stamps[i]}, the 60 fps clock says {want[i]}")
-    if baseline is not None and result.transcript == baseline.transcript:
-        if result.reply != baseline.reply:
-            out.append(f"reply {result.reply!r} != fault-free {baseline.reply!r}")
-        # espeak-ng renders the same text a few ms longer or shorter from call to call
-        if abs(result.audio_samples - baseline.audio_samples) > 0.02 * baseline.audio_samples:
-            out.append(f"{result.audio_samples} reply samples, fault-free "
-                       f"{baseline.audio_samples}")
-    return out
+    return turn_problems(result, turn, client.chunks.get(session, []), baseline)
 
 
 @pytest.fixture(scope="module")

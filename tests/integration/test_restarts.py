@@ -11,9 +11,10 @@ import time
 import pytest
 
 from parley.client import Client
-from parley.fleet import Fleet, _port_open
-from parley.redis_server import RedisServer, free_port
-from tests.conftest import FLEET_ENV, speech
+from parley.fleet import _port_open
+from parley.redis_server import RedisServer
+from tests.conftest import speech
+from tests.support.fleet import running_fleet
 
 pytestmark = pytest.mark.slow
 
@@ -22,15 +23,12 @@ pytestmark = pytest.mark.slow
 def own_fleet(tmp_path_factory):
     redis = RedisServer(appendonly=True).start()
     log = tmp_path_factory.mktemp("restarts") / "fleet.log"
-    f = Fleet(port=free_port(), workers=1, redis_url=redis.url, log_path=str(log),
-              env=FLEET_ENV)
-    f.start()
-    f.wait_ready(60)
-    f.redis_server = redis
-    yield f
-    codes = f.stop()
-    redis.stop()
-    assert all(c == 0 for c in codes.values()), (codes, log.read_text()[-3000:])
+    try:
+        with running_fleet(redis.url, log) as f:
+            f.redis_server = redis
+            yield f
+    finally:
+        redis.stop()
 
 
 def complete(result, done):
