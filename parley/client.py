@@ -292,6 +292,14 @@ class Client:
         if not fut.done():
             fut.set_result(value)
 
+    def new_turn(self, session: str) -> TurnResult:
+        """Start measuring a new turn of ``session`` (one TurnResult per session: the next
+        ``wait_done`` waits for the next turn_done)."""
+        opened = self.opened.get(session)
+        self.turns[session] = TurnResult(session=session, sid=opened.sid if opened else "")
+        self._done[session] = asyncio.Event()
+        return self.turns[session]
+
     async def open(self, session: str, npc: str, rate: int, channels: int,
                    fmt: str = "s16le", persona: str | None = None,
                    endpoint: str | None = None) -> P.SessionOpened:

@@ -447,8 +447,7 @@ async def say_turn(client: Client, session: str, frames: np.ndarray, realtime: b
 
 def fresh_turn(client: Client, session: str) -> None:
     """The reference client keeps one TurnResult per session: start a new one for a new turn."""
-    client.turns[session] = TurnResult(session=session, sid=client.opened[session].sid)
-    client._done[session] = asyncio.Event()
+    client.new_turn(session)
 
 
 def problems(client: RecordingClient, session: str, result: TurnResult, turn: int = 1,
