@@ -2,9 +2,10 @@
 
 Hands-free, the reply that UE plays comes back into the mic, attenuated, delayed by the output
 buffer and the room (20-200 ms), and smeared by reverb. The server has that audio (the voice
-stream) and UE's play clock (``ready`` per segment, stamped into the mic stream by the gateway),
-so it places the reply on the mic's own timeline, in 16 kHz samples, and asks of every 20 ms mic
-frame: is there more energy here than the reply could have put there?
+stream) and UE's play clock (``ready`` per segment, stamped by the gateway with the time it came
+in, as every mic chunk is), so it places the reply on the mic's own timeline, in 16 kHz
+samples, and asks of every 20 ms mic frame: is there more energy here than the reply could
+have put there?
 
 Per frame and band (20 bands, 100 Hz-7.5 kHz) the echo is bounded by ``G_b`` times the loudest
 reference frame within the delay window. The first ``learn_ms`` of audible mic signal while the
@@ -13,7 +14,11 @@ reply plays are taken as its echo and teach the gate the room: the delay is the 
 with the mic's (normalized cross-correlation of log powers); the window becomes that lag plus
 ``tail_ms`` of reverb (the whole search range when no lag correlates by ``min_corr``), and
 ``G_b`` a high quantile of the mic/bound ratios. After that ``G_b`` follows the echo slowly
-(up ``rise_db`` a frame, down ``decay_db_s``), never on frames judged to carry a voice.
+(up ``rise_db`` a frame, down ``decay_db_s``), never on frames judged to carry a voice. While
+learning, audio that does not follow the reply, or is louder than the reply could come back
+(``prior_db``), is a voice and learning starts over after it; a reply that sounds with nothing
+audible in the mic means no echo; and a mic whose audio began or came back after the ready is
+no open mic (a client that sends only while the player talks): nothing is gated then.
 
 A frame carries a second voice when its energy above the noise floor exceeds ``margin_db`` over
 the bound by ``snr_db`` over the floor and by ``voice_share`` of the frame, two frames running;
