@@ -285,7 +285,9 @@ def listen(mic: np.ndarray, scene: Scene | None) -> int | None:
     lis = Listener(RATE, 1, "s16le", ListenerConfig(), echo=gate)
     pcm = (np.clip(mic, -1, 1) * 32767).astype("<i2")
     for seq, i in enumerate(range(0, len(pcm), 320), 1):
-        for action in lis.push(MicEntry(seq=seq, pcm=pcm[i:i + 320].tobytes())):
+        # stamped as the gateway would: when the chunk arrived, at real-time pace
+        entry = MicEntry(seq=seq, pcm=pcm[i:i + 320].tobytes(), ts=1e12 + (i + 320) / 16)
+        for action in lis.push(entry):
             if isinstance(action, Start):
                 return action.sample
     return None

@@ -2,9 +2,10 @@
 
 Hands-free, the reply that UE plays comes back into the mic, attenuated, delayed by the output
 buffer and the room (20-200 ms), and smeared by reverb. The server has that audio (the voice
-stream) and UE's play clock (``ready`` per segment, stamped into the mic stream by the gateway),
-so it places the reply on the mic's own timeline, in 16 kHz samples, and asks of every 20 ms mic
-frame: is there more energy here than the reply could have put there?
+stream) and UE's play clock (``ready`` per segment, stamped by the gateway with the time it came
+in, as every mic chunk is), so it places the reply on the mic's own timeline, in 16 kHz
+samples, and asks of every 20 ms mic frame: is there more energy here than the reply could
+have put there?
 
 Per frame and band (20 bands, 100 Hz-7.5 kHz) the echo is bounded by ``G_b`` times the loudest
 reference frame within the delay window. The first ``learn_ms`` of audible mic signal while the
@@ -13,7 +14,11 @@ reply plays are taken as its echo and teach the gate the room: the delay is the 
 with the mic's (normalized cross-correlation of log powers); the window becomes that lag plus
 ``tail_ms`` of reverb (the whole search range when no lag correlates by ``min_corr``), and
 ``G_b`` a high quantile of the mic/bound ratios. After that ``G_b`` follows the echo slowly
-(up ``rise_db`` a frame, down ``decay_db_s``), never on frames judged to carry a voice.
+(up ``rise_db`` a frame, down ``decay_db_s``), never on frames judged to carry a voice. While
+learning, audio that does not follow the reply, or is louder than the reply could come back
+(``prior_db``), is a voice and learning starts over after it; a reply that sounds with nothing
+audible in the mic means no echo; and a mic whose audio began or came back after the ready is
+no open mic (a client that sends only while the player talks): nothing is gated then.
 
 A frame carries a second voice when its energy above the noise floor exceeds ``margin_db`` over
 the bound by ``snr_db`` over the floor and by ``voice_share`` of the frame, two frames running;
@@ -137,7 +142,8 @@ class EchoGate:
         self._cut: set[int] = set()  # turns the player cut off: their audio no longer plays
         self._pending: list[tuple[tuple[int, int], float]] = []  # readies anchored by time
         self._offsets: deque[float] = deque(maxlen=50)  # see _clock
-        self._resumed_at: int | None = None  # where the mic came back after a gap
+        self._resumed_ts: float | None = None  # when the mic's audio began, or came back
+        self._ready_ts: float | None = None  # when UE said ready for the reply, first
         self._gain = np.zeros(_N_BANDS)
         self._learned = 0
         self._held = 0
@@ -167,6 +173,7 @@ class EchoGate:
             self._place(turn)
         else:
             self._pending.append(((turn, segment), ts_ms or 0.0))
+            self._ready_ts = min(self._ready_ts or ts_ms or 0.0, ts_ms or 0.0)
 
     def reference(self, turn: int, segment: int, sample: int, pcm: np.ndarray,
                   rate: int) -> None:
@@ -265,7 +272,7 @@ class EchoGate:
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
         end = self.position + len(x)
         if ts_ms is not None:
-            self._clock(ts_ms, end, self.position)
+            self._clock(ts_ms, end)
         if self._pending:
             # a ready is placed by the mic audio that arrived after it (see _clock)
             later = [p for p in self._pending if ts_ms is not None and p[1] > ts_ms]
@@ -299,16 +306,16 @@ class EchoGate:
         self._echo = tail_echo
         return out[held:]
 
-    def _clock(self, ts_ms: float, end: int, start: int) -> None:
+    def _clock(self, ts_ms: float, end: int) -> None:
         """The mic's capture clock against the arrival clock: arrival minus audio time, at its
         smallest over the last second of chunks (the least delayed ones; a chunk held up in
         the network or in a busy client arrives late, and is not when it was captured). A
         jump by more than ``GAP_MS`` is a gap in the mic (the client stopped sending): the
         clock starts anew there."""
         offset = ts_ms - end * 1000 / RATE
-        if self._offsets and offset - min(self._offsets) > self.GAP_MS:
+        if not self._offsets or offset - min(self._offsets) > self.GAP_MS:
             self._offsets.clear()
-            self._resumed_at = start
+            self._resumed_ts = ts_ms
         self._offsets.append(offset)
 
     def _noise(self, n: int) -> np.ndarray:
@@ -388,9 +395,11 @@ class EchoGate:
         if self._held:
             self._held -= 1
             return False
-        if self._resumed_at is not None and self._resumed_at >= self._ref_start:
-            # the mic was off when the reply began (a client that sends only while the player
-            # talks, not an open mic): what it sends now is the player
+        if (self._resumed_ts is not None and self._ready_ts is not None
+                and self._resumed_ts >= self._ready_ts):
+            # the mic was off when UE began the reply (its first audio, or its first after a
+            # gap, came in after the ready): a client that sends only while the player talks,
+            # not an open mic; what it sends now is the player
             return False
         if not audible:
             bound = self._bound(f, self._lags)
