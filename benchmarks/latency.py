@@ -52,7 +52,8 @@ async def _turns(url: str, utterances: list[np.ndarray], turns: int) -> list[dic
     try:
         for n in LENGTHS:
             session = f"bench{n}"
-            await client.open(session, f"bench{n}", 16000, 1)
+            # push-to-talk: the turn ends at the client's end_of_utterance, where TTFA starts
+            await client.open(session, f"bench{n}", 16000, 1, endpoint="client")
             for i in range(turns):
                 frames = utterances[i % len(utterances)]
                 tr = client.turns[session]

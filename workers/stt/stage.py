@@ -146,7 +146,11 @@ class SttStage(Stage):
 
     async def handle(self, ctx: JobContext) -> Outcome:
         meta = await ctx.meta()
-        echo = EchoGate(base=ctx.job.position) if self.config.stt.echo_gate else None
+        # Push-to-talk sends the mic only while the player holds the button, and the player
+        # ends the turn: no echo to keep out, and the gate's reads would only add latency.
+        hands_free = meta.endpoint != "client"
+        echo = (EchoGate(base=ctx.job.position) if self.config.stt.echo_gate and hands_free
+                else None)
         listener = Listener(meta.sample_rate, meta.channels, meta.format,
                             self.listener_config(), base=ctx.job.position,
                             client_ends=meta.endpoint == "client",
