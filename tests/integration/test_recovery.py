@@ -66,6 +66,10 @@ ENV = {
     "PARLEY_WORKER_CLAIM_IDLE_MS": "1000",
     "PARLEY_WORKER_HEARTBEAT_MS": "200",
     "PARLEY_GATEWAY_ADMISSION_POLL_S": "0.2",
+    # these tests kill and stop workers on purpose: the lag that leaves must not refuse the
+    # next test's session (admission has its own tests in test_load.py)
+    "PARLEY_GATEWAY_ADMIT_MAX_LAG_MS": "0",
+    "PARLEY_GATEWAY_ADMIT_MAX_QUEUE_MS": "0",
     "PARLEY_LOG_LEVEL": "warning",
 }
 # A dead worker's job is idle for claim_idle_ms (1 s) after its last heartbeat, and siblings
