@@ -40,8 +40,8 @@ import numpy as np
 import redis
 import soundfile as sf
 
-from benchmarks.chaos import synthesize
 from benchmarks.load import _cpu_ticks
+from benchmarks.speech import speech
 from core.config import Config
 from core.personas import load_personas
 from parley.client import say
@@ -172,7 +172,7 @@ def run(turns: int = 12, lines: int = 60, bake_workers: int = 0) -> dict:
     wavs = []
     for i, q in enumerate(QUESTIONS):
         wavs.append(tmp / f"q{i}.wav")
-        sf.write(str(wavs[-1]), synthesize(q), 16000, subtype="PCM_16")
+        sf.write(str(wavs[-1]), speech(q), 16000, subtype="PCM_16")
     rig = Rig(bake_workers)
     url = f"ws://127.0.0.1:{rig.fleet.port}"
     conds = ["live", "bake_live", "unyielding"]

@@ -58,7 +58,7 @@ import numpy as np
 import redis
 
 from benchmarks import simulated
-from benchmarks.chaos import synthesize
+from benchmarks.speech import speech
 from parley.client import Client, TurnResult
 from parley.fleet import Fleet, cpu_count
 from parley.redis_server import RedisServer, free_port
@@ -535,7 +535,7 @@ def summary(results: dict[str, list[Step]], stt_rtf: float, memory: dict,
 def run(profiles: list[str], steps: dict[str, list[int] | None], step_s: float,
         stagger_s: float, idle: int, workers: str, say=_say
         ) -> tuple[dict[str, list[Step]], float, dict]:
-    frames = synthesize(simulated.QUESTION)
+    frames = speech(simulated.QUESTION)
     stt_rtf = measure_stt_rtf(frames)
     cores = cpu_count()
     say(f"question {len(frames) / RATE:.2f} s; offline stt_rtf {stt_rtf:.3f}; {cores} cores; "
