@@ -7,43 +7,26 @@ import asyncio
 import time
 
 from core import metrics as M
+from core.observe import REFRESH_S, ProcessObserver
 from core.redisconn import RETRYABLE
 from schemas import protocol as P
 
-REFRESH_S = 2.0
-# Readiness needs Redis answering: a gateway that cannot reach it can only refuse sessions.
-REDIS_STALE_S = 10.0
 # Liveness: the gateway runs no model, so a loop that ran nothing this long is wedged.
 LOOP_STALL_S = 60.0
 
 
-class GatewayObserver:
+class GatewayObserver(ProcessObserver):
     def __init__(self, gw):
+        super().__init__(LOOP_STALL_S)
         self.gw = gw
         self.stopping = False
-        self.redis_ok_at = 0.0
-        self.loop_ok_at = time.monotonic()
-        self.stall_s = LOOP_STALL_S
-        self.server: M.MetricsServer | None = None
-        self._task: asyncio.Task | None = None
-        self._tick_task: asyncio.Task | None = None
 
     def start(self) -> None:
-        self.server = M.serve(self.gw.config, M.Probe(ready=self.not_ready, alive=self.not_alive),
-                              self.gw.log)
-        self._task = asyncio.create_task(self._refresh_loop())
-        self._tick_task = asyncio.create_task(self._tick())
+        self.serve(self.gw.config, self.gw.log)
 
     async def stop(self) -> None:
         self.stopping = True
-        tasks = [t for t in (self._task, self._tick_task) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.stop()
+        await self.stop_tasks()
 
     def not_ready(self) -> str:
         """Why a load balancer should not send new clients here ("" when it should)."""
@@ -51,14 +34,9 @@ class GatewayObserver:
             return "stopping"
         if self.gw.server is None or not self.gw.server.is_serving():
             return "not listening"
-        if time.monotonic() - self.redis_ok_at > REDIS_STALE_S:
+        if self.redis_stale():
             return "redis unreachable"
         return ""
-
-    def not_alive(self) -> str:
-        """Why the kubelet should restart this process ("" when it should not)."""
-        stalled = time.monotonic() - self.loop_ok_at
-        return f"event loop ran nothing for {stalled:.0f} s" if stalled > self.stall_s else ""
 
     def local_gauges(self) -> None:
         open_, talking = 0, 0
@@ -71,12 +49,6 @@ class GatewayObserver:
         M.SESSIONS.labels("open").set(open_)
         M.SESSIONS.labels("talking").set(talking)
         M.CONNECTIONS.set(len(self.gw.connections))
-
-    async def _tick(self) -> None:
-        """Proof that the event loop runs (a Redis call that hangs is not a wedged loop)."""
-        while True:
-            self.loop_ok_at = time.monotonic()
-            await asyncio.sleep(1.0)
 
     async def _refresh_loop(self) -> None:
         while True:

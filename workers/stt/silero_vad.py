@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.stt.vad import VadEvent
+from workers.stt.vad import SpeechRuns, VadEvent
 
 WINDOW = 512  # samples at 16 kHz: the only window size the model takes
 _HYSTERESIS = 0.15
@@ -50,22 +50,17 @@ class SileroVad:
         self.rate = rate
         self.frame = WINDOW
         frame_ms = WINDOW * 1000 / rate
-        self.start_frames = max(1, int(np.ceil(start_ms / frame_ms)))
-        self.silence_frames = max(1, int(np.ceil(silence_ms / frame_ms)))
-        self.resume_frames = max(1, int(np.ceil(resume_ms / frame_ms)))
+        self._runs = SpeechRuns(max(1, int(np.ceil(start_ms / frame_ms))),
+                                max(1, int(np.ceil(silence_ms / frame_ms))),
+                                max(1, int(np.ceil(resume_ms / frame_ms))))
         self.threshold = threshold
         self.last_prob = 0.0
         self._buf = np.zeros(0, np.float32)
         self._position = 0
-        self._in_speech = False
-        self._run = 0
-        self._run_start = 0
-        self._silent = 0
-        self._last_voiced_end = 0
 
     @property
     def in_speech(self) -> bool:
-        return self._in_speech
+        return self._runs.in_speech
 
     @property
     def position(self) -> int:
@@ -75,7 +70,8 @@ class SileroVad:
     @property
     def silent_samples(self) -> int:
         """In speech: samples since the end of the last speech window."""
-        return self._position - self._last_voiced_end if self._in_speech else 0
+        runs = self._runs
+        return self._position - runs.last_voiced_end if runs.in_speech else 0
 
     def push(self, samples: np.ndarray) -> list[VadEvent]:
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
@@ -92,25 +88,8 @@ class SileroVad:
             self.last_prob = prob
             start = self._position
             self._position += WINDOW
-            cut = self.threshold - _HYSTERESIS if self._in_speech else self.threshold
-            if prob >= cut:
-                if self._run == 0:
-                    self._run_start = start
-                self._run += 1
-            else:
-                self._run = 0
-            if not self._in_speech:
-                if self._run >= self.start_frames:
-                    self._in_speech = True
-                    self._silent = 0
-                    self._last_voiced_end = self._position
-                    events.append(VadEvent("start", self._run_start))
-            elif self._run >= self.resume_frames:
-                self._silent = 0
-                self._last_voiced_end = self._position
-            else:
-                self._silent += 1
-                if self._silent >= self.silence_frames:
-                    self._in_speech = False
-                    events.append(VadEvent("end", self._last_voiced_end))
+            cut = self.threshold - _HYSTERESIS if self._runs.in_speech else self.threshold
+            ev = self._runs.frame(prob >= cut, start, self._position)
+            if ev is not None:
+                events.append(ev)
         return events

@@ -47,6 +47,47 @@ class VadEvent:
     sample: int  # samples since the stream began: first voiced frame / end of last voiced one
 
 
+class SpeechRuns:
+    """Start and end of speech from per-frame verdicts, the rule both VADs share:
+    ``start_frames`` consecutive voiced frames start it (the event at the first of them);
+    ``silence_frames`` without a voiced run of ``resume_frames`` end it (the event at the end
+    of the last voiced frame). Shorter blips count as silence while in speech."""
+
+    def __init__(self, start_frames: int, silence_frames: int, resume_frames: int):
+        self.start_frames = start_frames
+        self.silence_frames = silence_frames
+        self.resume_frames = resume_frames
+        self.in_speech = False
+        self.run = 0  # consecutive voiced frames
+        self.run_start = 0
+        self.silent = 0  # frames since the last voiced run of resume_frames or more
+        self.last_voiced_end = 0
+
+    def frame(self, voiced: bool, start: int, end: int) -> VadEvent | None:
+        """One frame's verdict (``start``/``end``: its samples); the event it completes."""
+        if voiced:
+            if self.run == 0:
+                self.run_start = start
+            self.run += 1
+        else:
+            self.run = 0
+        if not self.in_speech:
+            if self.run >= self.start_frames:
+                self.in_speech = True
+                self.silent = 0
+                self.last_voiced_end = end
+                return VadEvent("start", self.run_start)
+        elif self.run >= self.resume_frames:
+            self.silent = 0
+            self.last_voiced_end = end
+        else:
+            self.silent += 1
+            if self.silent >= self.silence_frames:
+                self.in_speech = False
+                return VadEvent("end", self.last_voiced_end)
+        return None
+
+
 class Vad:
     def __init__(self, rate: int = 16000, frame_ms: int = 20, start_ms: int = 60,
                  silence_ms: int = 500, threshold_db: float = 10.0,
@@ -60,9 +101,9 @@ class Vad:
         self.rate = rate
         self.frame = rate * frame_ms // 1000
         # Durations round up to whole frames: silence_ms=50 must not end speech after 40 ms.
-        self.start_frames = max(1, -(-start_ms // frame_ms))
-        self.silence_frames = max(1, -(-silence_ms // frame_ms))
-        self.resume_frames = max(1, -(-resume_ms // frame_ms))
+        self._runs = SpeechRuns(max(1, -(-start_ms // frame_ms)),
+                                max(1, -(-silence_ms // frame_ms)),
+                                max(1, -(-resume_ms // frame_ms)))
         self.threshold_db = threshold_db
         self.min_level_db = min_level_db
         self.steady_db = steady_db
@@ -77,15 +118,10 @@ class Vad:
         self.floor_db = _LEVEL_FLOOR_DB
         self._buf = np.zeros(0, np.float32)
         self._position = 0
-        self._in_speech = False
-        self._run = 0  # consecutive voiced frames
-        self._run_start = 0
-        self._silent = 0  # frames since the last voiced run of resume_frames or more
-        self._last_voiced_end = 0
 
     @property
     def in_speech(self) -> bool:
-        return self._in_speech
+        return self._runs.in_speech
 
     @property
     def position(self) -> int:
@@ -106,7 +142,7 @@ class Vad:
         d = level_db - self._mean_db
         self._mean_db += _STEADY_ALPHA * d
         self._var_db += _STEADY_ALPHA * (d * d - self._var_db)
-        if self._in_speech and self._var_db > self.steady_db ** 2:
+        if self._runs.in_speech and self._var_db > self.steady_db ** 2:
             floor_db = min(floor_db, self.floor_db + self._rise_per_frame)
         self.floor_db = floor_db
 
@@ -128,24 +164,7 @@ class Vad:
             # Classify against the floor as it was before this frame.
             voiced = level > max(self.min_level_db, self.floor_db + self.threshold_db)
             self._track_floor(level)
-            if voiced:
-                if self._run == 0:
-                    self._run_start = start
-                self._run += 1
-            else:
-                self._run = 0
-            if not self._in_speech:
-                if self._run >= self.start_frames:
-                    self._in_speech = True
-                    self._silent = 0
-                    self._last_voiced_end = self._position
-                    events.append(VadEvent("start", self._run_start))
-            elif self._run >= self.resume_frames:
-                self._silent = 0
-                self._last_voiced_end = self._position
-            else:
-                self._silent += 1
-                if self._silent >= self.silence_frames:
-                    self._in_speech = False
-                    events.append(VadEvent("end", self._last_voiced_end))
+            ev = self._runs.frame(voiced, start, self._position)
+            if ev is not None:
+                events.append(ev)
         return events
