@@ -3,7 +3,6 @@ whatever their ID scheme, and `forget` leaves no key of the session behind."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
@@ -12,8 +11,8 @@ import redis as syncredis
 from core.config import Config
 from gateway.lifecycle import SessionLifecycle
 from gateway.retention import trim_session
-from parley.redis_server import free_port
 from schemas.streams import ControlEntry, Keys, MicEntry, TranscriptEntry, mic_id
+from tests.support import topology
 
 KEYS = Keys()
 SID = "npc.0123456789abcdef"
@@ -69,45 +68,13 @@ async def test_forget_deletes_every_key_of_the_session(redis_client):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """Three masters of a real Redis Cluster, no replicas."""
-    ports = [free_port() for _ in range(3)]
-    procs = []
-    for port in ports:
-        d = tmp_path_factory.mktemp(f"cluster{port}")
-        procs.append(subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
-             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+def cluster():
+    """A real Redis Cluster (tests/support/topology.py: 3 masters, 3 replicas); its ports."""
+    topo = topology.ClusterTopology().start()
     try:
-        for port in ports:
-            _wait_ping(port)
-        subprocess.run(["redis-cli", "--cluster", "create",
-                        *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
-                        "--cluster-yes"], check=True, capture_output=True, timeout=30)
-        for port in ports:
-            r = syncredis.Redis(port=port)
-            for _ in range(200):
-                if r.cluster("info").get("cluster_state") == "ok":
-                    break
-                time.sleep(0.05)
-            r.close()
-        yield ports
+        yield [n.port for n in topo.nodes]
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(10)
-
-
-def _wait_ping(port: int) -> None:
-    for _ in range(200):
-        try:
-            if syncredis.Redis(port=port).ping():
-                return
-        except syncredis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError(f"redis-server on {port} did not start")
+        topo.stop()
 
 
 async def test_forget_and_trim_on_a_redis_cluster(cluster):
@@ -131,5 +98,10 @@ async def test_forget_and_trim_on_a_redis_cluster(cluster):
         await r.aclose()
     for port in cluster:
         node = syncredis.Redis(port=port)
-        assert node.keys(f"*{SID}*") == [], port
+        for _ in range(100):  # a replica applies the deletes a moment after its master
+            left = node.keys(f"*{SID}*")
+            if not left:
+                break
+            time.sleep(0.02)
         node.close()
+        assert left == [], port
