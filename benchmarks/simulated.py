@@ -50,6 +50,9 @@ class _SimStream:
         time.sleep(STT_FINAL_MS / 1000)  # runs in a worker thread, as a real decode does
         return self.text
 
+    def speaker(self) -> str:
+        return ""
+
     def close(self) -> None:
         pass
 
@@ -65,7 +68,7 @@ class SimulatedRecognizer:
     def warm(self) -> None:
         pass
 
-    def open_stream(self) -> _SimStream:
+    def open_stream(self, speaker: str = "") -> _SimStream:
         return _SimStream(self.text)
 
 

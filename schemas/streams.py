@@ -175,7 +175,9 @@ class ListenState:
     ``active``: a listening job exists (queued or running). A session gets one when mic audio
     arrives and gives it back after a quiet spell, so an NPC nobody talks to holds no worker.
     ``cursor``/``position``: mic entry ID and 16 kHz position where the next job starts;
-    ``turn``: the turn its next utterance becomes.
+    ``turn``: the turn its next utterance becomes. The same hash holds ``speaker``
+    (:data:`SPEAKER_FIELD`), written by STT beside these: what the recognizer learned about the
+    player, so their next utterance starts adapted on whichever worker takes it.
     """
 
     active: bool = False
@@ -192,6 +194,9 @@ class ListenState:
         return cls(active=_s(_get(d, "active") or "0") == "1",
                    cursor=_s(_get(d, "cursor") or "0-0"), turn=_i(_get(d, "turn"), 1),
                    position=_i(_get(d, "pos")))
+
+
+SPEAKER_FIELD = "speaker"
 
 
 # Start a listening job for a session unless one is active: run after every mic append (by the

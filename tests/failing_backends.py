@@ -133,6 +133,9 @@ class _FailingRecognizerStream:
     def finish(self) -> str:
         return self.inner.finish()
 
+    def speaker(self) -> str:
+        return self.inner.speaker()
+
     def close(self) -> None:
         self.inner.close()
 
@@ -151,8 +154,8 @@ class FailingAfterNFeeds:
     def warm(self) -> None:
         self.inner.warm()
 
-    def open_stream(self):
-        return _FailingRecognizerStream(self.inner.open_stream(), self.n)
+    def open_stream(self, speaker: str = ""):
+        return _FailingRecognizerStream(self.inner.open_stream(speaker), self.n)
 
 
 # --------------------------------------------------------------------------- traps

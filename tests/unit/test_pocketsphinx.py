@@ -150,3 +150,46 @@ def test_jfk_through_converter_vad_and_recognizer(backend):
         stream.close()
     words = set(" ".join(texts).split())
     assert {"fellow", "country", "you", "can", "do"} <= words, texts
+
+
+SENTENCES = ["i would like to buy a sword", "where can i find the blacksmith",
+             "tell me about the old castle", "how much does the bread cost"]
+
+
+def _words(text):
+    return set(text.split())
+
+
+def test_a_speakers_next_utterance_starts_adapted_with_no_warm_up(backend):
+    # The warm-up re-decodes its first 1.5 s in one burst; an utterance that starts from the
+    # mean its speaker's previous one learned skips it, and recognizes as well.
+    clips = [utterance(t) for t in SENTENCES]
+    fresh, carried, speaker = [], [], ""
+    for x in clips:
+        a = backend.open_stream()
+        b = backend.open_stream(speaker=speaker)
+        assert b.adapted == bool(speaker)
+        for i in range(0, len(x), 320):
+            a.feed(x[i:i + 320])
+            b.feed(x[i:i + 320])
+        fresh.append(a.finish())
+        carried.append(b.finish())
+        speaker = b.speaker()
+        assert speaker.startswith("pocketsphinx/cmn:"), speaker
+        a.close()
+        b.close()
+    hits = [len(_words(t) & _words(s)) for t, s in zip(fresh, SENTENCES, strict=True)]
+    hits_carried = [len(_words(t) & _words(s)) for t, s in zip(carried, SENTENCES, strict=True)]
+    assert sum(hits_carried) >= sum(hits) - 2, (fresh, carried)
+
+
+def test_another_backends_or_a_broken_speaker_value_is_ignored(backend, hello):
+    for value in ("", "whisper/xyz", "pocketsphinx/cmn:not,numbers"):
+        stream = backend.open_stream(speaker=value)
+        assert not stream.adapted
+        stream.close()
+    stream = backend.open_stream()
+    stream.feed(np.zeros(R // 10, np.float32))
+    stream.finish()
+    assert stream.speaker() == ""  # 100 ms of silence says nothing about the speaker
+    stream.close()

@@ -16,14 +16,16 @@ RATE = 16000
 class Recognizer(Protocol):
     """Recognizes one utterance at a time: ``open_stream()``, then ``feed(samples)`` (16 kHz
     mono float32 in [-1, 1]; returns a partial transcript or None), ``finish()`` (the final
-    text) and ``close()``. Blocking calls: the stage runs them in a thread. ``warm()`` loads
-    the model before the first job; optional ``probe()`` (sync or async) says it works again."""
+    text), ``speaker()`` (after finish: what to hand the next ``open_stream(speaker=...)`` of
+    the same speaker) and ``close()``. Blocking calls: the stage runs them in a thread.
+    ``warm()`` loads the model before the first job; optional ``probe()`` (sync or async) says
+    it works again."""
 
     name: str
 
     def warm(self) -> None: ...
 
-    def open_stream(self) -> RecognizerStream: ...
+    def open_stream(self, speaker: str = "") -> RecognizerStream: ...
 
 
 def _cuda_or_cpu() -> str:
@@ -82,8 +84,8 @@ class FallbackRecognizer(FallbackChain):
         return (all(getattr(b, "holds_gil", False) for b in self.backends)
                 and self.timeout_for(len(self.backends) - 1) is None)
 
-    def open_stream(self) -> ChainedStream:
-        return ChainedStream(self)
+    def open_stream(self, speaker: str = "") -> ChainedStream:
+        return ChainedStream(self, speaker)
 
     async def default_probe(self, backend) -> None:
         def run() -> None:
@@ -104,8 +106,9 @@ class FallbackRecognizer(FallbackChain):
 class ChainedStream:
     """One utterance through a :class:`FallbackRecognizer` (see there)."""
 
-    def __init__(self, chain: FallbackRecognizer):
+    def __init__(self, chain: FallbackRecognizer, speaker: str = ""):
         self.chain = chain
+        self.speaker_hint = speaker  # each backend takes only its own (see RecognizerStream)
         self.plan = chain.order()
         self.at = 0
         self.audio: list[np.ndarray] = []
@@ -118,7 +121,7 @@ class ChainedStream:
         return self.chain.backends[self.plan[self.at]].name
 
     def _open(self, at: int) -> RecognizerStream:
-        return self.chain.backends[self.plan[at]].open_stream()
+        return self.chain.backends[self.plan[at]].open_stream(self.speaker_hint)
 
     def _timeout(self) -> float | None:
         return self.chain.timeout_for(len(self.plan) - self.at - 1)
@@ -140,6 +143,9 @@ class ChainedStream:
                 return text
             except Exception as exc:
                 self._fail_over(exc)
+
+    def speaker(self) -> str:
+        return self.stream.speaker()
 
     def close(self) -> None:
         try:

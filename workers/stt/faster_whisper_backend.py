@@ -114,6 +114,9 @@ class FasterWhisperStream:
         self._chunks = []
         return self._final
 
+    def speaker(self) -> str:
+        return ""
+
     def close(self) -> None:
         self._closed = True
         self._chunks = []
@@ -208,5 +211,5 @@ class FasterWhisperBackend:
             max_new_tokens=self.max_new_tokens)
         return join_segments(s.text for s in segments)  # the generator decodes lazily
 
-    def open_stream(self) -> FasterWhisperStream:
-        return FasterWhisperStream(self)
+    def open_stream(self, speaker: str = "") -> FasterWhisperStream:
+        return FasterWhisperStream(self)  # nothing to carry between a speaker's utterances

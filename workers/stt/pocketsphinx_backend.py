@@ -18,9 +18,14 @@ voices and levels, fed in 20 ms chunks):
   over those frames, and restarts the utterance from the buffered audio with it. That costs
   one extra 1.5 s decode while the player is still talking and nothing at finish():
   WER 0.47 / 0.48 (0.76 / 0.78 with the warm-up off). Warm-ups of 1 s (mostly preroll and
-  onset) and 2-2.5 s (short utterances never reach them) measured worse; carrying a speaker's
-  adapted mean into their next utterance, or re-decoding sub-1.5 s utterances at finish(),
-  changed nothing measurable, so neither is done.
+  onset) and 2-2.5 s (short utterances never reach them) measured worse; re-decoding sub-1.5 s
+  utterances at finish() changed nothing measurable, so it is not done.
+* The warm-up's extra decode is a burst: ~350 ms of CPU at 1.5 s into the utterance, holding the
+  GIL. A question that ends soon after (most game questions are 1.5-2.5 s) waits for it:
+  push-to-talk answers came 140-850 ms after ``end_of_utterance`` with a 1.9 s question. So a
+  stream hands back the speaker's mean (:meth:`PocketsphinxStream.speaker`), the STT stage keeps
+  it with the session, and the session's next utterance starts from it with no warm-up
+  (``open_stream(speaker=...)``): same WER, and no burst from the second utterance on.
 * pocketsphinx's Python binding holds the GIL while it decodes, so running feed() in a worker
   thread does not free the event loop by itself: feed() decodes in 100 ms slices so other
   threads get the GIL in between.
@@ -71,6 +76,21 @@ def _format_cmn(vec: np.ndarray) -> str:
     return ",".join(f"{v:.2f}" for v in vec)
 
 
+SPEAKER_TAG = "pocketsphinx/cmn:"  # speaker() values are this backend's own
+
+
+def _speaker_cmn(speaker: str) -> str | None:
+    """The cepstral mean in a speaker() value; None for another backend's or a bad one."""
+    if not speaker.startswith(SPEAKER_TAG):
+        return None
+    text = speaker[len(SPEAKER_TAG):]
+    try:
+        _parse_cmn(text)
+    except ValueError:
+        return None
+    return text
+
+
 def _hyp_text(decoder: Decoder) -> str:
     hyp = decoder.hyp()
     return hyp.hypstr.strip() if hyp is not None else ""
@@ -79,11 +99,15 @@ def _hyp_text(decoder: Decoder) -> str:
 class RecognizerStream(Protocol):
     """One utterance. feed(): 16 kHz mono float32 in, a changed partial hypothesis (at most
     about every 300 ms of audio) or None out. finish(): the final transcript, lowercase words,
-    possibly "". close(): give resources back to the backend (idempotent)."""
+    possibly "". speaker(): after finish(), what the stream learned about the speaker, handed
+    to the backend's next open_stream(speaker=...) for them ("" if nothing; a backend ignores
+    another's). close(): give resources back to the backend (idempotent)."""
 
     def feed(self, samples: np.ndarray) -> str | None: ...
 
     def finish(self) -> str: ...
+
+    def speaker(self) -> str: ...  # after finish(): for open_stream(speaker=...); may be ""
 
     def close(self) -> None: ...
 
@@ -92,13 +116,18 @@ class PocketsphinxStream:
     """One utterance on a pooled decoder. Use it from one thread at a time."""
 
     def __init__(self, backend: PocketsphinxBackend, decoder: Decoder, cmn: str,
-                 warmup_samples: int):
+                 warmup_samples: int, speaker: str = ""):
         self._backend = backend
         self._decoder: Decoder | None = decoder
-        self._cmn_prior = cmn
+        own = _speaker_cmn(speaker)
+        # a mean carried from this speaker's earlier utterance needs no warm-up
+        self._adapted = own is not None
+        self._cmn_prior = own or cmn
         self._warmup_samples = warmup_samples
         # int16 audio kept for the warm-up restart; None once restarted or when disabled.
-        self._warm: bytearray | None = bytearray() if warmup_samples > 0 else None
+        self._warm: bytearray | None = (bytearray() if warmup_samples > 0 and not self._adapted
+                                        else None)
+        self._frames = 0  # decoded frames at finish(), for speaker()
         self._fed = 0
         self._zero_run = 0  # near-zero samples at the end of what was fed so far
         self._since_partial = 0
@@ -107,7 +136,7 @@ class PocketsphinxStream:
         # Fresh front end (noise estimate, CMN) for every stream: transcripts then depend on
         # this utterance only, not on who used the pooled decoder before. Takes ~0.1 ms.
         decoder.reinit_feat()
-        decoder.set_cmn(cmn)
+        decoder.set_cmn(self._cmn_prior)
         decoder.start_utt()
 
     def _process(self, pcm: bytes) -> None:
@@ -122,14 +151,38 @@ class PocketsphinxStream:
         audio, self._warm = bytes(self._warm), None
         frames = decoder.n_frames()
         decoder.end_utt()
-        if frames >= _MIN_WARMUP_FRAMES:
-            prior = _parse_cmn(self._cmn_prior)
-            blended = _parse_cmn(decoder.get_cmn())
-            n = min(len(prior), len(blended))
-            own = prior[:n] + (blended[:n] - prior[:n]) * (_CMN_WIN + frames) / frames
-            decoder.set_cmn(_format_cmn(own))
+        own = self._own_mean(frames)
+        if own is not None:
+            decoder.set_cmn(own)
+            self._cmn_prior, self._adapted = own, True
         decoder.start_utt()
         self._process(audio)
+
+    def _own_mean(self, frames: int) -> str | None:
+        """The speaker's own mean, from the live mean after end_utt() over ``frames``."""
+        if frames < _MIN_WARMUP_FRAMES:
+            return None
+        prior = _parse_cmn(self._cmn_prior)
+        blended = _parse_cmn(self._decoder.get_cmn())
+        n = min(len(prior), len(blended))
+        return _format_cmn(prior[:n] + (blended[:n] - prior[:n]) * (_CMN_WIN + frames) / frames)
+
+    @property
+    def adapted(self) -> bool:
+        """Decoding with this speaker's own mean: carried in, or found by the warm-up."""
+        return self._adapted
+
+    def speaker(self) -> str:
+        """After finish(): what this utterance learned about the speaker, for the next one
+        (``open_stream(speaker=...)``); "" when it heard too little to say."""
+        if self._final is None or self._decoder is None:
+            return ""
+        own = self._own_mean(self._frames)  # this utterance's own mean
+        if own is None:
+            return f"{SPEAKER_TAG}{self._cmn_prior}" if self._adapted else ""
+        if self._adapted:  # carried from earlier ones: average, so one odd utterance moves it half
+            own = _format_cmn((_parse_cmn(own) + _parse_cmn(self._cmn_prior)) / 2)
+        return f"{SPEAKER_TAG}{own}"
 
     def _fill_digital_silence(self, q: np.ndarray) -> None:
         # Only inside runs of _SILENT_RUN near-zero samples, counted across chunks, so real
@@ -184,6 +237,7 @@ class PocketsphinxStream:
             return self._final
         if self._decoder is None:
             raise RuntimeError("finish() on a closed recognizer stream")
+        self._frames = self._decoder.n_frames()
         self._decoder.end_utt()
         self._final = _hyp_text(self._decoder)
         return self._final
@@ -250,13 +304,14 @@ class PocketsphinxBackend:
                     return
             self._release(self._new())  # built outside the lock: streams may open meanwhile
 
-    def open_stream(self) -> PocketsphinxStream:
-        """Start an utterance on an idle pooled decoder (a new one only if none is idle)."""
+    def open_stream(self, speaker: str = "") -> PocketsphinxStream:
+        """Start an utterance on an idle pooled decoder (a new one only if none is idle);
+        ``speaker``: what an earlier stream's speaker() said about this speaker."""
         with self._lock:
             decoder = self._idle.pop() if self._idle else None
         if decoder is None:
             decoder = self._new()
-        return PocketsphinxStream(self, decoder, self.cmn, self.warmup_samples)
+        return PocketsphinxStream(self, decoder, self.cmn, self.warmup_samples, speaker)
 
     def _release(self, decoder: Decoder) -> None:
         with self._lock:

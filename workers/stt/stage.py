@@ -19,6 +19,7 @@ import numpy as np
 
 from core.config import Config
 from schemas.streams import (
+    SPEAKER_FIELD,
     WAKE_LISTENER_LUA,
     Job,
     ListenState,
@@ -156,6 +157,10 @@ class SttStage(Stage):
                             client_ends=meta.endpoint == "client",
                             after_server_end=ctx.job.text == SERVER_END, echo=echo)
         run = _Utterances(self, ctx, listener, await ctx.writer("transcript"))
+        # what the recognizer learned about this player in their last utterance (see
+        # RecognizerStream.speaker): their next one starts adapted, with no warm-up burst
+        speaker = await ctx.redis.hget(ctx.keys.listener(ctx.sid), SPEAKER_FIELD) or b""
+        run.speaker = speaker.decode() if isinstance(speaker, bytes) else speaker
         run.echo = EchoFeed(ctx, echo) if echo is not None else None
         try:
             return await run.listen()
@@ -182,6 +187,7 @@ class _Utterances:
         self.due_ms = 0.0  # see track_lag
         self.pending: list[np.ndarray] = []  # audio for the recognizer, fed once per read
         self.echo: EchoFeed | None = None
+        self.speaker = ""
 
     async def listen(self) -> Outcome:
         ctx, listener = self.ctx, self.listener
@@ -225,7 +231,7 @@ class _Utterances:
 
     async def act(self, action) -> Outcome | None:
         if isinstance(action, Start):
-            self.stream = self.stage.backend.open_stream()
+            self.stream = self.stage.backend.open_stream(self.speaker)
             self.pending = [action.audio]
             # The gateway decides whether this is a barge-in on a reply that is still
             # playing: only it knows what UE is playing.
@@ -294,6 +300,7 @@ class _Utterances:
         finish = self.stream.finish
         text = (finish() if self.stage.inline else await asyncio.to_thread(finish)).strip()
         finish_ms = now_ms() - t0
+        self.speaker = self.stream.speaker() or self.speaker
         self.close()
         lis.utterance_done()
         self.last_partial = ""
@@ -312,12 +319,14 @@ class _Utterances:
         ctx.log.info("utterance_final", text=text, start=lis.speech_start, end=end_sample,
                      reason=end.reason)
         nxt = ListenState(active=True, cursor=self.cursor, turn=ctx.turn + 1,
-                          position=end_sample)
+                          position=end_sample).to_fields()
+        if self.speaker:
+            nxt[SPEAKER_FIELD] = self.speaker
         return Outcome(follow=[
             Job(stage="llm", sid=ctx.sid, turn=ctx.turn, text=text),
             Job(stage="stt", sid=ctx.sid, turn=ctx.turn + 1, cursor=self.cursor,
                 position=end_sample, text="" if end.reason == "client" else SERVER_END),
-        ], state=(ctx.keys.listener(ctx.sid), nxt.to_fields()))
+        ], state=(ctx.keys.listener(ctx.sid), nxt))
 
     async def no_speech(self, end: End) -> Outcome:
         """end_of_utterance with nothing to answer (no speech, or nothing recognised): the turn

@@ -161,6 +161,9 @@ class WhisperXStream:
         self._final = self._backend.submit(audio) if len(audio) else ""
         return self._final
 
+    def speaker(self) -> str:
+        return ""
+
     def close(self) -> None:
         self._closed = True
         self._chunks = []
@@ -238,8 +241,8 @@ class WhisperXBackend:
         both in the batcher's thread, where every later decode runs."""
         self.submit(np.zeros(RATE // 2, np.float32))
 
-    def open_stream(self) -> WhisperXStream:
-        return WhisperXStream(self)
+    def open_stream(self, speaker: str = "") -> WhisperXStream:
+        return WhisperXStream(self)  # nothing to carry between a speaker's utterances
 
     def submit(self, audio: np.ndarray) -> str:
         """Transcript of one utterance, decoded in a batch with whatever else is waiting."""
