@@ -300,33 +300,49 @@ class _Utterances:
         finish = self.stream.finish
         text = (finish() if self.stage.inline else await asyncio.to_thread(finish)).strip()
         finish_ms = now_ms() - t0
-        self.speaker = self.stream.speaker() or self.speaker
-        self.close()
         lis.utterance_done()
         self.last_partial = ""
         if not text:
+            self.close()
             if end.reason == "client":  # the client asked for an answer: it gets one
                 return await self.no_speech(end)
             ctx.log.info("utterance_empty", reason=end.reason)  # noise, a cough: no turn
             return None
         end_sample = lis.position
-        await self.emit(TranscriptEntry(text=text, final=True, start_sample=lis.speech_start,
-                                        end_sample=end_sample, mic_seq=lis.mic_seq,
-                                        end_of_speech_ts=eos_ts))
+        # The transcript and the LLM's job in one round trip, not one after the ack: this is
+        # the way to the first audio. Once per turn (a guard in Redis), so a takeover that
+        # finishes the same utterance again starts no second reply.
+        await asyncio.gather(
+            self.emit(TranscriptEntry(text=text, final=True, start_sample=lis.speech_start,
+                                      end_sample=end_sample, mic_seq=lis.mic_seq,
+                                      end_of_speech_ts=eos_ts)),
+            ctx.enqueue("llm", text=text))
         await ctx.mark("eos", eos_ts)
         await ctx.mark("final_transcript")
         await ctx.mark("stt_finish_ms", finish_ms)
         ctx.log.info("utterance_final", text=text, start=lis.speech_start, end=end_sample,
                      reason=end.reason)
+        await self.learn_speaker()  # after the reply is on its way: may take the recognizer 0.2 s
         nxt = ListenState(active=True, cursor=self.cursor, turn=ctx.turn + 1,
                           position=end_sample).to_fields()
         if self.speaker:
             nxt[SPEAKER_FIELD] = self.speaker
         return Outcome(follow=[
-            Job(stage="llm", sid=ctx.sid, turn=ctx.turn, text=text),
             Job(stage="stt", sid=ctx.sid, turn=ctx.turn + 1, cursor=self.cursor,
                 position=end_sample, text="" if end.reason == "client" else SERVER_END),
         ], state=(ctx.keys.listener(ctx.sid), nxt))
+
+    async def learn_speaker(self) -> None:
+        """What the finished stream learned about the player (RecognizerStream.speaker), for
+        their next utterance; then the stream is closed."""
+        def learn() -> str:
+            try:
+                return self.stream.speaker()
+            finally:
+                self.close()
+
+        self.speaker = (learn() if self.stage.inline else await asyncio.to_thread(learn)) \
+            or self.speaker
 
     async def no_speech(self, end: End) -> Outcome:
         """end_of_utterance with nothing to answer (no speech, or nothing recognised): the turn
