@@ -23,6 +23,7 @@ from parley.client import Client
 from parley.fleet import Fleet
 from schemas.streams import Job, Keys
 from tests.conftest import speech
+from tests.support import topology
 from tests.support.fleet import log_tail, running_fleet
 from tests.support.lost_writes import lost_key
 from tests.support.turns import turn_problems
@@ -129,15 +130,26 @@ LOSES = {2: "llm", 3: "tts", 4: "lipsync"}  # turn 1: no loss, the fault-free re
 
 
 @pytest.mark.slow
-async def test_lost_outputs_after_the_ack_are_reissued_and_the_turn_completes_whole(tmp_path):
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+async def test_lost_outputs_after_the_ack_are_reissued_and_the_turn_completes_whole(kind,
+                                                                                   tmp_path):
+    """Turn 1 goes through untouched; turns 2, 3 and 4 lose the last entries of llm, tts and
+    lipsync in turn. On a Cluster the session's slot and {jobs} are on whichever masters they
+    hash to; the state after the loss is the same."""
+    topo = topology.start(kind)
+    try:
+        await _lost_outputs(topo, tmp_path)
+    finally:
+        topo.stop()
+
+
+async def _lost_outputs(topo, tmp_path) -> None:
     env = {"PARLEY_TEST_LOSE": ",".join(f"{s}:{t}" for t, s in LOSES.items()),
            "PARLEY_GATEWAY_ADMIT_MAX_LAG_MS": "0", "PARLEY_GATEWAY_ADMIT_MAX_QUEUE_MS": "0"}
     log = tmp_path / "fleet.log"
     frames = speech(UTTERANCE, RATE)
-    with running_fleet(None, log, env=env, fleet_cls=LosingFleet) as fleet:
-        import redis
-
-        r = redis.Redis.from_url(fleet.redis_url)
+    with running_fleet(topo.url, log, env=env, fleet_cls=LosingFleet) as fleet:
+        r = topo.client()
         client = await Client.connect(f"ws://127.0.0.1:{fleet.port}")
         try:
             opened = await client.open("npc", "guard", RATE, 1)
@@ -163,8 +175,8 @@ async def test_lost_outputs_after_the_ack_are_reissued_and_the_turn_completes_wh
                 if turn in LOSES:
                     assert lost is not None, f"turn {turn}: the injection did not fire"
                     after = tr.t_done + wall - float(lost) / 1000
-                    TIMINGS.append(f"watchdog: {LOSES[turn]:7} lost its last 2 entries after "
-                                   f"its ack: turn done {after:.2f} s after the loss "
+                    TIMINGS.append(f"watchdog {topo.kind:7}: {LOSES[turn]:7} lost its last 2 "
+                                   f"entries after its ack: turn done {after:.2f} s after the loss "
                                    f"(turn_stall_s {STALL_S:g})")
                     assert 0 < after <= STALL_S + 7, (turn, after)
                 else:
