@@ -1,7 +1,7 @@
 """Mid-turn failover per stage: the time from a backend's failure to the next backend's
 first output.
 
-    .venv/bin/python -m benchmarks.failover [--runs N]
+    .venv/bin/python -m benchmarks.backend_failover [--runs N]
 
 Each stage's fallback chain is run in this process with the named test doubles of
 ``tests/failing_backends.py`` first (a real default backend that raises partway through its
@@ -135,7 +135,8 @@ def _stt(runs: int, feeds: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="benchmarks.failover", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="benchmarks.backend_failover",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=20)
     args = ap.parse_args(argv)
     import structlog

@@ -1,6 +1,6 @@
-"""Real Redis topologies for the tests: a Cluster of 3 masters and 3 replicas, and a Sentinel
-set (1 primary, 1 replica, 3 sentinels), all redis-server processes on free ports with their
-own data directories, torn down by ``stop()``.
+"""Real Redis topologies, for the tests and `parley bench failover`: one redis-server, a
+Cluster of 3 masters and 3 replicas, and a Sentinel set (1 primary, 1 replica, 3 sentinels), all
+redis-server processes on free ports with their own data directories, torn down by ``stop()``.
 
 Failover is made fast on purpose (cluster-node-timeout and down-after-milliseconds of 1 s) so
 a kill -9 of a primary is repaired in about 2 to 4 s, as a tuned production set would be.
@@ -107,6 +107,18 @@ class SingleTopology:
 
     def client(self) -> redis.Redis:
         return redis.from_url(self.url)
+
+    def kill_primary_for(self, key: str) -> None:
+        """kill -9 the one server and start it again on its port and data (AOF, fsync every
+        second): there is no replica to promote, so this is a restart."""
+        proc = self.server.proc
+        if proc is not None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+        self.server.proc = None
+        self.server.start()
 
     def stop(self) -> None:
         self.server.stop()
@@ -289,18 +301,28 @@ class SentinelTopology:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def rejoin(node: _Proc, timeout: float = 30.0) -> None:
+    """Start a killed node again and wait until it serves as a replica in sync (the Cluster,
+    or the sentinels, make it one), so that the next kill has a replica to promote."""
+    node.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            rep = redis.Redis(port=node.port, socket_timeout=1).info("replication")
+            if rep.get("role") == "slave" and rep.get("master_link_status") == "up":
+                return
+        except redis.RedisError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"node {node.port} not back as an in-sync replica in {timeout}s")
+
+
 TOPOLOGIES = {"single": SingleTopology, "cluster": ClusterTopology,
               "sentinel": SentinelTopology}
 
 
-def selected() -> str:
-    """PARLEY_TEST_TOPOLOGY: single (default), cluster or sentinel."""
-    kind = os.environ.get("PARLEY_TEST_TOPOLOGY", "single").strip().lower() or "single"
+def start(kind: str):
+    """A started topology: ``single``, ``cluster`` or ``sentinel``."""
     if kind not in TOPOLOGIES:
-        raise ValueError(f"PARLEY_TEST_TOPOLOGY must be one of {sorted(TOPOLOGIES)}, "
-                         f"not {kind!r}")
-    return kind
-
-
-def start(kind: str | None = None):
-    return TOPOLOGIES[kind or selected()]().start()
+        raise ValueError(f"topology must be one of {sorted(TOPOLOGIES)}, not {kind!r}")
+    return TOPOLOGIES[kind]().start()
