@@ -60,6 +60,7 @@ UTTERANCE = "Who are you? What is your name? Tell me about the gate and the road
 SHORT = "Who are you? Tell me about the gate."
 CASES = {"reply": "jobs", "talking": "session"}  # case -> whose primary is killed
 TURN_TIMEOUT_S = 60.0
+HEADER = "topology  case     writable_s  kill_turn_s  base_turn_s  completed/lost/duplicated"
 
 
 @dataclass
@@ -203,6 +204,7 @@ async def run_topology(kind: str, cases: list[str], turns: int, frames, log_dir:
                         tag = f"{name}-{'kill' if kill else 'base'}-{i}"
                         c.turns.append(await play(client, topo, name, kill, frames, tag))
                 out.append(c)
+                print(c.row(), flush=True)  # as it goes: a run takes minutes
         finally:
             await client.close()
         dead = _dead(fleet)
@@ -259,11 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     results: list[Case] = []
     t0 = time.monotonic()
+    print(HEADER)
     for kind in kinds:
         results += asyncio.run(run_topology(kind, cases, args.turns, frames, log_dir))
     print(f"failover bench: kill -9 of a primary mid-turn, {args.turns} turn(s) per case with "
           f"and without it, in {time.monotonic() - t0:.0f} s; logs in {log_dir}")
-    print("topology  case     writable_s  kill_turn_s  base_turn_s  completed/lost/duplicated")
+    print(HEADER)
     for c in results:
         print(c.row())
     line = report(results, kinds)

@@ -17,7 +17,8 @@ def test_quick_failover_bench_runs_a_kill_and_a_baseline_turn(capsys, tmp_path):
     assert main(["--quick", "--log-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("single ")]
-    assert [(r[0], r[1]) for r in rows] == [("single", "reply")]
+    # each case as it ends, then the table again after the run
+    assert [(r[0], r[1]) for r in rows] == [("single", "reply")] * 2
     assert rows[0][5] == "1/0/0"
     last = out.strip().splitlines()[-1]
     m = re.fullmatch(r"topologies=single turns=1 completed=1 lost=0 duplicated=0 gaps=0 "
