@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from core import metrics as M
 from core.redisconn import RETRYABLE
 from schemas.streams import STAGES, Job, Keys, TranscriptEntry, parse_id
 
@@ -307,7 +308,11 @@ class TurnWatch:
                 continue
             decision = self.core.observe(sid, view, now)
             if isinstance(decision, Reissue):
-                await self.reissue(decision)
+                try:
+                    await self.reissue(decision)
+                except RETRYABLE as exc:  # the {jobs} slot in a failover: asked again later
+                    self.log.warning("redis_unavailable", during="turn_reissue", session=sid,
+                                     error=str(exc))
             elif isinstance(decision, GiveUp):
                 self.log.error("turn_stalled_gave_up", session=sid, turn=decision.turn,
                                stage=decision.stage, reissues=MAX_REISSUES)
@@ -318,7 +323,8 @@ class TurnWatch:
         text = ""
         if d.stage == "llm":
             text = await self._final_text(d.sid, d.turn)
-            if text is None:
+            if text is None:  # lost too: counted as a try, so the watchdog gives up in time
+                self.core.reissued(d.sid, d.stage)
                 log.error("turn_stalled_no_transcript", published=d.published)
                 return False
         job = Job(stage=d.stage, sid=d.sid, turn=d.turn, text=text)
@@ -331,6 +337,7 @@ class TurnWatch:
         done, which = int(got[0]), _s(got[1])
         if done == 1:
             self.core.reissued(d.sid, d.stage)
+            M.TURN_REISSUES.labels(d.stage).inc()
             log.warning("turn_stalled_job_reissued", published=d.published,
                         reissues=d.reissues + 1)
             return True

@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -182,6 +183,12 @@ async def _lost_outputs(topo, tmp_path) -> None:
                 else:
                     assert lost is None
             r.close()
+            # operators see it: one re-issue per stage on the gateway's /metrics
+            port = fleet.metrics_ports()["gateway"]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                body = resp.read().decode()
+            for stage in LOSES.values():
+                assert f'parley_turn_reissues_total{{stage="{stage}"}} 1.0' in body, body[-3000:]
         finally:
             await client.close()
     reissued = [e for e in _log_events(log) if e.get("event") == "turn_stalled_job_reissued"]
