@@ -203,3 +203,32 @@ def _log_events(path) -> list[dict]:
         with contextlib.suppress(ValueError):
             out.append(json.loads(line))
     return [e for e in out if isinstance(e, dict)]
+
+
+@pytest.mark.slow
+async def test_a_slow_stage_with_its_job_running_is_left_alone(tmp_path):
+    """Busy is not lost: the LLM's first backend stalls mid-reply (a named test double) for
+    longer than turn_stall_s before its fallback chain hands the reply to the next one. The
+    watchdog looks, finds the turn's LLM job pending, and re-issues nothing; the turn comes
+    whole, with no duplicate."""
+    stall_s = 2 * STALL_S + 1
+    env = {"PARLEY_LLM_BACKENDS": "tests.failing_backends:StallingAfterNTokens,scripted",
+           "PARLEY_FALLBACK_STALL_TIMEOUT_S": str(stall_s), "PARLEY_LOG_LEVEL": "info",
+           "PARLEY_GATEWAY_ADMIT_MAX_LAG_MS": "0", "PARLEY_GATEWAY_ADMIT_MAX_QUEUE_MS": "0"}
+    log = tmp_path / "fleet.log"
+    with running_fleet(None, log, env=env) as fleet:
+        client = await Client.connect(f"ws://127.0.0.1:{fleet.port}")
+        try:
+            await client.open("npc", "guard", RATE, 1)
+            await client.stream("npc", speech(UTTERANCE, RATE), RATE, realtime=False)
+            tr = await client.wait_done("npc", stall_s + 60)
+            bad = turn_problems(tr, 1, client.chunks.get("npc", []))
+            assert not bad, (bad, log_tail(log, 4000))
+        finally:
+            await client.close()
+    events = _log_events(log)
+    assert any(e.get("event") == "backend_failover" or "stall" in str(e.get("error", ""))
+               for e in events), "the first backend did not stall"
+    slow = [e for e in events if e.get("event") == "turn_slow_job_in_fleet"]
+    assert slow and all(e["job_stage"] == "llm" for e in slow), slow
+    assert not [e for e in events if e.get("event") == "turn_stalled_job_reissued"]
