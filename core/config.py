@@ -62,6 +62,10 @@ class GatewayConfig:
     sweep_s: float = 5.0  # how often expired sessions are looked for and deleted
     # mic audio waits this long for Redis (a failover) before it is dropped with `unavailable`
     mic_retry_s: float = 10.0
+    # A turn whose outputs stopped short with no job of it left in the fleet (its last entries
+    # lost in a failover after the job was acked) gets that stage's job again after this many
+    # seconds without progress (gateway/watchdog.py; docs/topologies.md). 0: off.
+    turn_stall_s: float = 3.0
     # Admission control (gateway/admission.py): new sessions get `overloaded` while STT runs
     # this far behind real time, or a job waits this long for a free worker (0: off).
     admit_max_lag_ms: float = 1000.0

@@ -42,6 +42,9 @@ TURN_LATENCY = Histogram("parley_turn_latency_seconds",
                          ["point"], buckets=LATENCY_BUCKETS)
 ERRORS = Counter("parley_errors", "Error events sent to clients, by code", ["code"])
 CONNECTIONS = Gauge("parley_connections", "WebSocket connections open on this gateway")
+TURN_REISSUES = Counter("parley_turn_reissues", "Jobs the per-turn watchdog re-issued: a stage's "
+                        "output stopped short with no job of the turn left (a failover lost "
+                        "its last writes)", ["stage"])
 
 # The turn's timing marks (Redis hash `timing`) each latency point is read from.
 LATENCY_POINTS = {
@@ -72,8 +75,8 @@ BACKEND_FALLBACKS = Counter("parley_backend_fallbacks", "Outputs continued by th
                             "of the fallback chain", ["stage", "failed", "to"])
 
 
-ALL = (SESSIONS, TURNS, TURN_LATENCY, ERRORS, CONNECTIONS, JOBS_IN_FLIGHT, JOBS, JOB_SECONDS,
-       QUEUE_LAG, QUEUE_PENDING, INPUT_LAG, TAKEOVERS, DEAD_LETTERS, BACKEND_FAILURES,
+ALL = (SESSIONS, TURNS, TURN_LATENCY, ERRORS, CONNECTIONS, TURN_REISSUES, JOBS_IN_FLIGHT, JOBS,
+       JOB_SECONDS, QUEUE_LAG, QUEUE_PENDING, INPUT_LAG, TAKEOVERS, DEAD_LETTERS, BACKEND_FAILURES,
        BACKEND_FALLBACKS)
 
 

@@ -31,6 +31,7 @@ from gateway.livelink_output import LiveLinkOutput
 from gateway.mic_hold import MicHold
 from gateway.observe import GatewayObserver, sent
 from gateway.retention import TRIM_EVERY, trim_session
+from gateway.watchdog import start_turn_watch
 from schemas import protocol as P
 from schemas.streams import (
     WAKE_LISTENER_LUA,
@@ -63,6 +64,7 @@ class Gateway:
         self.admission = Admission(config.gateway.admit_max_lag_ms,
                                    config.gateway.admit_max_queue_ms)
         self._admission_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
         personas = load_personas(config.personas_dir())
         self.personas = {pid: p.voice for pid, p in personas.items()}
         self._persona_info = personas
@@ -116,6 +118,7 @@ class Gateway:
         self._lifecycle_task = asyncio.create_task(self.lifecycle.run(
             self.held_sessions, refresh_s=max(1.0, grace / 4), sweep_s=g.sweep_s))
         self._admission_task = asyncio.create_task(self._watch_load(g.admission_poll_s))
+        self._watch_task = start_turn_watch(self)
         self.observer.start()
         self.log.info("gateway_listening", host=host or g.host, port=self.port)
         return self.server
@@ -143,7 +146,7 @@ class Gateway:
         await self.observer.stop()  # not ready from now on
         # Each step is bounded: a Redis call caught mid-failover that swallows its task's
         # cancellation (redis-py on Python 3.11) must not keep a stopping gateway alive.
-        for task in (self._lifecycle_task, self._admission_task):
+        for task in (self._lifecycle_task, self._admission_task, self._watch_task):
             if task is not None:
                 task.cancel()
                 await asyncio.wait([task], timeout=STOP_STEP_S)

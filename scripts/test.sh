@@ -36,7 +36,7 @@ if [ ${#failed[@]} -gt 0 ]; then
   exit 1
 fi
 # The end-to-end and recovery tests once more on a real Redis Cluster (3 masters, 3 replicas;
-# tests/support/topology.py); tests/integration/test_topology.py runs in the main suite on
+# parley/topology.py); tests/integration/test_topology.py runs in the main suite on
 # single, Cluster and Sentinel. PARLEY_TEST_TOPOLOGIES="cluster sentinel" adds Sentinel here,
 # PARLEY_TEST_TOPOLOGIES="" skips it.
 topo_failed=()

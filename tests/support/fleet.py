@@ -26,12 +26,14 @@ def log_tail(path: Path | str, n: int = 4000) -> str:
 @contextmanager
 def running_fleet(redis_url: str | None, log_path: Path | str, workers: int | str = 1,
                   env: dict[str, str] | None = None, ready_s: float = 60.0,
-                  clean_exit: bool = True, **kwargs) -> Iterator[Fleet]:
+                  clean_exit: bool = True, fleet_cls: type[Fleet] = Fleet,
+                  **kwargs) -> Iterator[Fleet]:
     """A started, ready fleet (FLEET_ENV plus ``env``); stopped on exit, and with
     ``clean_exit`` every process must have exited 0. A fleet that does not come up fails with
     the log's tail, which says which process did not, and why. After it, ``fleet.exit_codes``
-    holds each process's exit code."""
-    fleet = Fleet(port=free_port(), workers=workers, redis_url=redis_url,
+    holds each process's exit code. ``fleet_cls``: a Fleet of the test's (e.g. one that runs a
+    stage's workers with a failure injection)."""
+    fleet = fleet_cls(port=free_port(), workers=workers, redis_url=redis_url,
                   log_path=str(log_path), env={**FLEET_ENV, **(env or {})}, **kwargs)
     fleet.start()
     try:

@@ -120,7 +120,7 @@ def _trigger_problems(t: dict) -> list[str]:
 
 def k8s_docs() -> list[tuple[str, dict]]:
     docs = []
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+    for path in sorted((DEPLOY / "k8s").rglob("*.yaml")):
         docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
@@ -236,6 +236,71 @@ def test_each_stage_has_probes_grace_budget_and_a_lag_scaler():
         assert so["spec"]["minReplicaCount"] >= 1
     for name in config:
         check_env_name(name)
+
+
+# the backend each GPU image must run first, and the setting that points it at its model
+GPU_BACKEND = {"stt": ("whisperx", "PARLEY_STT_MODEL"),
+               "llm": ("vllm", "PARLEY_LLM_VLLM_MODEL"),
+               "tts": ("coqui", "PARLEY_TTS_COQUI_MODEL"),
+               "lipsync": ("transformer", "PARLEY_LIPSYNC_TRANSFORMER_CHECKPOINT")}
+
+
+def test_each_heavy_stage_has_a_gpu_variant_on_gpu_nodes():
+    """deploy/k8s/gpu/<stage>.yaml: the stage's GPU image (its Dockerfile target installs the
+    backend's extra and puts that backend first), one nvidia.com/gpu, scheduled on GPU nodes
+    (node selector and the GPU taint's toleration), its model on the read-only models volume,
+    and the same probes, grace, disruption budget and lag scaler as the CPU stage."""
+    docs = [d for name, d in k8s_docs()]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    drain_s = float(config["PARLEY_WORKER_DRAIN_TIMEOUT_S"])
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    scalers = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ScaledObject"}
+    pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    targets = dockerfile_targets()
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    keys = Keys()
+    for stage, (backend, model_setting) in GPU_BACKEND.items():
+        name = f"parley-{stage}-gpu"
+        assert (DEPLOY / "k8s" / "gpu" / f"{stage}.yaml").exists()
+        pod = deployments[name]["spec"]["template"]["spec"]
+        labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        (c,) = pod["containers"]
+        target = c["image"].split(":")[0].removeprefix("parley-")
+        assert target == f"{stage}-gpu" and target in targets, c["image"]
+        check_command(c["args"], target)
+        first = targets[target]["env"][f"PARLEY_{stage.upper()}_BACKENDS"].split(",")[0]
+        assert first == backend, (target, first)
+        extra = {"stt": "stt-whisperx", "llm": "llm-vllm", "tts": "tts-coqui",
+                 "lipsync": "lipsync-transformer"}[stage]
+        assert f'FROM base AS {target}\nRUN pip install --no-cache-dir -e ".[{extra}]"' \
+            in dockerfile, target
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} \
+            in pod["tolerations"]
+        env = {e["name"]: e["value"] for e in c["env"]}
+        for key in env:
+            check_env_name(key)
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert env[model_setting].startswith(mounts["models"] + "/")
+        claim = volumes["models"]["persistentVolumeClaim"]
+        assert claim["claimName"] in claims and claim["readOnly"]
+        assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(c)
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert pod["terminationGracePeriodSeconds"] > drain_s
+        assert any(p["spec"]["selector"]["matchLabels"].items() <= labels.items()
+                   for p in pdbs), f"no PodDisruptionBudget covers {name}"
+        so = scalers[name]
+        assert keda_problems(so) == [], keda_problems(so)
+        assert so["spec"]["scaleTargetRef"]["name"] == name
+        meta = so["spec"]["triggers"][0]["metadata"]
+        assert meta["stream"] == keys.jobs(stage) and meta["consumerGroup"] == stage
+        assert so["spec"]["minReplicaCount"] >= 1
+        # a GPU worker batches across sessions: it takes more queued jobs than a CPU one
+        cpu = scalers[f"parley-{stage}"]["spec"]["triggers"][0]["metadata"]
+        assert int(meta["lagCount"]) > int(cpu["lagCount"])
 
 
 def test_the_keda_check_catches_mistakes():
