@@ -72,6 +72,6 @@ def check_turn(result: TurnResult, *, min_audio_s: float = 0.5, chunks: list | N
     s = result.summary()
     assert s["reply_audio_s"] >= min_audio_s
     lat = s["latency_ms"]
-    assert 0 < lat["first_audio"] < 10_000
+    assert 0 < lat["first_audio"] < 10_000, lat
     assert 0 <= lat["first_face"] < 2_000
     return s
