@@ -106,31 +106,15 @@ def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def _writable_after(topo, key: str, t_kill: float, timeout: float = 30.0) -> float | None:
-    """Seconds from the kill until ``key``'s slot takes a write again."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            r = topo.client()
-            try:
-                r.set(key, "probe", px=5000)
-                return time.monotonic() - t_kill
-            finally:
-                r.close()
-        except Exception:  # any refusal while the slot has no primary: try again
-            time.sleep(0.05)
-    return None
-
-
 def _kill(topo, key: str, probe: str) -> tuple[float | None, object]:
     """kill -9 the primary of ``key``; (seconds until writable, the killed node or None)."""
     t0 = time.monotonic()
     if topo.kind == "single":
         topo.kill_primary_for(key)
-        return _writable_after(topo, probe, t0), None
+        return topology.writable_after(topo, probe, t0), None
     node = topo.primary_for(key)
     node.kill()
-    return _writable_after(topo, probe, t0), node
+    return topology.writable_after(topo, probe, t0), node
 
 
 async def _open(client: Client, topo, name: str) -> str:

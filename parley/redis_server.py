@@ -16,6 +16,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminate(proc: subprocess.Popen | None, grace_s: float = 5.0) -> None:
+    """SIGTERM (a clean shutdown), SIGKILL after ``grace_s``; nothing if it is not running."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class RedisServer:
     """Starts redis-server on 127.0.0.1 with AOF on (so a restart keeps every stream)."""
 
@@ -64,13 +76,7 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout}s")
 
     def stop(self, remove: bool | None = None) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         if self.proc and self.proc.stderr:
             self.proc.stderr.close()
         self.proc = None

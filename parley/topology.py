@@ -20,7 +20,7 @@ from pathlib import Path
 import redis
 from redis.cluster import RedisCluster
 
-from parley.redis_server import RedisServer, free_port
+from parley.redis_server import RedisServer, free_port, terminate
 
 NODE_TIMEOUT_MS = 1000
 
@@ -63,13 +63,7 @@ class _Proc:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     @property
     def alive(self) -> bool:
@@ -299,6 +293,24 @@ class SentinelTopology:
         for p in (*self.sentinels, self.replica, self.primary):
             p.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def writable_after(topo, key: str, t_kill: float, timeout: float = 30.0) -> float | None:
+    """Seconds from ``t_kill`` (time.monotonic) until ``key``'s slot takes a write again (a
+    replica promoted); None if it does not within ``timeout``. ``key`` is a probe of its own
+    in the slot under test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = topo.client()
+            try:
+                r.set(key, "probe", px=5000)
+                return time.monotonic() - t_kill
+            finally:
+                r.close()
+        except Exception:  # any refusal while the slot has no primary: try again
+            time.sleep(0.05)
+    return None
 
 
 def rejoin(node: _Proc, timeout: float = 30.0) -> None:

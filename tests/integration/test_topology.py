@@ -89,20 +89,10 @@ def _print_timings():
 
 
 def _writable_after(topo, key: str, t_kill: float, timeout: float = 15.0) -> float:
-    """Seconds from the kill until ``key``'s slot takes a write again (a replica promoted);
-    ``key`` is a probe of its own in the slot under test."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            r = topo.client()
-            try:
-                r.set(key, "probe", px=5000)
-                return time.monotonic() - t_kill
-            finally:
-                r.close()
-        except Exception:
-            time.sleep(0.05)
-    raise AssertionError(f"{key} not writable {timeout}s after the kill")
+    took = topology.writable_after(topo, key, t_kill, timeout)
+    if took is None:
+        raise AssertionError(f"{key} not writable {timeout}s after the kill")
+    return took
 
 
 async def _wait(cond, timeout: float, what: str) -> None:

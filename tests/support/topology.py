@@ -12,6 +12,7 @@ from parley.topology import (  # noqa: F401 - the tests name them through this m
     ClusterTopology,
     SentinelTopology,
     SingleTopology,
+    writable_after,
 )
 
 
