@@ -318,15 +318,11 @@ class Connection:
 
     async def _send_done(self, e: S.SendDone) -> None:
         out = e.message
-        raw = await self.redis.hgetall(self.keys.session(self._sid_of(e), "timing"))
+        raw = await self.redis.hgetall(self.keys.session(e.sid, "timing"))
         prefix = f"{out.turn}:"
         out.timings = {k.decode()[len(prefix):]: float(v) for k, v in raw.items()
                        if k.decode().startswith(prefix)}
         await self.send(out)
-
-    def _sid_of(self, e: S.SendDone) -> str:
-        session = self.core.sessions.get(e.message.session)
-        return session.sid if session is not None else ""
 
     async def _append(self, e: S.AppendMic | S.AppendEndOfUtterance) -> None:
         if isinstance(e, S.AppendMic):

@@ -130,6 +130,7 @@ class Send:
 class SendDone:
     """Send a turn_done with the turn's stored latency marks filled in."""
 
+    sid: str
     message: P.TurnDone
 
 
@@ -689,7 +690,7 @@ class Session:
                     else "gw_first_face" if kind == P.FrameKind.FACE_FRAMES else None)
             return [Send(item), *(self._timing(turn, name) if name else [])]
         if isinstance(item, P.TurnDone) and not item.interrupted:
-            return [SendDone(item)]
+            return [SendDone(self.sid, item)]
         return [Send(item)]
 
     def _timing(self, turn: int, name: str) -> list[Effect]:

@@ -1,4 +1,4 @@
-"""Barge-in follows UE's playback, not the server's production (gateway.core.Relay, Sans-I/O).
+"""Barge-in follows UE's playback, not the server's production (gateway.relay.Relay, Sans-I/O).
 
 With the offline voices a whole 4 s reply is produced, sent and `turn_done` within ~150 ms,
 while UE plays it for 4 s: these tests drive the relay on such a timeline, with time passed in.
