@@ -83,8 +83,8 @@ class ConnectionCore:
             return [self._error(exc.code, exc.message, exc.session)]
         session = getattr(msg, "session", None)
         state = self.sessions.get(session) if session else None
-        bucket = state.bucket if state is not None else self.bucket
-        if not bucket.take(now):
+        allowed = state.take_message(now) if state is not None else self.bucket.take(now)
+        if not allowed:
             return self._limited(state, now)
         try:
             return self._handle(msg, state, now, wall_ms)

@@ -418,16 +418,20 @@ class Session:
             return self._refuse() if self.phase in PENDING else []
         if isinstance(inp, Detach):
             return self._detach(inp.wall_ms)
-        if isinstance(inp, LoadVerdict | Created) or (isinstance(inp, Attached)
-                                                      and self.phase is Phase.OPENING):
-            return self._opening(inp) if self.phase is Phase.OPENING else []
-        if isinstance(inp, MetaLoaded | ResumeLoaded | TookOver | Attached):
-            return self._resuming(inp, now) if self.phase is Phase.RESUMING else []
+        if isinstance(inp, LoadVerdict | Attached | Created | MetaLoaded | ResumeLoaded
+                      | TookOver):
+            # an answer to a storage request; one that comes after the session moved on
+            # (a close, a refusal) has nothing left to decide
+            if self.phase is Phase.OPENING and isinstance(inp, LoadVerdict | Attached | Created):
+                return self._opening(inp)
+            if self.phase is Phase.RESUMING and not isinstance(inp, LoadVerdict | Created):
+                return self._resuming(inp, now)
+            return []
         raise TypeError(f"not an input: {inp!r}")
 
-    def _refuse(self, *first: Effect) -> list[Effect]:
+    def _refuse(self) -> list[Effect]:
         self.phase = Phase.REFUSED
-        return [*first, Release(self.sid)]
+        return [Release(self.sid)]
 
     # -------------------------------------------------------------- open
 
@@ -642,6 +646,10 @@ class Session:
                                     "suppressed since the last one)")
             self.bad_audio_suppressed = 0
         return [err]
+
+    def take_message(self, now: float) -> bool:
+        """A message for this session within its own rate (not the connection's)?"""
+        return self.bucket.take(now)
 
     def limited(self, now: float, what: str = "too many messages") -> list[Effect]:
         # One error per second at most: answering every dropped message would amplify a flood.
