@@ -293,3 +293,16 @@ def test_a_lost_connection_detaches_its_live_sessions_for_a_later_resume():
     assert out[0].entry.kind == "detach" and out[1] == S.MarkLeft(session.sid, "detached")
     assert session.phase is S.Phase.DETACHED and not core.sessions
     assert pending.handle(S.Detach(), 2.0) == [S.Release(pending.sid)]
+
+
+def test_an_answer_that_comes_after_the_session_moved_on_decides_nothing():
+    core, session = live_session()
+    assert session.handle(S.Created(), 1.0) == []
+    assert session.handle(S.TookOver((9, 9)), 1.0) == [] and session.owner_mark == (0, 0)
+    assert session.handle(S.StorageFailed(), 1.0) == [] and session.live
+    secret, _ = access.new_secret()
+    core = C.ConnectionCore(C.Limits(), PERSONAS, owner=OWNER)
+    resume(core, secret)
+    pending = core.sessions["npc-1"]
+    assert core.feed(pending, S.StorageFailed(), 0.0) == [S.Release("npc-1.abc")]
+    assert not core.sessions and core.feed(pending, S.MetaLoaded({}), 0.0) == []
