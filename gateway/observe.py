@@ -41,9 +41,9 @@ class GatewayObserver(ProcessObserver):
     def local_gauges(self) -> None:
         open_, talking = 0, 0
         for conn in list(self.gw.connections):
-            open_ += len(conn.core.sessions)
-            for relay, _ in list(conn.relays.values()):
-                turns = dict(relay.turns)
+            for session in conn.core.live_sessions():
+                open_ += 1
+                turns = dict(session.relay.turns)
                 # the newest turn only: an older one that never finished is not talk
                 talking += bool(turns) and not turns[max(turns)].done
         M.SESSIONS.labels("open").set(open_)

@@ -174,16 +174,14 @@ class Playground:
                    for s in ("transcript", "reply", "voice", "face")}
         if not entries["voice"]:
             return None
-        state = C.SessionState(session="replay", sid=sid, channel=1, frame_bytes=2,
-                               bytes_per_s=32000.0)
-        relay = C.Relay(state)
+        relay = C.Relay("replay", 1)
         items: list[dict] = []
         timings = await self._timings(sid, turn)
         for stream in ("transcript", "reply", "voice", "face"):
             for eid, fields in entries[stream]:
                 eid = eid.decode() if isinstance(eid, bytes) else eid
                 if stream == "voice" and b"segment" in fields:
-                    state.ready.add((turn, int(fields[b"segment"])))
+                    relay.ready_segments.add((turn, int(fields[b"segment"])))
                 for out in relay.feed(stream, eid, fields):
                     items.append(_item(out, timings))
         meta = await self.redis.hgetall(self.keys.session(sid, "meta"))

@@ -1,9 +1,13 @@
-"""The WebSocket gateway: the I/O around gateway.core.
+"""The WebSocket gateway: the I/O around the Sans-I/O machines of gateway.core and
+gateway.session.
 
-One connection carries many NPC sessions. Inbound messages go through ConnectionCore; the actions
-it returns are carried out here (Redis writes, replies). Each session has a relay task that tails
-the session's output streams with one blocking XREAD and sends what Relay lets through. The
-gateway keeps nothing that Redis does not also hold, so a restarted gateway loses nothing.
+One connection carries many NPC sessions. What a client sends goes to the connection's
+ConnectionCore, which hands session messages to that session's Session machine; the effects they
+return (sends, Redis writes and reads, relay starts and stops, Live Link output) are carried out
+here, and the answers of reads go back to the machine as inputs. Each session has a relay task
+that tails the session's output streams with one blocking XREAD and feeds each entry to the
+machine. The gateway keeps nothing that Redis does not also hold, so a restarted gateway loses
+nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from core.redisconn import RETRYABLE, connect, is_stale_id
 from core.retry import Backoff
 from gateway import access
 from gateway import core as C
+from gateway import session as S
 from gateway.admission import Admission, FleetLoad
 from gateway.lifecycle import SessionLifecycle
 from gateway.livelink import LiveLinkSender, parse_target
@@ -35,12 +40,10 @@ from gateway.watchdog import start_turn_watch
 from schemas import protocol as P
 from schemas.streams import (
     WAKE_LISTENER_LUA,
-    ControlEntry,
     EventEntry,
     Keys,
     MicEntry,
     ReplyEntry,
-    SessionMeta,
     VoiceEntry,
     mic_id,
     now_ms,
@@ -139,8 +142,8 @@ class Gateway:
 
     def held_sessions(self):
         for conn in list(self.connections):
-            for state in list(conn.core.sessions.values()):
-                yield state.sid
+            for session in conn.core.live_sessions():
+                yield session.sid
 
     async def stop(self) -> None:
         await self.observer.stop()  # not ready from now on
@@ -183,18 +186,23 @@ class Gateway:
 
 
 class Connection:
+    """The executor of one connection: socket and Redis in, typed inputs to the Sans-I/O
+    machines (``ConnectionCore`` and its ``Session`` per NPC session), their effects carried
+    out, and the answers fed back. It decides nothing about a session itself."""
+
     def __init__(self, gw: Gateway, ws: ServerConnection):
         self.gw = gw
         self.ws = ws
-        self.core = C.ConnectionCore(gw.limits, gw.personas)
-        self.relays: dict[str, tuple[C.Relay, asyncio.Task]] = {}
+        self.conn_id = f"{gw.gateway_id}.{next(gw._conn_ids)}"
+        self.core = C.ConnectionCore(gw.limits, gw.personas, owner=self.conn_id)
+        self.relay_tasks: dict[str, asyncio.Task] = {}  # per session: its XREAD loop
+        self.wakes: dict[str, asyncio.Task] = {}  # per session: its pending WakeAt
         self.livelink = (LiveLinkOutput(gw.livelink, gw.config.lipsync.fps)
                          if gw.livelink is not None else None)
         self.mic_queues: dict[str, list[MicEntry]] = {}  # per sid, not yet in Redis
         self.mic_writers: dict[str, asyncio.Task] = {}
         self.mic_count: dict[str, int] = {}  # chunks appended per sid (for retention trims)
         self.mic_holds: dict[str, MicHold] = {}  # per sid: recent chunks, for a failover
-        self._marked: set[tuple[str, int, str]] = set()
         self._bg: set[asyncio.Task] = set()
         self.redis = gw.redis
         self.keys = gw.keys
@@ -203,10 +211,24 @@ class Connection:
         headers = ws.request.headers if ws.request is not None else None
         self.address = access.client_address(peer[0] if peer else "?", headers,
                                               g.proxy_header, g.trusted_proxies)
-        self.conn_id = f"{gw.gateway_id}.{next(gw._conn_ids)}"
         self.attached: dict[str, str] = {}  # sid -> the principal it counts against
         self.log = gw.log.bind(peer=f"{peer[0]}:{peer[1]}" if peer else "?", conn=self.conn_id,
                                client=self.address)
+        self._carriers = {
+            S.Send: self._send, S.SendDone: self._send_done, S.AppendMic: self._append,
+            S.AppendEndOfUtterance: self._append, S.CheckLoad: self._check_load,
+            S.Attach: self._attach, S.Release: self._release_effect,
+            S.CreateSession: self._create, S.LoadMeta: self._load_meta,
+            S.LoadResume: self._load_resume, S.TakeOver: self._take_over,
+            S.Control: self._control, S.Log: self._log, S.StartRelay: self._start_relay,
+            S.StopRelay: self._stop_relay, S.FlushMic: self._flush_one,
+            S.MarkLeft: self._mark_left, S.MarkPlaying: self._mark_playing,
+            S.Timing: self._timing, S.CancelTurn: self._cancel_turn,
+            S.KeepHeard: self._keep_heard, S.WakeAt: self._wake_at,
+            S.LiveLinkStart: self._livelink, S.LiveLinkFeed: self._livelink,
+            S.LiveLinkReady: self._livelink, S.LiveLinkStopTurn: self._livelink,
+            S.LiveLinkStopSession: self._livelink,
+        }
 
     @property
     def principal(self) -> str:
@@ -225,31 +247,110 @@ class Connection:
         except ConnectionClosed:
             pass
         finally:
-            for _, task in self.relays.values():
+            for task in [*self.relay_tasks.values(), *self.wakes.values()]:
                 task.cancel()
             if self.livelink is not None:
                 self.livelink.close()
-            await asyncio.gather(*(t for _, t in self.relays.values()), return_exceptions=True)
+            sessions = len(self.relay_tasks)
+            await asyncio.gather(*self.relay_tasks.values(), return_exceptions=True)
             await self.flush_mic()
-            await self._detach_all()
+            await self._apply(self.core.detach_all(time.monotonic(), now_ms()), answer=False)
             await self._release_all()
-            self.log.info("client_disconnected", sessions=len(self.relays))
+            self.log.info("client_disconnected", sessions=sessions)
 
     async def _receive(self, message: str | bytes) -> None:
         now = time.monotonic()
         try:
             if isinstance(message, str):
-                actions = self.core.receive_text(message, now)
+                effects = self.core.receive_text(message, now, now_ms())
             else:
-                actions = self.core.receive_binary(message, now)
-            for action in actions:
-                await self._do(action)
+                effects = self.core.receive_binary(message, now)
+            await self._apply(effects)
         except (ConnectionClosed, asyncio.CancelledError):
             raise
         except Exception as exc:  # a server fault answers this message, and the link lives on
             self.log.exception("message_failed", error=repr(exc)[:200])
             await self.send(P.ErrorEvent(code=P.ErrorCode.INTERNAL,
                                          message="the server failed on this message"))
+
+    # -------------------------------------------------------------- carrying effects out
+
+    async def _apply(self, effects: list[S.Effect], answer: bool = True) -> None:
+        """Carry ``effects`` out in order; an answer goes back to its session's machine at
+        once and its effects come next. ``answer``: a storage failure is the client's answer
+        (and ends this batch, as the message's handling failed); else it is only logged."""
+        for effect in effects:
+            try:
+                result = await self._carriers[type(effect)](effect)
+            except RETRYABLE as exc:
+                self.log.warning("redis_unavailable", error=str(exc))
+                session = self._session_of(effect)
+                if answer:
+                    await self.send(P.ErrorEvent(code=P.ErrorCode.UNAVAILABLE,
+                                                 message="storage is unavailable; retry shortly",
+                                                 session=session.name if session else None))
+                if session is not None:
+                    await self._apply(self.core.feed(session, S.StorageFailed(),
+                                                     time.monotonic()), answer=False)
+                if answer:
+                    return
+                continue
+            if result is not None:
+                session = self.core.sessions.get(effect.session)
+                if session is not None:
+                    await self._apply(self.core.feed(session, result, time.monotonic()), answer)
+
+    def _session_of(self, effect: S.Effect) -> S.Session | None:
+        name = getattr(effect, "session", None)
+        if name is not None:
+            return self.core.sessions.get(name)
+        sid = getattr(effect, "sid", None)
+        return next((s for s in self.core.sessions.values() if s.sid == sid), None)
+
+    async def send(self, message: P.Message | bytes) -> None:
+        if not isinstance(message, bytes):
+            sent(message)
+        data = message if isinstance(message, bytes) else P.encode(message)
+        try:
+            await self.ws.send(data)
+        except ConnectionClosed:
+            pass
+
+    async def _send(self, e: S.Send) -> None:
+        await self.send(e.message)
+
+    async def _send_done(self, e: S.SendDone) -> None:
+        out = e.message
+        raw = await self.redis.hgetall(self.keys.session(e.sid, "timing"))
+        prefix = f"{out.turn}:"
+        out.timings = {k.decode()[len(prefix):]: float(v) for k, v in raw.items()
+                       if k.decode().startswith(prefix)}
+        await self.send(out)
+
+    async def _append(self, e: S.AppendMic | S.AppendEndOfUtterance) -> None:
+        if isinstance(e, S.AppendMic):
+            entry = MicEntry(seq=e.seq, pcm=e.pcm)
+        else:
+            entry = MicEntry(seq=e.after_seq, end_of_utterance=True)
+        self._queue_mic(e.session, e.sid, entry)
+
+    async def _check_load(self, e: S.CheckLoad) -> S.LoadVerdict:
+        v = self.gw.admission.verdict
+        return S.LoadVerdict(v.admit, v.reason, v.retry_after_ms)
+
+    async def _attach(self, e: S.Attach) -> S.Attached:
+        """Fleet-wide caps: in total, and per token (or per address without one)."""
+        g = self.gw.config.gateway
+        token = self.core.token
+        cap = (token.max_sessions if token is not None else g.max_sessions_per_address)
+        why = await self.gw.attachments.admit(self.member(e.sid), self.principal,
+                                              g.max_sessions_total, cap)
+        if why is None:
+            self.attached[e.sid] = self.principal
+        return S.Attached(why)
+
+    async def _release_effect(self, e: S.Release) -> None:
+        await self._release(e.sid)
 
     async def _release(self, sid: str) -> None:
         principal = self.attached.pop(sid, None)
@@ -264,79 +365,144 @@ class Connection:
         for sid in list(self.attached):
             await self._release(sid)
 
-    async def _admit(self, session: str, sid: str) -> bool:
-        """Fleet-wide caps: in total, and per token (or per address without one)."""
-        g = self.gw.config.gateway
-        token = self.core.token
-        cap = (token.max_sessions if token is not None else g.max_sessions_per_address)
-        why = await self.gw.attachments.admit(self.member(sid), self.principal,
-                                              g.max_sessions_total, cap)
-        if why is None:
-            self.attached[sid] = self.principal
-            return True
-        self.log.warning("session_refused", session=sid, reason=why)
-        await self.send(P.ErrorEvent(code=P.ErrorCode.TOO_MANY_SESSIONS, message=why,
-                                     session=session))
-        return False
+    async def _create(self, e: S.CreateSession) -> S.Created:
+        """The new session's meta, its expiry, and its owner with the hash of the resume
+        secret (the client gets the secret; Redis never does)."""
+        sid = e.meta.sid
+        async with self.redis.pipeline(transaction=False) as p:
+            p.hset(self.keys.session(sid, "meta"), mapping=e.meta.to_fields())
+            p.zadd(self.keys.sessions(),
+                   {sid: now_ms() + self.gw.config.redis.detached_grace_s * 1000})
+            p.hset(self.keys.session(sid, "meta"),
+                   mapping={"secret_hash": e.secret_hash, "owner": e.owner})
+            await p.execute()
+        return S.Created()
 
-    async def send(self, message: P.Message | bytes) -> None:
-        if not isinstance(message, bytes):
-            sent(message)
-        data = message if isinstance(message, bytes) else P.encode(message)
-        try:
-            await self.ws.send(data)
-        except ConnectionClosed:
-            pass
+    async def _load_meta(self, e: S.LoadMeta) -> S.MetaLoaded:
+        return S.MetaLoaded(await self.redis.hgetall(self.keys.session(e.sid, "meta")))
 
-    async def _do(self, action: C.Action) -> None:
-        try:
-            await self._dispatch(action)
-        except RETRYABLE as exc:
-            self.log.warning("redis_unavailable", error=str(exc))
-            await self.send(P.ErrorEvent(code=P.ErrorCode.UNAVAILABLE,
-                                         message="storage is unavailable; retry shortly",
-                                         session=getattr(action, "session", None)))
+    async def _load_resume(self, e: S.LoadResume) -> S.ResumeLoaded:
+        """Where the session stands: the next mic seq, the segments UE said ready for, and
+        those of the resumed turn whose audio went out."""
+        top = await self.redis.xrevrange(self.keys.session(e.sid, "mic"), count=1)
+        next_mic = parse_id(top[0][0])[0] + 1 if top else 1
+        ready = {tuple(int(x) for x in m.decode().split(":"))
+                 for m in await self.redis.smembers(self.keys.session(e.sid, "ready"))}
+        segments = set(ready)
+        for _eid, f in await self.redis.xrange(self.keys.session(e.sid, "voice"),
+                                              f"{e.turn}-0", f"{e.turn}-{2**63 - 1}"):
+            seg = f.get(b"segment")
+            if seg is not None:
+                segments.add((e.turn, int(seg)))
+        return S.ResumeLoaded(next_mic, segments, ready, now_ms())
 
-    async def _dispatch(self, action: C.Action) -> None:
-        if isinstance(action, C.Send):
-            await self.send(action.message)
-        elif isinstance(action, C.AppendMic):
-            self._queue_mic(action.session, action.sid, MicEntry(seq=action.seq,
-                                                                 pcm=action.pcm))
-        elif isinstance(action, C.AppendEndOfUtterance):
-            if action.after_seq >= 1:
-                self._queue_mic(action.session, action.sid,
-                                MicEntry(seq=action.after_seq, end_of_utterance=True))
-        elif isinstance(action, C.ReadyAction):
-            played_at = now_ms()  # before the face frames go out: UE starts playing now
-            relay = self.relays.get(action.session)
-            self._control(action.sid, ControlEntry("ready", turn=action.turn,
-                                                   segment=action.segment))
-            if relay is not None:
-                self._timing(relay[0].state, action.turn, "ready")
-                # frames first: the face is what UE is waiting for; the bookkeeping can follow
-                for out in relay[0].ready(action.turn, action.segment, time.monotonic()):
-                    await self._send_out(relay[0], action.turn, out)
-            # the play clock for STT's echo gate: when UE started this segment (wall clock,
-            # compared there with the arrival of the mic audio around it); a resend is not news
-            async with self.redis.pipeline(transaction=False) as p:
-                p.sadd(self.keys.session(action.sid, "ready"), f"{action.turn}:{action.segment}")
-                if action.first:
-                    p.xadd(self.keys.session(action.sid, "events"),
-                           EventEntry(kind="playing", turn=action.turn,
-                                      code=str(action.segment), ts=played_at).to_fields(),
-                           maxlen=self.gw.config.redis.stream_maxlen, approximate=True)
-                await p.execute()
-            if self.livelink is not None:
-                self.livelink.ready(action.session, action.sid, action.turn)
-        elif isinstance(action, C.OpenAction):
-            await self._open(action)
-        elif isinstance(action, C.ResumeAction):
-            await self._resume(action)
-        elif isinstance(action, C.CloseAction):
-            await self._close(action.session, action.sid)
-        elif isinstance(action, C.InterruptAction):
-            await self._client_interrupt(action)
+    async def _take_over(self, e: S.TakeOver) -> S.TookOver:
+        """The events entry tells the previous owner, on whichever gateway, through the stream
+        its relay already tails; owner entries up to the returned id are older than this
+        attachment."""
+        await self.gw.lifecycle.attached([e.sid])
+        async with self.redis.pipeline(transaction=True) as p:
+            p.hset(self.keys.session(e.sid, "meta"),
+                   mapping={"state": "open", "owner": e.owner})
+            p.xadd(self.keys.session(e.sid, "events"),
+                   EventEntry(kind="owner", turn=0, code=e.owner).to_fields())
+            _, mark = await p.execute()
+        return S.TookOver(parse_id(mark.decode() if isinstance(mark, bytes) else mark))
+
+    async def _control(self, e: S.Control) -> None:
+        """Store a client control message for replay (off the hot path, stamped on arrival)."""
+        self._background(self.redis.xadd(self.keys.session(e.sid, "control"),
+                                         e.entry.to_fields()))
+
+    def _background(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg_done)
+
+    def _bg_done(self, task: asyncio.Task) -> None:
+        self._bg.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.warning("background_write_failed", error=str(task.exception()))
+
+    async def _log(self, e: S.Log) -> None:
+        getattr(self.log, e.level)(e.event, **e.fields)
+
+    async def _timing(self, e: S.Timing) -> None:
+        """Latency waterfall mark (off the hot path)."""
+        self._background(self.redis.hsetnx(self.keys.session(e.sid, "timing"),
+                                           f"{e.turn}:{e.name}", now_ms()))
+
+    async def _mark_left(self, e: S.MarkLeft) -> None:
+        await self.gw.lifecycle.left(e.sid, e.state)
+
+    async def _mark_playing(self, e: S.MarkPlaying) -> None:
+        # the play clock for STT's echo gate: when UE started this segment (wall clock,
+        # compared there with the arrival of the mic audio around it); a resend is not news
+        async with self.redis.pipeline(transaction=False) as p:
+            p.sadd(self.keys.session(e.sid, "ready"), f"{e.turn}:{e.segment}")
+            if e.first:
+                p.xadd(self.keys.session(e.sid, "events"),
+                       EventEntry(kind="playing", turn=e.turn, code=str(e.segment),
+                                  ts=e.ts).to_fields(),
+                       maxlen=self.gw.config.redis.stream_maxlen, approximate=True)
+            await p.execute()
+
+    async def _cancel_turn(self, e: S.CancelTurn) -> None:
+        """Workers see the event (or the marker, if they start later) and stop."""
+        async with self.redis.pipeline(transaction=False) as p:
+            p.set(self.keys.session(e.sid, "cancel"), e.turn)
+            p.xadd(self.keys.session(e.sid, "events"),
+                   EventEntry(kind="interrupt", turn=e.turn, code=e.reason).to_fields())
+            p.hsetnx(self.keys.session(e.sid, "timing"), f"{e.turn}:interrupt", now_ms())
+            await p.execute()
+
+    async def _keep_heard(self, e: S.KeepHeard) -> None:
+        span = (f"{e.turn}-0", f"{e.turn}-{2**63 - 1}")
+        voice = await self.redis.xrange(self.keys.session(e.sid, "voice"), *span)
+        reply = await self.redis.xrange(self.keys.session(e.sid, "reply"), *span)
+        texts = {r.segment: r.text for r in (ReplyEntry.from_fields(f) for _, f in reply)
+                 if not r.end}
+        heard = C.heard_text(texts, [VoiceEntry.from_fields(f) for _, f in voice], e.played)
+        await self.redis.hset(self.keys.session(e.sid, "history"), f"{e.turn}:heard", heard)
+
+    async def _wake_at(self, e: S.WakeAt) -> None:
+        old = self.wakes.pop(e.session, None)
+        if old is not None:
+            old.cancel()
+        session = self.core.sessions.get(e.session)
+        if session is not None:
+            self.wakes[e.session] = asyncio.create_task(self._wake(session, e.at))
+
+    async def _wake(self, session: S.Session, at: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        if self.wakes.get(session.name) is asyncio.current_task():
+            del self.wakes[session.name]
+        await self._apply(self.core.feed(session, S.Timer(), time.monotonic()), answer=False)
+
+    async def _livelink(self, e: S.Effect) -> None:
+        """Live Link output (gateway/livelink_output.py) follows the session's effects."""
+        out = self.livelink
+        if out is None:
+            return
+        if isinstance(e, S.LiveLinkFeed):
+            try:
+                out.feed(e.session, e.sid, e.stream, e.entry_id, e.fields, e.interrupted)
+            except (ValueError, KeyError) as exc:
+                self.log.error("bad_stream_entry", stream=e.stream, id=e.entry_id,
+                               error=str(exc))
+        elif isinstance(e, S.LiveLinkReady):
+            out.ready(e.session, e.sid, e.turn)
+        elif isinstance(e, S.LiveLinkStopTurn):
+            out.stop_turn(e.session, e.turn)
+        elif isinstance(e, S.LiveLinkStopSession):
+            out.stop_session(e.session)
+        elif isinstance(e, S.LiveLinkStart):
+            idle = out.start_session(e.session, e.sid)
+            task = self.relay_tasks.get(e.session)
+            if task is not None:
+                task.add_done_callback(lambda _t: idle.cancel())
+            else:
+                idle.cancel()
 
     def _queue_mic(self, session: str, sid: str, entry: MicEntry) -> None:
         """Mic audio goes to Redis in order, per session, without holding up this connection's
@@ -418,280 +584,36 @@ class Connection:
         while self.mic_writers:
             await asyncio.gather(*list(self.mic_writers.values()), return_exceptions=True)
 
-    async def _open(self, a: C.OpenAction) -> None:
-        req = a.request
-        verdict = self.gw.admission.verdict
-        if not verdict.admit:
-            # Said before the player speaks: the game can show the NPC as busy and retry.
-            self.core.drop(a.session)
-            self.log.warning("session_refused", reason=verdict.reason, npc=req.npc)
-            await self.send(P.ErrorEvent(
-                code=P.ErrorCode.OVERLOADED, session=a.session,
-                message=f"the NPC is busy: {verdict.reason}; retry in "
-                        f"{verdict.retry_after_ms} ms"))
-            return
-        meta = SessionMeta(sid=a.sid, session=a.session, npc=req.npc, persona=a.persona,
-                           voice=a.voice, sample_rate=req.sample_rate, channels=req.channels,
-                           format=req.format, endpoint=req.endpoint or "vad", seed=a.sid)
-        opened_at = now_ms()
-        try:
-            if not await self._admit(a.session, a.sid):
-                self.core.drop(a.session)
-                return
-            async with self.redis.pipeline(transaction=False) as p:
-                p.hset(self.keys.session(a.sid, "meta"), mapping=meta.to_fields())
-                p.zadd(self.keys.sessions(),
-                       {a.sid: now_ms() + self.gw.config.redis.detached_grace_s * 1000})
-                await p.execute()
-        except RETRYABLE:
-            self.core.drop(a.session)
-            raise
-        state = self.core.sessions[a.session]
-        secret = await self._own_new(a.sid)
-        self._control(a.sid, ControlEntry("open", ts=opened_at, data={
-            "session": a.session, "npc": req.npc, "persona": a.persona,
-            "sample_rate": req.sample_rate, "channels": req.channels, "format": req.format,
-            "endpoint": meta.endpoint}))
-        self.log.info("session_opened", session=a.sid, npc=req.npc, persona=a.persona,
-                      rate=req.sample_rate, channels=req.channels, format=req.format)
-        await self.send(P.SessionOpened(session=a.session, channel=a.channel, sid=a.sid,
-                                        npc=req.npc, persona=a.persona, voice=a.voice,
-                                        reply_sample_rate=22050, next_mic_seq=1,
-                                        resume_secret=secret))
-        self._start_relay(state, {s: "0-0" for s in C.Relay.STREAMS}, min_turn=0)
-
-    async def _resume(self, a: C.ResumeAction) -> None:
-        req = a.request
-        meta = await self._owned_meta(req)
-        if meta is None:
-            return
-        top = await self.redis.xrevrange(self.keys.session(req.sid, "mic"), count=1)
-        next_mic = parse_id(top[0][0])[0] + 1 if top else 1
-        ready = {tuple(int(x) for x in m.decode().split(":"))
-                 for m in await self.redis.smembers(self.keys.session(req.sid, "ready"))}
-        segments = set(ready)
-        for _eid, f in await self.redis.xrange(self.keys.session(req.sid, "voice"),
-                                              f"{req.turn}-0", f"{req.turn}-{2**63 - 1}"):
-            seg = f.get(b"segment")
-            if seg is not None:
-                segments.add((req.turn, int(seg)))
-        if not await self._admit(req.session, req.sid):
-            return
-        state = self.core.resumed(req, meta.sample_rate, meta.channels, meta.format, next_mic,
-                                  segments, ready, time.monotonic())
-        await self.redis.hset(self.keys.session(req.sid, "meta"), mapping={"state": "open"})
-        await self.gw.lifecycle.attached([req.sid])
-        cursors = {"transcript": "", "reply": "", "voice": "", "face": "", "events": "0-0"}
-        channel_of = {"transcript": "transcript", "reply": "reply", "voice": "audio",
-                      "face": "face"}
-        for stream, ch in channel_of.items():
-            cursors[stream] = f"{req.turn}-{req.last.get(ch, 0)}" if req.turn else "0-0"
-        state.owner_mark = await self._take_over(req.sid)
-        self._control(req.sid, ControlEntry("resume", data={  # never the resume secret
-            "session": req.session, "turn": req.turn, "last": req.last, "mic_seq": req.mic_seq}))
-        self.log.info("session_resumed", session=req.sid, turn=req.turn, last=req.last)
-        await self.send(P.SessionOpened(session=req.session, channel=state.channel, sid=req.sid,
-                                        npc=meta.npc, persona=meta.persona, voice=meta.voice,
-                                        reply_sample_rate=22050, next_mic_seq=next_mic,
-                                        resumed=True))
-        self._start_relay(state, cursors, min_turn=req.turn, live_since_ms=now_ms())
-
-    async def _owned_meta(self, req: P.Resume) -> SessionMeta | None:
-        """The stored session, when the resume proves it may have it; else the error is sent."""
-        raw = await self.redis.hgetall(self.keys.session(req.sid, "meta"))
-        stored = raw.get(b"secret_hash", b"").decode()
-        # One answer for an unknown sid and a wrong secret: no oracle for valid sids.
-        if not raw or not access.secret_matches(req.resume_secret, stored):
-            self.log.warning("resume_refused", session=req.sid)
-            await self.send(P.ErrorEvent(
-                code=P.ErrorCode.SESSION_NOT_OPEN,
-                message="resume: no stored session with this sid and resume_secret",
-                session=req.session))
-            return None
-        meta = SessionMeta.from_fields(raw)
-        if meta.state in ("closed", "ended"):
-            await self.send(P.ErrorEvent(code=P.ErrorCode.SESSION_NOT_OPEN,
-                                         message=f"resume: session {req.sid!r} was {meta.state}",
-                                         session=req.session))
-            return None
-        try:
-            self.core.check_allowed(meta.npc, req.session)
-            self.core.check_allowed(meta.persona, req.session)
-        except P.ProtocolError as exc:
-            await self.send(P.ErrorEvent(code=exc.code, message=exc.message,
-                                         session=req.session))
-            return None
-        return meta
-
-    async def _own_new(self, sid: str) -> str:
-        """A new session's resume secret: the client gets it, Redis only its hash."""
-        secret, secret_hash = access.new_secret()
-        await self.redis.hset(self.keys.session(sid, "meta"),
-                              mapping={"secret_hash": secret_hash, "owner": self.conn_id})
-        return secret
-
-    async def _take_over(self, sid: str) -> tuple[int, int]:
-        """Make this connection the session's one owner. The events entry tells the previous
-        owner, on whichever gateway, through the stream its relay already tails; owner entries
-        up to the returned id are older than this attachment."""
-        async with self.redis.pipeline(transaction=True) as p:
-            p.hset(self.keys.session(sid, "meta"),
-                   mapping={"state": "open", "owner": self.conn_id})
-            p.xadd(self.keys.session(sid, "events"),
-                   EventEntry(kind="owner", turn=0, code=self.conn_id).to_fields())
-            _, mark = await p.execute()
-        return parse_id(mark.decode() if isinstance(mark, bytes) else mark)
-
-    async def _taken_over(self, relay: C.Relay) -> None:
-        """Another connection resumed this session: stop serving it here and say so."""
-        state = relay.state
-        self.relays.pop(state.session, None)
-        if self.livelink is not None:
-            self.livelink.stop_session(state.session)
-        self.core.drop(state.session)
-        await self._release(state.sid)
-        self.log.info("session_taken_over", session=state.sid)
-        await self.send(P.TakenOver(session=state.session))
-
-    def _control(self, sid: str, entry: ControlEntry) -> None:
-        """Store a client control message for replay (off the hot path, stamped on arrival)."""
-        task = asyncio.create_task(self.redis.xadd(self.keys.session(sid, "control"),
-                                                   entry.to_fields()))
-        self._bg.add(task)
-        task.add_done_callback(self._bg_done)
-
-    def _bg_done(self, task: asyncio.Task) -> None:
-        self._bg.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.log.warning("background_write_failed", error=str(task.exception()))
-
-    def _timing(self, state: C.SessionState, turn: int, name: str) -> None:
-        """Latency waterfall: first time ``name`` happened in ``turn`` (off the hot path)."""
-        key = (state.sid, turn, name)
-        if key in self._marked:
-            return
-        self._marked.add(key)
-        task = asyncio.create_task(self.redis.hsetnx(self.keys.session(state.sid, "timing"),
-                                                     f"{turn}:{name}", now_ms()))
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
-
-    async def _send_out(self, relay: C.Relay, turn: int, out) -> None:
-        if isinstance(out, bytes):
-            await self.send(out)
-            kind = out[0]
-            if kind == P.FrameKind.REPLY_AUDIO:
-                self._timing(relay.state, turn, "gw_first_audio")
-            elif kind == P.FrameKind.FACE_FRAMES:
-                self._timing(relay.state, turn, "gw_first_face")
-            return
-        if isinstance(out, P.TurnDone) and not out.interrupted:
-            raw = await self.redis.hgetall(self.keys.session(relay.state.sid, "timing"))
-            prefix = f"{out.turn}:"
-            out.timings = {k.decode()[len(prefix):]: float(v) for k, v in raw.items()
-                           if k.decode().startswith(prefix)}
-        await self.send(out)
-
-    async def _interrupt(self, relay: C.Relay, turn: int, reason: str) -> None:
-        """Cancel ``turn`` everywhere: workers see the event (or the marker, if they start
-        later) and stop; UE is told to stop playing."""
-        sid = relay.state.sid
-        outs = relay.interrupt(turn, reason)
-        if not outs:
-            return
-        if self.livelink is not None:
-            self.livelink.stop_turn(relay.state.session, turn)
-        async with self.redis.pipeline(transaction=False) as p:
-            p.set(self.keys.session(sid, "cancel"), turn)
-            p.xadd(self.keys.session(sid, "events"),
-                   EventEntry(kind="interrupt", turn=turn, code=reason).to_fields())
-            p.hsetnx(self.keys.session(sid, "timing"), f"{turn}:interrupt", now_ms())
-            await p.execute()
-        self.log.info("turn_interrupted", session=sid, turn=turn, reason=reason)
-        for out in outs:
-            if reason == "client" and isinstance(out, P.StopPlayback):
-                continue  # UE stopped on its own; it needs no stop
-            await self.send(out)
-
-    async def _client_interrupt(self, action: C.InterruptAction) -> None:
-        relay = self.relays.get(action.session)
-        if relay is None:
-            return
-        verdict = relay[0].client_interrupt(time.monotonic())
-        late = isinstance(verdict, P.ErrorEvent)
-        self._control(action.sid, ControlEntry(
-            "interrupt", turn=0 if late else verdict.turn,
-            played=-1 if action.played_samples is None else action.played_samples,
-            code="too_late" if late else verdict.reason))
-        if isinstance(verdict, P.ErrorEvent):  # too late: said so, never ignored silently
-            self.log.info("interrupt_too_late", session=action.sid, reason=verdict.message)
-            await self.send(verdict)
-            return
-        self.log.info("interrupt", session=action.sid, turn=verdict.turn, reason=verdict.reason,
-                      played=action.played_samples)
-        if action.played_samples is not None:
-            await self._keep_heard(action.sid, verdict.turn, action.played_samples)
-        if verdict.reason == "client":
-            await self._interrupt(relay[0], verdict.turn, "client")
-
-    async def _keep_heard(self, sid: str, turn: int, played: int) -> None:
-        """History keeps only the words UE played before the cut (TTS word timings)."""
-        span = (f"{turn}-0", f"{turn}-{2**63 - 1}")
-        voice = await self.redis.xrange(self.keys.session(sid, "voice"), *span)
-        reply = await self.redis.xrange(self.keys.session(sid, "reply"), *span)
-        texts = {r.segment: r.text for r in (ReplyEntry.from_fields(f) for _, f in reply)
-                 if not r.end}
-        heard = C.heard_text(texts, [VoiceEntry.from_fields(f) for _, f in voice], played)
-        await self.redis.hset(self.keys.session(sid, "history"), f"{turn}:heard", heard)
-
-    def _livelink_feed(self, relay: C.Relay, stream: str, eid: str, fields: dict) -> None:
-        ts = relay.turns.get(parse_id(eid)[0]) if stream == "face" else None
-        self.livelink.feed(relay.state.session, relay.state.sid, stream, eid, fields,
-                           interrupted=ts is not None and ts.interrupted)
-
-    async def _close(self, session: str, sid: str) -> None:
-        self._control(sid, ControlEntry("close"))
-        writer = self.mic_writers.get(sid)
-        if writer is not None:  # what the player said before closing still counts
+    async def _flush_one(self, e: S.FlushMic) -> None:
+        writer = self.mic_writers.get(e.sid)
+        if writer is not None:
             await asyncio.gather(writer, return_exceptions=True)
-        self.mic_holds.pop(sid, None)
-        relay = self.relays.pop(session, None)
-        if relay is not None:
-            relay[1].cancel()
-        if self.livelink is not None:
-            self.livelink.stop_session(session)
-        await self._mark(sid, "closed")
-        await self._release(sid)
-        await self.send(P.SessionClosed(session=session))
-        self.log.info("session_closed", session=sid)
+        self.mic_holds.pop(e.sid, None)
 
-    async def _mark(self, sid: str, state: str) -> None:
-        await self.gw.lifecycle.left(sid, state)
+    # -------------------------------------------------------------- the relay
 
-    async def _detach_all(self) -> None:
-        # The client may come back and resume; until then the session stays in Redis.
-        for state in list(self.core.sessions.values()):
-            self._control(state.sid, ControlEntry("detach"))
-            try:
-                await self._mark(state.sid, "detached")
-            except RETRYABLE:
-                pass
+    async def _start_relay(self, e: S.StartRelay) -> None:
+        session = self.core.sessions.get(e.session)
+        if session is not None:
+            self.relay_tasks[e.session] = asyncio.create_task(
+                self._relay_loop(session, e.cursors))
 
-    def _start_relay(self, state: C.SessionState, cursors: dict[str, str], min_turn: int,
-                     live_since_ms: float = 0.0) -> None:
-        relay = C.Relay(state, min_turn=min_turn, live_since_ms=live_since_ms)
-        task = asyncio.create_task(self._relay_loop(relay, cursors))
-        self.relays[state.session] = (relay, task)
-        if self.livelink is not None:
-            idle = self.livelink.start_session(state.session, state.sid)
-            task.add_done_callback(lambda _t: idle.cancel())
+    async def _stop_relay(self, e: S.StopRelay) -> None:
+        wake = self.wakes.pop(e.session, None)
+        if wake is not None and wake is not asyncio.current_task():
+            wake.cancel()
+        task = self.relay_tasks.pop(e.session, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()  # from within, the loop ends by itself: the session is not live
 
-    async def _relay_loop(self, relay: C.Relay, cursors: dict[str, str]) -> None:
-        sid = relay.state.sid
+    async def _relay_loop(self, session: S.Session, cursors: dict[str, str]) -> None:
+        """Tails the session's output streams with one blocking XREAD; each entry is an input
+        of the session's machine."""
+        sid = session.sid
         keys = {self.keys.session(sid, s): s for s in C.Relay.STREAMS}
         ids = {k: cursors[s] for k, s in keys.items()}
         backoff = Backoff()
-        while True:
+        while session.live:
             try:
                 res = await self.redis.xread(ids, block=5000, count=256)
                 backoff.reset()
@@ -702,34 +624,19 @@ class Connection:
                                  error=str(exc))
                 if sid in self.mic_holds:  # the mic's last chunks may be gone with a primary
                     self.mic_holds[sid].read_failed()
-                    self._start_mic_writer(relay.state.session, sid)
+                    self._start_mic_writer(session.name, sid)
                 await backoff.wait()
                 continue
             for key, entries in res or []:
                 key = key.decode() if isinstance(key, bytes) else key
-                stream = keys[key]
                 for eid, fields in entries:
                     eid = eid.decode() if isinstance(eid, bytes) else eid
                     ids[key] = eid
-                    if stream == "events" and fields.get(b"kind") == b"owner":
-                        if (parse_id(eid) > relay.state.owner_mark
-                                and fields.get(b"code", b"").decode() != self.conn_id):
-                            await self._taken_over(relay)
-                            return
-                        continue
-                    try:
-                        if self.livelink is not None:
-                            self._livelink_feed(relay, stream, eid, fields)
-                        outs = relay.feed(stream, eid, fields, time.monotonic())
-                    except (ValueError, KeyError) as exc:
-                        self.log.error("bad_stream_entry", stream=stream, id=eid, error=str(exc))
-                        continue
-                    turn = parse_id(eid)[0] if stream != "events" else 0
-                    for out in outs:
-                        if isinstance(out, C.InterruptTurn):
-                            await self._interrupt(relay, out.turn, out.reason)
-                        else:
-                            await self._send_out(relay, turn, out)
+                    entry = S.StreamEntry(keys[key], eid, fields)
+                    await self._apply(self.core.feed(session, entry, time.monotonic()),
+                                      answer=False)
+                    if not session.live:
+                        return
 
 
 async def run_gateway(config: Config, host: str | None = None, port: int | None = None,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from parley.recording import Recording, TurnOutcome
 
-PLAYBACK_SLACK_MS = 300.0  # the gateway's own slack (gateway/core.py PLAYBACK_SLACK_S)
+PLAYBACK_SLACK_MS = 300.0  # the gateway's own slack (gateway/relay.py PLAYBACK_SLACK_S)
 FAST_AUDIO_FACTOR = 8.0
 CLIENT_KINDS = ("mic", "end_of_utterance", "ready", "interrupt", "close")
 

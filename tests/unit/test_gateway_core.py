@@ -1,6 +1,7 @@
 import numpy as np
 
 from gateway import core as C
+from gateway import session as S
 from schemas import protocol as P
 from schemas.protocol import ErrorCode
 from schemas.streams import FaceEntry, ReplyEntry, TranscriptEntry, VoiceEntry
@@ -14,17 +15,22 @@ def errors(actions):
 
 
 def opened(core, session="npc-1", now=0.0, **kw):
+    """Opens a session and answers its storage requests as the gateway would: it is live."""
     args = dict(session=session, npc="guard", sample_rate=16000, channels=1, format="s16le")
     args.update(kw)
     acts = core.receive_text(P.encode(P.OpenSession(**args)), now)
-    assert isinstance(acts[0], C.OpenAction), acts
-    return acts[0]
+    assert acts == [S.CheckLoad(session)], acts
+    sess = core.sessions[session]
+    for answer in (S.LoadVerdict(True), S.Attached(None), S.Created()):
+        core.feed(sess, answer, now)
+    assert sess.live
+    return sess
 
 
 def test_open_then_audio_is_appended_in_order():
     core = C.ConnectionCore(C.Limits(), PERSONAS)
     op = opened(core)
-    assert op.persona == "guard" and op.voice == "en-gb-scotland" and op.channel == 1
+    assert op.meta.persona == "guard" and op.meta.voice == "en-gb-scotland" and op.channel == 1
     pcm = np.zeros(320, np.int16).tobytes()
     acts = core.receive_binary(P.MicAudio(op.channel, 1, pcm).encode(), 0.1)
     assert acts == [C.AppendMic("npc-1", op.sid, 1, pcm)]
@@ -73,7 +79,7 @@ def test_auth_token_is_required_when_configured():
         ErrorCode.AUTH_FAILED]
     acts = core.receive_text(P.encode(P.Hello(token="s3cret")), 0)
     assert isinstance(acts[0].message, P.Welcome)
-    assert isinstance(core.receive_text(open_msg, 0)[0], C.OpenAction)
+    assert isinstance(core.receive_text(open_msg, 0)[0], S.CheckLoad)
 
 
 def test_flood_is_limited_per_session_with_one_error_per_second():
@@ -109,9 +115,7 @@ def face(segment, samples, index=0):
 
 def test_relay_holds_face_frames_until_ready_then_reports_turn_done():
     core = C.ConnectionCore(C.Limits(), PERSONAS)
-    opened(core)
-    state = core.sessions["npc-1"]
-    relay = C.Relay(state)
+    relay = opened(core).relay
     out = relay.feed("transcript", "1-1", TranscriptEntry(text="hi", final=True).to_fields())
     assert out[0].text == "hi" and out[0].final and out[0].seq == 1
     assert relay.feed("reply", "1-1", ReplyEntry(segment=0, text="Halt.").to_fields())[0].text \
@@ -131,14 +135,13 @@ def test_relay_holds_face_frames_until_ready_then_reports_turn_done():
     assert isinstance(out[1], P.TurnDone) and out[1].face_frames == 2
     # frames of a segment already ready go straight through
     relay.feed("voice", "2-1", voice(0, 0))
-    state.ready.add((2, 0))
+    relay.ready(2, 0)
     assert len(relay.feed("face", "2-1", face(0, [0]))) == 1
 
 
 def test_relay_turns_dead_letter_events_into_errors():
     core = C.ConnectionCore(C.Limits(), PERSONAS)
-    opened(core)
-    relay = C.Relay(core.sessions["npc-1"])
+    relay = opened(core).relay
     from schemas.streams import EventEntry
 
     out = relay.feed("events", "1700-0", EventEntry(kind="error", turn=3, code="turn_failed",

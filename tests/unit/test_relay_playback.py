@@ -1,4 +1,4 @@
-"""Barge-in follows UE's playback, not the server's production (gateway.core.Relay, Sans-I/O).
+"""Barge-in follows UE's playback, not the server's production (gateway.relay.Relay, Sans-I/O).
 
 With the offline voices a whole 4 s reply is produced, sent and `turn_done` within ~150 ms,
 while UE plays it for 4 s: these tests drive the relay on such a timeline, with time passed in.
@@ -18,14 +18,11 @@ CHUNK = 1102  # 50 ms at 22050 Hz, as the default TTS sends
 
 
 def new_relay() -> C.Relay:
-    state = C.SessionState(session="npc-1", sid="npc-1.0badcafe", channel=1, frame_bytes=2,
-                           bytes_per_s=32000)
-    return C.Relay(state)
+    return C.Relay("npc-1", channel=1)
 
 
 def ready(relay: C.Relay, turn: int, segment: int, now: float) -> list:
-    # what the gateway does on UE's ready: the connection core records it, then the relay
-    relay.state.ready.add((turn, segment))
+    # what the session machine does on UE's ready (the relay records the segment as ready)
     return relay.ready(turn, segment, now)
 
 
@@ -178,10 +175,8 @@ def test_interrupted_turn_done_counts_what_was_sent():
 def test_a_resume_replaying_history_does_not_cut_the_replayed_reply():
     # after a reconnect the relay replays turn 1 (the client missed it) and then the stored
     # events, among them the speech start of turn 2 that happened while the link was down
-    state = C.SessionState(session="npc-1", sid="npc-1.0badcafe", channel=1, frame_bytes=2,
-                           bytes_per_s=32000)
-    state.ready |= {(1, 0), (1, 1)}
-    relay = C.Relay(state, min_turn=1, live_since_ms=1_700_000_100_000)
+    relay = C.Relay("npc-1", channel=1, min_turn=1, live_since_ms=1_700_000_100_000,
+                    ready={(1, 0), (1, 1)})
     send_reply(relay, 1, [1.0, 1.5])
     assert relay.playing(1, 0.5)
     assert speech_start(relay, 2, 0.5, ts=1_700_000_099_000) == []  # history
