@@ -123,5 +123,21 @@ class LlmStage(Stage):
                                        lambda f: ReplyEntry.from_fields(f).end, ("llm",),
                                        copied):
             return None
+        await ctx.mark("reply_adopted")
         ctx.log.info("reply_adopted", spec=ctx.job.adopt, chars=len(full[-1]))
         return full[-1]
+
+    async def _history(self, ctx: JobContext) -> list[dict]:
+        """Earlier turns, oldest first; where the player cut the NPC off, only what was heard."""
+        raw = {k.decode(): v for k, v in (await ctx.redis.hgetall(ctx.key("history"))).items()}
+        turns = []
+        for key, value in raw.items():
+            if ":" in key or int(key) >= ctx.turn:
+                continue
+            entry = json.loads(value)
+            heard = raw.get(f"{key}:heard")
+            if heard is not None:
+                entry["npc"] = heard.decode()
+                entry["interrupted"] = True
+            turns.append((int(key), entry))
+        return [t for _, t in sorted(turns)]

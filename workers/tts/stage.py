@@ -78,6 +78,7 @@ class TtsStage(Stage):
             return bool(int(fields.get(b"flags", fields.get("flags", 0))) & 2)
 
         if await speculation.adopt(ctx, "voice", writer, is_end, ("llm", "tts"), copied):
+            await ctx.mark("voice_adopted")
             ctx.log.info("voice_adopted", spec=ctx.job.adopt)
             return True
         ctx.worker.observer.speculation("abandoned")
