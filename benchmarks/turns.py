@@ -64,15 +64,25 @@ SENTENCES = (
     ("Where can I find the old wizard who lives in the tower?", 5, 650, 8000, "trailing_noise",
      True),
 )
+_SILERO_800 = {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "none",
+               "PARLEY_STT_VAD_SILENCE_MS": "800"}
+# The LLM and TTS as GPU-class stand-ins (their latencies, no model work): where starting the
+# reply early at a likely end (stt.speculate_ms) has model time to hide. STT stays real.
+_SIM_REPLY = {"PARLEY_LLM_BACKENDS": "benchmarks.simulated:SimulatedLlm",
+              "PARLEY_TTS_BACKENDS": "benchmarks.simulated:SimulatedTts"}
 CONFIGS = {
     "energy-500": {"PARLEY_STT_VAD": "energy", "PARLEY_STT_TURN_MODEL": "none",
-                   "PARLEY_STT_VAD_SILENCE_MS": "500"},
+                   "PARLEY_STT_VAD_SILENCE_MS": "500", "PARLEY_STT_SPECULATE_MS": "0"},
     "silero-500": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "none",
                    "PARLEY_STT_VAD_SILENCE_MS": "500"},
-    "silero-800": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "none",
-                   "PARLEY_STT_VAD_SILENCE_MS": "800"},
+    "silero-800": {**_SILERO_800, "PARLEY_STT_SPECULATE_MS": "250"},
+    "silero-800-nospec": {**_SILERO_800, "PARLEY_STT_SPECULATE_MS": "0"},
+    "silero-800+sim": {**_SILERO_800, **_SIM_REPLY, "PARLEY_STT_SPECULATE_MS": "250"},
+    "silero-800-nospec+sim": {**_SILERO_800, **_SIM_REPLY, "PARLEY_STT_SPECULATE_MS": "0"},
     "silero+smart-turn": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "smart-turn"},
 }
+# what runs without --configs (the speculation on/off pairs are asked for by name)
+RUN_BY_DEFAULT = ("energy-500", "silero-500", "silero-800", "silero+smart-turn")
 BASELINE = "energy-500"
 DEFAULT = "silero-800"  # what the product ships (core/config.py)
 
@@ -439,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="parley bench turns")
     ap.add_argument("--offline", action="store_true",
                     help="the end-of-turn decision alone, without fleets (seconds, exact)")
-    ap.add_argument("--configs", default=",".join(CONFIGS),
+    ap.add_argument("--configs", default=",".join(RUN_BY_DEFAULT),
                     help=f"comma-separated, of: {', '.join(CONFIGS)}")
     ap.add_argument("--no-ptt", action="store_true", help="skip the push-to-talk rows")
     ap.add_argument("--limit", type=int, default=0, help="only the first N utterances")

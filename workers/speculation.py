@@ -195,7 +195,8 @@ async def watch(ctx, task: asyncio.Task) -> None:
 # ------------------------------------------------------------------ adopters
 
 class _Follow:
-    """Where an adopter is in one speculative stream, and whether it can still complete."""
+    """Whether the speculation an adopter copies from can still complete; ``stages``: the
+    jobs it depends on, the one whose stream is copied last."""
 
     def __init__(self, ctx, n: int, stages: tuple[str, ...]):
         self.ctx, self.n, self.stages = ctx, n, stages
@@ -211,9 +212,13 @@ class _Follow:
         if vals[0] != "adopted":
             return False
         k = len(self.stages)
-        for owner, end in zip(vals[1:1 + k], vals[1 + k:], strict=True):
+        for i, (owner, end) in enumerate(zip(vals[1:1 + k], vals[1 + k:], strict=True)):
             if end is not None:
-                return False  # it ended, and we have not seen its end entry
+                # upstream done is fine (the LLM ends before the TTS has spoken it all); the
+                # job we copy from ended, and we have not seen its end entry: it never will
+                if end != "done" or i == k - 1:
+                    return False
+                continue
             if owner is None:
                 if time.monotonic() - self.since > START_WAIT_S:
                     return False

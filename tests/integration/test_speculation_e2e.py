@@ -111,3 +111,67 @@ async def test_a_finished_sentence_is_adopted_and_the_turn_is_whole(gateway_url,
     assert result.reply == answer(result.transcript)
     # the turn's own timings say the reply and its voice came from the speculation
     assert "reply_adopted" in result.timings and "voice_adopted" in result.timings
+
+
+def fragments(text: str) -> list[str]:
+    """The reply fragments the LLM stage writes for the scripted guard's answer to ``text``."""
+    from workers.llm.fragmenter import Fragmenter
+    from workers.llm.scripted import _tokens
+
+    frag, out = Fragmenter(), []
+    for token in _tokens(answer(text)):
+        out += frag.push(token)
+    return out + frag.flush()
+
+
+async def crafted_turn(gateway_url: str, url: str, session: str, text: str,
+                       dead_speculation: bool):
+    """Turn 1 of a push-to-talk session as STT would leave it (final transcript, LLM job),
+    with, when ``dead_speculation``, an adopted speculation whose LLM worker died after its
+    first fragment: a test double of a kill -9, made in Redis, for the real fleet's jobs."""
+    from parley.client import Client
+    from schemas.streams import Job, ReplyEntry, TranscriptEntry
+
+    keys = Keys()
+    client = await Client.connect(gateway_url)
+    r = connect(url)
+    try:
+        await open_when_admitted(client, session, endpoint="client")
+        sid = client.opened[session].sid
+        adopt = 0
+        if dead_speculation:
+            adopt = 1
+            first = ReplyEntry(segment=0, text=fragments(text)[0]).to_fields()
+            await r.hset(keys.session(sid, "spec"), mapping={
+                "n": 1, "1:state": "adopted", "1:turn": 1, "1:text": text,
+                "1:llm": "llm@gone:1:dead"})  # no liveness key: that worker is gone
+            await r.xadd(keys.session(sid, "spec_reply"), first, id="1-1")
+        await r.xadd(keys.session(sid, "transcript"),
+                     TranscriptEntry(text=text, final=True).to_fields(), id="1-1")
+        await r.xadd(keys.jobs("llm"), Job(stage="llm", sid=sid, turn=1, text=text,
+                                           adopt=adopt).to_fields())
+        await client.wait_turn(session, 1, timeout=30)
+        await asyncio.sleep(0.3)
+        spec = await r.hget(keys.session(sid, "spec"), "1:state")
+        return client.turns[session], list(client.chunks.get(session, [])), spec
+    finally:
+        await r.aclose()
+        await client.close()
+
+
+async def test_an_adopted_speculation_that_dies_is_finished_by_the_models(gateway_url,
+                                                                         redis_topology):
+    """Kill -9 safety: the speculation's LLM worker is gone after one fragment. The turn's
+    LLM job copies that fragment, marks the speculation abandoned and runs the model for the
+    rest; its TTS job speaks it all: the player gets the same whole turn as without one."""
+    text = "open the gate please"
+    assert len(fragments(text)) >= 2  # so that the model's part is not empty
+    base, base_chunks, _ = await crafted_turn(gateway_url, redis_topology.url, "spec-base",
+                                              text, dead_speculation=False)
+    assert not turn_problems(base, 1, base_chunks), turn_problems(base, 1, base_chunks)
+    result, chunks, state = await crafted_turn(gateway_url, redis_topology.url, "spec-dead",
+                                               text, dead_speculation=True)
+    assert state == b"abandoned"
+    problems = turn_problems(result, 1, chunks, baseline=base)
+    assert not problems, problems
+    assert result.reply == answer(text)
