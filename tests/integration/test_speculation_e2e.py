@@ -113,6 +113,9 @@ async def test_a_finished_sentence_is_adopted_and_the_turn_is_whole(gateway_url,
     assert "reply_adopted" in result.timings and "voice_adopted" in result.timings
 
 
+DEAD = "llm@gone:1:dead"  # a consumer with no liveness key: a worker that was killed
+
+
 def fragments(text: str) -> list[str]:
     """The reply fragments the LLM stage writes for the scripted guard's answer to ``text``."""
     from workers.llm.fragmenter import Fragmenter
@@ -144,15 +147,32 @@ async def crafted_turn(gateway_url: str, url: str, session: str, text: str,
             first = ReplyEntry(segment=0, text=fragments(text)[0]).to_fields()
             await r.hset(keys.session(sid, "spec"), mapping={
                 "n": 1, "1:state": "adopted", "1:turn": 1, "1:text": text,
-                "1:llm": "llm@gone:1:dead"})  # no liveness key: that worker is gone
+                "1:llm": DEAD})  # no liveness key: that worker is gone
             await r.xadd(keys.session(sid, "spec_reply"), first, id="1-1")
+            # and its job, pending in the dead worker's name (added and delivered in one
+            # transaction, so no live worker gets it first): a takeover must drop it unrun
+            async with r.pipeline(transaction=True) as p:
+                p.xadd(keys.jobs("llm"), Job(stage="llm", sid=sid, turn=1, text=text,
+                                             spec=1).to_fields())
+                p.xreadgroup("llm", DEAD, {keys.jobs("llm"): ">"}, count=1)
+                _, got = await p.execute()
+            assert Job.from_fields(*got[0][1][0]).spec == 1
         await r.xadd(keys.session(sid, "transcript"),
                      TranscriptEntry(text=text, final=True).to_fields(), id="1-1")
         await r.xadd(keys.jobs("llm"), Job(stage="llm", sid=sid, turn=1, text=text,
                                            adopt=adopt).to_fields())
         await client.wait_turn(session, 1, timeout=30)
         await asyncio.sleep(0.3)
-        spec = await r.hget(keys.session(sid, "spec"), "1:state")
+        spec = {k.decode(): v.decode() for k, v in
+                (await r.hgetall(keys.session(sid, "spec"))).items()}
+        for _ in range(100):  # taken over after claim_idle_ms (1 s) and acked
+            if not await r.xpending_range(keys.jobs("llm"), "llm", "-", "+", 10,
+                                          consumername=DEAD):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the dead worker's speculative job is still pending")
+        spec["spec_reply"] = await r.xlen(keys.session(sid, "spec_reply"))
         return client.turns[session], list(client.chunks.get(session, [])), spec
     finally:
         await r.aclose()
@@ -161,17 +181,21 @@ async def crafted_turn(gateway_url: str, url: str, session: str, text: str,
 
 async def test_an_adopted_speculation_that_dies_is_finished_by_the_models(gateway_url,
                                                                          redis_topology):
-    """Kill -9 safety: the speculation's LLM worker is gone after one fragment. The turn's
-    LLM job copies that fragment, marks the speculation abandoned and runs the model for the
-    rest; its TTS job speaks it all: the player gets the same whole turn as without one."""
+    """Kill -9 safety: the speculation's LLM worker is gone after one fragment (a failure
+    injected in Redis: its record, its fragment and its job pending in the dead worker's
+    name). The turn's LLM job copies that fragment, marks the speculation abandoned and runs
+    the model for the rest; its TTS job speaks it all: the player gets the same whole turn as
+    without one. The dead job is taken over and dropped, never run again."""
     text = "open the gate please"
     assert len(fragments(text)) >= 2  # so that the model's part is not empty
     base, base_chunks, _ = await crafted_turn(gateway_url, redis_topology.url, "spec-base",
                                               text, dead_speculation=False)
     assert not turn_problems(base, 1, base_chunks), turn_problems(base, 1, base_chunks)
-    result, chunks, state = await crafted_turn(gateway_url, redis_topology.url, "spec-dead",
-                                               text, dead_speculation=True)
-    assert state == b"abandoned"
+    result, chunks, spec = await crafted_turn(gateway_url, redis_topology.url, "spec-dead",
+                                              text, dead_speculation=True)
+    assert spec["1:state"] == "abandoned"
+    # its job was taken over and dropped, not run again: no new owner, no new entries
+    assert spec["1:llm"] == DEAD and "1:llm_end" not in spec and spec["spec_reply"] == 1
     problems = turn_problems(result, 1, chunks, baseline=base)
     assert not problems, problems
     assert result.reply == answer(text)
