@@ -236,6 +236,10 @@ async def adopt(ctx, stream: str, writer, is_end: Callable[[dict], bool],
     False (the speculation marked abandoned) when it cannot complete: the caller runs the
     model itself after what was copied."""
     n = ctx.job.adopt
+    if await ctx.redis.hget(ctx.key("spec"), f"{n}:state") not in (b"adopted", "adopted"):
+        # abandoned by an earlier run of this job (it may have written its own output since,
+        # which the speculation's entries would not line up with), or forgotten
+        return False
     key = ctx.key(f"spec_{stream}")
     after, expect = f"{n}-0", 1
     follow = _Follow(ctx, n, stages)
