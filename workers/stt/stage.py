@@ -122,7 +122,8 @@ class SttStage(Stage):
         return {"backend": self.backend.name if self.backend else None,
                 "chain": self.config.stt.backends, "vad": self.vad,
                 "turn_model": self.turn_model.name if self.turn_model else None,
-                "vad_silence_ms": self.config.stt.vad_silence_ms}
+                "vad_silence_ms": self.config.stt.vad_silence_ms,
+                "speculate_ms": self.config.stt.speculate_ms}
 
     def listener_config(self) -> ListenerConfig:
         cfg = self.config.stt
