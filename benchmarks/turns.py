@@ -64,15 +64,25 @@ SENTENCES = (
     ("Where can I find the old wizard who lives in the tower?", 5, 650, 8000, "trailing_noise",
      True),
 )
+_SILERO_800 = {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "none",
+               "PARLEY_STT_VAD_SILENCE_MS": "800"}
+# The LLM and TTS as GPU-class stand-ins (their latencies, no model work): where starting the
+# reply early at a likely end (stt.speculate_ms) has model time to hide. STT stays real.
+_SIM_REPLY = {"PARLEY_LLM_BACKENDS": "benchmarks.simulated:SimulatedLlm",
+              "PARLEY_TTS_BACKENDS": "benchmarks.simulated:SimulatedTts"}
 CONFIGS = {
     "energy-500": {"PARLEY_STT_VAD": "energy", "PARLEY_STT_TURN_MODEL": "none",
-                   "PARLEY_STT_VAD_SILENCE_MS": "500"},
+                   "PARLEY_STT_VAD_SILENCE_MS": "500", "PARLEY_STT_SPECULATE_MS": "0"},
     "silero-500": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "none",
                    "PARLEY_STT_VAD_SILENCE_MS": "500"},
-    "silero-800": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "none",
-                   "PARLEY_STT_VAD_SILENCE_MS": "800"},
+    "silero-800": {**_SILERO_800, "PARLEY_STT_SPECULATE_MS": "250"},
+    "silero-800-nospec": {**_SILERO_800, "PARLEY_STT_SPECULATE_MS": "0"},
+    "silero-800+sim": {**_SILERO_800, **_SIM_REPLY, "PARLEY_STT_SPECULATE_MS": "250"},
+    "silero-800-nospec+sim": {**_SILERO_800, **_SIM_REPLY, "PARLEY_STT_SPECULATE_MS": "0"},
     "silero+smart-turn": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "smart-turn"},
 }
+# what runs without --configs (the speculation on/off pairs are asked for by name)
+RUN_BY_DEFAULT = ("energy-500", "silero-500", "silero-800", "silero+smart-turn")
 BASELINE = "energy-500"
 DEFAULT = "silero-800"  # what the product ships (core/config.py)
 
@@ -328,17 +338,18 @@ def _row(label: str, rows: list[dict]) -> str:
     ep = [r["endpoint_ms"] for r in rows if r.get("endpoint_ms") is not None
           and not r.get("cutoff")]
     over = [r["overhead_ms"] for r in rows if r.get("overhead_ms") is not None]
+    server = [r["server_ms"] for r in rows if r.get("server_ms") is not None]
     cut = sum(bool(r.get("cutoff")) for r in rows)
     miss = sum(bool(r.get("missed")) for r in rows)
     n = len(rows)
     return (f"{label:34} {n:>3} {pct(v2v, 50):>8.0f} {pct(v2v, 95):>8.0f} "
             f"{cut:>4} ({100 * cut / max(n, 1):>3.0f}%) {miss:>6} {pct(ep, 50):>8.0f} "
-            f"{pct(over, 50):>9.1f}")
+            f"{pct(over, 50):>9.1f} {pct(server, 50):>7.0f}")
 
 
 def report(results: dict[str, dict]) -> str:
     lines = [f"{'endpointing / subset':34} {'n':>3} {'v2v p50':>8} {'v2v p95':>8} "
-             f"{'cut-offs':>11} {'missed':>6} {'endpoint':>8} {'overhead':>9}"]
+             f"{'cut-offs':>11} {'missed':>6} {'endpoint':>8} {'overhead':>9} {'server':>7}"]
     for name, res in results.items():
         hf = res["hands_free"]
         tag = " (baseline)" if name == BASELINE else ""
@@ -370,7 +381,8 @@ def report(results: dict[str, dict]) -> str:
         "the turn ended before the speaker was done; missed: no turn within 2 s of the end;",
         "endpoint: where the server ended the turn (its 16 kHz position) - the true end, p50 of",
         "turns not cut off: the wait itself, whatever the CPU; overhead: server time from the",
-        "end decision to first audio minus time inside models.",
+        "end decision to first audio minus time inside models; server: the end decision to",
+        "first audio at the gateway (what a reply started early at a likely end can save).",
         f"best={best} v2v_p50_ms={p(hf, 'v2v_ms'):.0f} v2v_p95_ms={p(hf, 'v2v_ms', 95):.0f} "
         f"cutoff_rate={_rate(hf, 'cutoff'):.3f} missed={sum(bool(r['missed']) for r in hf)} "
         f"baseline_v2v_p50_ms={p(base, 'v2v_ms'):.0f} "
@@ -439,8 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="parley bench turns")
     ap.add_argument("--offline", action="store_true",
                     help="the end-of-turn decision alone, without fleets (seconds, exact)")
-    ap.add_argument("--configs", default=",".join(CONFIGS),
+    ap.add_argument("--configs", default=",".join(RUN_BY_DEFAULT),
                     help=f"comma-separated, of: {', '.join(CONFIGS)}")
+    ap.add_argument("--speculation", action="store_true",
+                    help="with --offline: how early replies at a likely end would fare, per "
+                         "stt.speculate_ms (pocketsphinx's words at the likely end vs final)")
     ap.add_argument("--no-ptt", action="store_true", help="skip the push-to-talk rows")
     ap.add_argument("--limit", type=int, default=0, help="only the first N utterances")
     args = ap.parse_args(argv)
@@ -452,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         items = items[: args.limit]
     if args.offline:
-        print(run_offline(items))
+        print(run_offline_speculation(items) if args.speculation else run_offline(items))
         return 0
     print(f"{len(items)} utterances x {len(names)} endpointing settings "
           f"({sum(i.held_out for i in items)} held out)", flush=True)
@@ -504,3 +519,76 @@ def offline_row(item: Item, ends: list[tuple[str, int]]) -> dict:
             "cutoff": any(p < end16 for _, p in ends),
             "missed": not after or after[0] > end16 + MISSED_S * 16000,
             "endpoint_ms": (after[0] - end16) / 16 if after else None}
+
+
+SPECULATE_MS = (150, 200, 250, 300, 400, 500)
+
+
+def _speculation_pass(item: Item, backend, values=SPECULATE_MS) -> dict[int, dict[str, int]]:
+    """One recognizer pass over ``item`` (fed as the STT stage feeds it), with one silero-800
+    listener per speculate_ms deciding alongside: per value, early starts, those cancelled by
+    resumed speech, those the final words matched (adopted) and those they did not."""
+    from schemas.streams import MicEntry
+    from workers.speculation import norm
+    from workers.stt.listener import End, Feed, Likely, Listener, ListenerConfig, Resumed, Start
+
+    lis = [Listener(item.rate, 1, "s16le",
+                    ListenerConfig(vad="silero", silence_ms=800, speculate_ms=v)) for v in values]
+    out = {v: dict.fromkeys(("started", "resumed", "adopted", "changed"), 0) for v in values}
+    early: dict[int, str | None] = dict.fromkeys(values)
+    stream = None
+    step = item.rate * CHUNK_MS // 1000
+    for i, start in enumerate(range(0, len(item.audio), step)):
+        mic = MicEntry(seq=i + 1, pcm=to_pcm(item.audio[start:start + step], "s16le"),
+                       ts=float(i))
+        acts = [lis_v.push(mic) for lis_v in lis]
+        for a in acts[0]:  # the same audio reaches the recognizer whatever speculate_ms is
+            if isinstance(a, Start):
+                stream = backend.open_stream()
+                stream.feed(a.audio)
+            elif isinstance(a, Feed) and stream is not None and len(a.audio):
+                stream.feed(a.audio)
+        for v, actions in zip(values, acts, strict=True):
+            for a in actions:
+                if isinstance(a, Likely) and stream is not None:
+                    out[v]["started"] += 1
+                    early[v] = stream.hypothesis()
+                elif isinstance(a, Resumed):
+                    out[v]["resumed"] += 1
+                    early[v] = None
+        if any(isinstance(a, End) for a in acts[0]) and stream is not None:
+            final = norm(stream.finish())
+            stream.close()
+            stream = None
+            for v, lis_v in zip(values, lis, strict=True):
+                if early[v] is not None:
+                    out[v]["adopted" if norm(early[v]) == final else "changed"] += 1
+                early[v] = None
+                lis_v.utterance_done()
+    return out
+
+
+def run_offline_speculation(items: list[Item]) -> str:
+    """Per stt.speculate_ms, over the set (silero, 800 ms): early replies started, cancelled
+    because the speaker went on, adopted (the final words the same) and cancelled because the
+    words changed; the head start is 800 - speculate_ms of silence."""
+    from workers.stt.pocketsphinx_backend import PocketsphinxBackend
+
+    backend = PocketsphinxBackend()
+    backend.warm()
+    total = {v: dict.fromkeys(("started", "resumed", "adopted", "changed"), 0)
+             for v in SPECULATE_MS}
+    for item in items:
+        for v, counts in _speculation_pass(item, backend).items():
+            for k, n in counts.items():
+                total[v][k] += n
+    lines = [f"{'speculate_ms':>12} {'head start':>10} {'started':>7} {'resumed':>7} "
+             f"{'adopted':>7} {'changed':>7}"]
+    for v in SPECULATE_MS:
+        t = total[v]
+        lines.append(f"{v:>12} {800 - v:>10} {t['started']:>7} {t['resumed']:>7} "
+                     f"{t['adopted']:>7} {t['changed']:>7}")
+    lines += ["", "started: early replies; resumed: cancelled, the speaker went on; adopted: "
+              "the final words matched; changed: cancelled, they did not (silero, 800 ms)."]
+    return "\n".join(lines)
+

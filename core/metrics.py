@@ -58,7 +58,8 @@ LATENCY_POINTS = {
 # ---------------------------------------------------------------- workers
 JOBS_IN_FLIGHT = Gauge("parley_jobs_in_flight", "Jobs this worker holds now", ["stage"])
 JOBS = Counter("parley_jobs", "Jobs that left this worker, by outcome (done, failed, "
-               "handed_back, interrupted, superseded, gone, redis_lost)", ["stage", "outcome"])
+               "handed_back, interrupted, superseded, gone, redis_lost; speculative_*: "
+               "speculative jobs)", ["stage", "outcome"])
 JOB_SECONDS = Histogram("parley_job_seconds", "Time a job spent in this worker", ["stage"],
                         buckets=JOB_BUCKETS)
 QUEUE_LAG = Gauge("parley_queue_lag", "Jobs in the stage's stream not yet delivered to any "
@@ -74,10 +75,14 @@ BACKEND_FAILURES = Counter("parley_backend_failures", "Backend calls that failed
 BACKEND_FALLBACKS = Counter("parley_backend_fallbacks", "Outputs continued by the next backend "
                             "of the fallback chain", ["stage", "failed", "to"])
 
+SPECULATIONS = Counter("parley_speculations", "Replies started early at a likely end of turn "
+                       "(stt: started, adopted, cancelled) and adoptions that had to run the "
+                       "model after all (llm, tts: abandoned)", ["stage", "outcome"])
+
 
 ALL = (SESSIONS, TURNS, TURN_LATENCY, ERRORS, CONNECTIONS, TURN_REISSUES, JOBS_IN_FLIGHT, JOBS,
        JOB_SECONDS, QUEUE_LAG, QUEUE_PENDING, INPUT_LAG, TAKEOVERS, DEAD_LETTERS, BACKEND_FAILURES,
-       BACKEND_FALLBACKS)
+       BACKEND_FALLBACKS, SPECULATIONS)
 
 
 def families() -> dict[str, str]:

@@ -42,6 +42,11 @@ SESSION_KEYS = (
     "timing",      # hash, all: latency waterfall "<turn>:<mark>" -> ms
     "cancel",      # string, gateway: the latest interrupted turn
     "control",     # stream, gateway: the client's control messages as they came (ControlEntry)
+    # Speculative replies (workers/speculation.py), never read by the gateway: the streams
+    # also expire a while after their last write, the record after the last speculation.
+    "spec",        # hash, stt (and the speculative jobs): speculations, their state and jobs
+    "spec_reply",  # stream, llm: speculative reply fragments <speculation>-<seq>
+    "spec_voice",  # stream, tts: speculative reply audio <speculation>-<seq>
 )
 # Client-visible channels, each numbered 1.. per turn; see Resume in schemas/protocol.py.
 CHANNELS = ("transcript", "reply", "audio", "face")
@@ -135,7 +140,11 @@ def _get(d: dict, k: str) -> Any:
 
 @dataclass
 class Job:
-    """Stage X, session S, turn T. ``cursor`` tells STT where in the mic stream to start."""
+    """Stage X, session S, turn T. ``cursor`` tells STT where in the mic stream to start.
+
+    ``spec``: a speculative job of speculation ``spec`` (its outputs go to the session's
+    ``spec_*`` streams); ``adopt``: a turn's job that takes over speculation ``adopt``'s
+    outputs (workers/speculation.py)."""
 
     stage: str
     sid: str
@@ -146,14 +155,21 @@ class Job:
     ts: float = field(default_factory=now_ms)
     id: str = ""  # the job stream entry ID, set when read
     position: int = 0  # stt: 16 kHz samples since the session's first mic chunk, at ``cursor``
+    spec: int = 0
+    adopt: int = 0
 
     def to_fields(self) -> dict[str, str]:
         # (WAKE_LISTENER_LUA writes the same fields for an STT job)
-        return {
+        fields = {
             "stage": self.stage, "sid": self.sid, "turn": str(self.turn), "cursor": self.cursor,
             "attempt": str(self.attempt), "text": self.text, "ts": str(self.ts),
             "pos": str(self.position),
         }
+        if self.spec:
+            fields["spec"] = str(self.spec)
+        if self.adopt:
+            fields["adopt"] = str(self.adopt)
+        return fields
 
     @classmethod
     def from_fields(cls, entry_id: bytes | str, d: dict) -> Job:
@@ -161,7 +177,7 @@ class Job:
             stage=_s(_get(d, "stage")), sid=_s(_get(d, "sid")), turn=_i(_get(d, "turn")),
             cursor=_s(_get(d, "cursor") or "0-0"), attempt=_i(_get(d, "attempt"), 1),
             text=_s(_get(d, "text") or ""), ts=_f(_get(d, "ts")), id=_s(entry_id),
-            position=_i(_get(d, "pos")),
+            position=_i(_get(d, "pos")), spec=_i(_get(d, "spec")), adopt=_i(_get(d, "adopt")),
         )
 
 

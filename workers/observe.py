@@ -63,6 +63,9 @@ class WorkerObserver(ProcessObserver):
     def dead_lettered(self) -> None:
         M.DEAD_LETTERS.labels(self.stage).inc()
 
+    def speculation(self, outcome: str) -> None:
+        M.SPECULATIONS.labels(self.stage, outcome).inc()
+
     async def _refresh_loop(self) -> None:
         w = self.worker
         while True:

@@ -27,6 +27,7 @@ from core.config import Config
 from core.redisconn import RETRYABLE, connect, is_group_exists, is_no_group, is_stale_id
 from core.retry import Backoff, retrying
 from schemas.streams import EventEntry, Job, Keys, SessionMeta, entry_id, now_ms, parse_id
+from workers import speculation
 from workers.liveness import Sidecar
 from workers.observe import WorkerObserver
 
@@ -141,13 +142,34 @@ class TurnWriter:
             return False
         return await self.ctx.emit(self.stream, self.seq, fields)
 
+    async def put_many(self, batch: list[dict[str, Any]]) -> int:
+        """Entries ``seq + 1`` on, in one round trip (adopting a speculation's output); those
+        a previous run published are skipped. Returns how many were appended."""
+        todo = []
+        for fields in batch:
+            self.seq += 1
+            if self.seq > self.published:
+                todo.append((self.seq, fields))
+        if not todo:
+            return 0
+        ctx = self.ctx
+        async with ctx.redis.pipeline(transaction=False) as p:
+            for seq, fields in todo:
+                p.xadd(ctx.out_key(self.stream), fields, id=entry_id(ctx.out_turn, seq))
+            got = await p.execute(raise_on_error=False)
+        for r in got:
+            if isinstance(r, Exception) and not (isinstance(r, ResponseError)
+                                                 and is_stale_id(r)):
+                raise r
+        return sum(not isinstance(r, Exception) for r in got)
+
     def skip_published(self) -> None:
         self.seq = max(self.seq, self.published)
 
     async def published_entries(self) -> list[tuple[int, dict]]:
         """(seq, fields) of this turn's entries already in the stream, in order."""
-        turn = self.ctx.turn
-        entries = await self.ctx.redis.xrange(self.ctx.key(self.stream), f"{turn}-0",
+        turn = self.ctx.out_turn
+        entries = await self.ctx.redis.xrange(self.ctx.out_key(self.stream), f"{turn}-0",
                                               f"{turn}-{2**63 - 1}")
         return [(parse_id(eid)[1], fields) for eid, fields in entries]
 
@@ -181,6 +203,21 @@ class JobContext:
     def key(self, name: str) -> str:
         return self.keys.session(self.job.sid, name)
 
+    @property
+    def speculative(self) -> bool:
+        """A head start on a reply (workers/speculation.py): its outputs go to the session's
+        speculative streams, numbered by the speculation, and it marks no timings."""
+        return self.job.spec > 0
+
+    def out_key(self, stream: str) -> str:
+        """The key this job's ``stream`` output goes to (and its input comes from)."""
+        return self.key(f"spec_{stream}" if self.speculative else stream)
+
+    @property
+    def out_turn(self) -> int:
+        """The first part of this job's output entry IDs: the turn, or the speculation."""
+        return self.job.spec or self.job.turn
+
     async def meta(self) -> SessionMeta:
         if self._meta is None:
             raw = await self.redis.hgetall(self.key("meta"))
@@ -192,13 +229,13 @@ class JobContext:
 
     async def progress(self, stream: str) -> int:
         """Last seq this turn already has in ``stream`` (0: none), so a takeover resumes there."""
-        top = await self.redis.xrevrange(self.key(stream), count=1)
+        top = await self.redis.xrevrange(self.out_key(stream), count=1)
         if not top:
             return 0
         turn, seq = parse_id(top[0][0])
-        if turn > self.job.turn:
+        if turn > self.out_turn:
             raise Superseded(f"{stream} already holds turn {turn}")
-        return seq if turn == self.job.turn else 0
+        return seq if turn == self.out_turn else 0
 
     async def writer(self, stream: str) -> TurnWriter:
         """The idempotent writer of this turn's entries in ``stream`` (see :class:`TurnWriter`)."""
@@ -206,6 +243,8 @@ class JobContext:
 
     async def emit(self, stream: str, seq: int, fields: dict[str, Any]) -> bool:
         """Append entry ``<turn>-<seq>``; False when it is already there (a re-run's duplicate)."""
+        if self.speculative:
+            return await speculation.write(self, stream, entry_id(self.out_turn, seq), fields)
         try:
             # no MAXLEN: session streams are trimmed by time (gateway/retention.py)
             await self.redis.xadd(self.key(stream), fields, id=entry_id(self.job.turn, seq))
@@ -218,7 +257,11 @@ class JobContext:
     async def read(self, stream: str, after: str, block_ms: int = 1000,
                    count: int = 256) -> list[tuple[str, dict]]:
         """Entries of a session stream after ID ``after``; blocks up to ``block_ms`` for more."""
-        res = await self.redis.xread({self.key(stream): after}, count=count, block=block_ms)
+        return await self._read_key(self.key(stream), after, block_ms, count)
+
+    async def _read_key(self, key: str, after: str, block_ms: int,
+                        count: int) -> list[tuple[str, dict]]:
+        res = await self.redis.xread({key: after}, count=count, block=block_ms)
         if not res:
             return []
         return [(i.decode() if isinstance(i, bytes) else i, f) for i, f in res[0][1]]
@@ -229,10 +272,10 @@ class JobContext:
         Raises Superseded once a later turn writes there, and TimeoutError when nothing comes
         for ``wait_s`` (the stage upstream is gone for good).
         """
-        after = f"{self.job.turn}-0"
+        after = f"{self.out_turn}-0"
         waited = 0.0
         while True:
-            entries = await self.read(stream, after, block_ms=500)
+            entries = await self._read_key(self.out_key(stream), after, 500, 256)
             if not entries:
                 waited += 0.5
                 if waited >= wait_s:
@@ -243,7 +286,7 @@ class JobContext:
             for eid, fields in entries:
                 after = eid
                 turn, _ = parse_id(eid)
-                if turn > self.job.turn:
+                if turn > self.out_turn:
                     raise Superseded(f"{stream} stream moved on to turn {turn}")
                 yield eid, fields
 
@@ -253,7 +296,7 @@ class JobContext:
         Written in the background: a Redis round trip (~0.2 ms) per mark on the critical path
         added up to ~1.5 ms of a turn's time to first audio.
         """
-        if name in self._marked:
+        if name in self._marked or self.speculative:
             return
         self._marked.add(name)
         self.background(self.redis.hsetnx(self.key("timing"), f"{self.job.turn}:{name}",
@@ -274,12 +317,14 @@ class JobContext:
         per turn: a takeover that cannot know whether the dead worker's enqueue landed simply
         asks again. Returns False when it had already been started."""
         job = Job(stage=stage, sid=self.job.sid, turn=self.job.turn if turn is None else turn,
-                  **fields)
-        guard = self.keys.started(stage, job.sid, job.turn)
+                  spec=self.job.spec, **fields)
+        guard, ttl = self.keys.started(stage, job.sid, job.turn), self.config.redis.session_ttl_s
+        if job.spec:  # once per speculation, and short-lived: the sweep does not know them
+            guard = self.keys.started(f"{stage}.spec{job.spec}", job.sid, job.turn)
+            ttl = speculation.STREAM_TTL_S
         flat = [x for kv in job.to_fields().items() for x in kv]
-        added = await self.worker._enqueue_once(
-            keys=[self.keys.jobs(stage), guard],
-            args=[self.config.redis.session_ttl_s, *flat])
+        added = await self.worker._enqueue_once(keys=[self.keys.jobs(stage), guard],
+                                                args=[ttl, *flat])
         return added is not None
 
 
@@ -533,6 +578,11 @@ class Worker:
         if job.id in self.inflight:
             return
         attempts = job.attempt + pending["times_delivered"]
+        if job.spec:  # only a head start: lost with its worker, never run again
+            self.log.info("speculative_job_dropped", session=job.sid, turn=job.turn, job=job.id,
+                          spec=job.spec, previous_owner=owner)
+            await self._complete(job, Outcome())
+            return
         self.observer.taken_over(why)
         self.log.warning("job_taken_over", session=job.sid, turn=job.turn, job=job.id,
                          attempts=attempts, previous_owner=owner, owner_was=why,
@@ -598,7 +648,8 @@ class Worker:
     # ------------------------------------------------------------------ one job
 
     def _start(self, job: Job) -> None:
-        task = asyncio.create_task(self._run_job(job), name=f"job:{job.id}")
+        run = self._run_speculative if job.spec else self._run_job
+        task = asyncio.create_task(run(job), name=f"job:{job.id}")
         self.inflight[job.id] = _InFlight(job, task, now_ms())
 
     async def _watch_interrupts(self, ctx: JobContext, task: asyncio.Task) -> None:
@@ -695,6 +746,44 @@ class Worker:
             task = asyncio.create_task(self._rerun_when_back(job, log), name=f"rerun:{job.id}")
             self.background.add(task)
             task.add_done_callback(self._background_done)
+
+    async def _run_speculative(self, job: Job) -> None:
+        """A speculative job (workers/speculation.py): runs once, is cancelled with its
+        speculation, and is acked however it ends: never retried, never dead-lettered (a
+        failure must not tell the client its turn failed; the adopter runs the model)."""
+        log = self.log.bind(session=job.sid, turn=job.turn, job=job.id, spec=job.spec)
+        ctx = JobContext(self, job)
+        if job.id in self.inflight:
+            self.inflight[job.id].ctx = ctx
+        t0, how, watcher = time.monotonic(), "done", None
+        try:
+            if not await speculation.claim(ctx, self.consumer):
+                how = "dropped"
+            else:
+                watcher = asyncio.create_task(speculation.watch(ctx, asyncio.current_task()),
+                                              name=f"watch:{job.id}")
+                await self.stage.handle(ctx)
+        except asyncio.CancelledError:
+            asyncio.current_task().uncancel()
+            how = "cancelled" if ctx.interrupted else "stopped"
+        except (speculation.SpeculationOff, Superseded, SessionGone) as exc:
+            how = "cancelled"
+            log.info("speculation_off", reason=str(exc))
+        except Exception as exc:
+            how = "failed"
+            log.warning("speculative_job_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        try:
+            if how != "dropped":
+                await self._safe(speculation.ended(ctx, how), log)
+            await self._safe(self._complete(job, Outcome()), log)
+        finally:
+            self.inflight.pop(job.id, None)
+            self.slots.release()
+            self.observer.job_ended(f"speculative_{how}", time.monotonic() - t0)
+        log.debug("speculative_job_ended", how=how)
 
     async def _rerun_when_back(self, job: Job, log) -> None:
         """Start ``job`` again once Redis answers, if it is still pending in our name (not

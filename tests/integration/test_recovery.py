@@ -71,6 +71,10 @@ ENV = {
     "PARLEY_GATEWAY_ADMIT_MAX_LAG_MS": "0",
     "PARLEY_GATEWAY_ADMIT_MAX_QUEUE_MS": "0",
     "PARLEY_LOG_LEVEL": "warning",
+    # the traps catch the first LLM/TTS job of a turn and the checks count the turn's jobs:
+    # a reply started early at a likely end (its own jobs) would be what they catch. What a
+    # dead speculative job leaves is tested in test_speculation_e2e.py.
+    "PARLEY_STT_SPECULATE_MS": "0",
 }
 # A dead worker's job is idle for claim_idle_ms (1 s) after its last heartbeat, and siblings
 # look every claim_idle_ms / 2: about 1.0 to 1.5 s. The bound leaves room for a loaded machine.

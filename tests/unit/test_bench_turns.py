@@ -49,3 +49,19 @@ def test_report_ends_with_one_key_value_line():
     assert last.startswith("best=silero-800 v2v_p50_ms=1102 ")
     assert "baseline_cutoff_rate=0.333" in last and "ptt_p50_ms=92" in last
     assert all("=" in kv for kv in last.split())
+
+
+def test_offline_speculation_counts_a_pause_that_went_on_and_a_sentence_end():
+    """One utterance with a 600 ms pause inside: at every speculate_ms up to 500 the pause is
+    a likely end the speaker went on from, and the end of the sentence one that is settled
+    (adopted or, where the last word changed, cancelled)."""
+    from workers.stt.pocketsphinx_backend import PocketsphinxBackend
+    from workers.tts.espeak import EspeakSynth
+
+    item = T.synth_item(EspeakSynth(), "Can you tell me where the old mill is?", 4, 600, 16000,
+                        "silence", False, np.random.default_rng(1))
+    backend = PocketsphinxBackend(pool_size=1)
+    counts = T._speculation_pass(item, backend, values=(250, 500))
+    for c in counts.values():
+        assert c["started"] == 2 and c["resumed"] == 1, counts
+        assert c["adopted"] + c["changed"] == 1, counts

@@ -8,7 +8,7 @@ import json
 from core.config import Config
 from core.personas import Persona, load_personas
 from schemas.streams import Job, ReplyEntry, now_ms
-from workers import registry
+from workers import registry, speculation
 from workers.llm.backends import FallbackReplyModel
 from workers.llm.fragmenter import Fragmenter
 from workers.runtime import JobContext, Stage
@@ -55,8 +55,15 @@ class LlmStage(Stage):
             raise LookupError(f"persona {meta.persona!r} is not loaded by this worker")
         # TTS starts now and tails the reply stream: it speaks fragment 1 while we write 2.
         # Once per turn: a takeover asks again and the guard in Redis answers.
-        await ctx.enqueue("tts")
+        await ctx.enqueue("tts", adopt=ctx.job.adopt)
         await ctx.mark("llm_start")
+        if ctx.job.adopt:
+            full = await self._adopt(ctx, writer)
+            if full is not None:
+                await self._remember(ctx, full)
+                return []
+            self.speculation_abandoned(ctx)
+            writer = await ctx.writer("reply")  # the model itself, after what was copied
         t0 = now_ms()
         frag = Fragmenter()
         texts: list[str] = []
@@ -83,11 +90,42 @@ class LlmStage(Stage):
         backend = ">".join(answered)
         await writer.put(ReplyEntry(segment=len(texts), text=full, end=True,
                                     backend=backend).to_fields())
+        if not ctx.speculative:  # an adopted speculation's reply is the turn's, then
+            await self._remember(ctx, full)
+        ctx.log.info("reply_done", segments=len(texts), chars=len(full), backend=backend)
+        return []
+
+    @staticmethod
+    async def _remember(ctx: JobContext, full: str) -> None:
         # Keyed by turn so a re-run writes the same field, never a second copy.
         await ctx.redis.hset(ctx.key("history"), str(ctx.turn),
                              json.dumps({"player": ctx.job.text, "npc": full}))
-        ctx.log.info("reply_done", segments=len(texts), chars=len(full), backend=backend)
-        return []
+
+    @staticmethod
+    def speculation_abandoned(ctx: JobContext) -> None:
+        ctx.worker.observer.speculation("abandoned")
+        ctx.log.warning("speculation_abandoned", spec=ctx.job.adopt)
+
+    async def _adopt(self, ctx: JobContext, writer) -> str | None:
+        """The reply the speculation made on the same words (workers/speculation.py), copied
+        into the turn's stream as it comes; its full text, or None when it cannot complete."""
+        full: list[str] = []
+        first = [True]
+
+        def copied(batch: list[dict]) -> None:
+            if first[0]:
+                first[0] = False
+                ctx.background(ctx.mark("first_token"))
+                ctx.background(ctx.mark("first_fragment"))
+            full.extend(e.text for e in map(ReplyEntry.from_fields, batch) if e.end)
+
+        if not await speculation.adopt(ctx, "reply", writer,
+                                       lambda f: ReplyEntry.from_fields(f).end, ("llm",),
+                                       copied):
+            return None
+        await ctx.mark("reply_adopted")
+        ctx.log.info("reply_adopted", spec=ctx.job.adopt, chars=len(full[-1]))
+        return full[-1]
 
     async def _history(self, ctx: JobContext) -> list[dict]:
         """Earlier turns, oldest first; where the player cut the NPC off, only what was heard."""

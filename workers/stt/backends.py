@@ -135,6 +135,17 @@ class ChainedStream:
             partial = self._fail_over(exc)
         return partial
 
+    def hypothesis(self) -> str | None:
+        """The backend's best hypothesis so far, where it can give one at once (pocketsphinx);
+        None where it cannot (a Whisper would have to decode the whole utterance again)."""
+        snapshot = getattr(self.stream, "hypothesis", None)
+        if snapshot is None:
+            return None
+        try:
+            return self.call(snapshot, timeout=self._timeout())
+        except Exception:  # only a head start: the failure shows on the next feed or finish
+            return None
+
     def finish(self) -> str:
         while True:
             try:

@@ -2,12 +2,16 @@
 
 A :class:`Listener` takes mic entries and says what to do: start an utterance (with the
 pre-roll to feed the recognizer), feed more audio, ask the end-of-turn model whether a pause is
-the end (``Check``; the caller answers with :meth:`Listener.verdict`), end the utterance, or
-give the session back because nothing is arriving.
+the end (``Check``; the caller answers with :meth:`Listener.verdict`), say that the end is
+likely (``Likely``: start the reply early) or no longer likely (``Resumed``), end the
+utterance, or give the session back because nothing is arriving.
 
 The end of a turn (hands-free): with an end-of-turn model, a VAD silence of ``turn_pause_ms``
 asks the model; "complete" ends the turn there, "not yet" waits for more speech, up to
 ``turn_max_silence_ms`` of silence in all. Without a model, ``silence_ms`` of silence ends it.
+Either way, hands-free, ``speculate_ms`` of silence inside an utterance is a likely end: the
+caller may start the reply on the words so far, and drops it if speech resumes (``Resumed``)
+or the final transcript differs.
 
 It holds the converter to 16 kHz mono, the VAD and the pre-roll;
 the recognizer, Redis and the clock stay with the caller (``workers/stt/stage.py``), so every
@@ -65,12 +69,28 @@ class End:
 
 
 @dataclass
+class Likely:
+    """The player has been silent ``speculate_ms`` inside the utterance: the turn may well end
+    at ``pause`` (where the silence began). Start the reply early, on the words so far."""
+
+    pause: int  # 16 kHz samples since the session's first chunk
+    ts: float  # wall clock of the chunk that made it likely
+
+
+@dataclass
+class Resumed:
+    """Speech went on after the :class:`Likely` at ``pause``: what was started early is void."""
+
+    pause: int
+
+
+@dataclass
 class Release:
     """No audio for a while outside an utterance: the session needs no worker until it sends
     more (an idle NPC costs nothing)."""
 
 
-Action = Start | Feed | Check | End | Release
+Action = Start | Feed | Check | Likely | Resumed | End | Release
 
 
 @dataclass
@@ -87,6 +107,7 @@ class ListenerConfig:
     turn_max_silence_ms: int = 1200
     turn_threshold: float = 0.5
     turn_window_s: float = 8.0
+    speculate_ms: int = 0  # silence that makes the end likely (Likely); 0: never
 
 
 def make_vad(cfg: ListenerConfig):
@@ -126,6 +147,7 @@ class Listener:
         self.recent_max = int(cfg.turn_window_s * RATE)
         self.paused: int | None = None  # in a pause the model was asked about (its start)
         self.pause_ts = 0.0  # wall clock of the chunk where that pause was heard
+        self.likely: int | None = None  # the pause a Likely was said for, until it resolves
 
     @property
     def position(self) -> int:
@@ -177,6 +199,7 @@ class Listener:
             self.paused = self.base + pause.sample
             self.pause_ts = mic.ts
             out.append(Check(self._recent_audio(), self.paused))
+        out += self._speculation(mic.ts)
         if self.speaking and self.paused is not None and (
                 self.position - self.paused >= self._cap_samples()):
             return self._end(out, "silence_cap", self.pause_ts)
@@ -192,6 +215,34 @@ class Listener:
         if probability >= self.cfg.turn_threshold:
             return self._end([], "turn_model", self.pause_ts)
         return []
+
+    def _pause_start(self) -> int | None:
+        """Where the current silence inside the utterance began (None: speech now). Without
+        a model the VAD is still "in speech" through a pause; with one, its end event made
+        ``paused``."""
+        if self.paused is not None:
+            return self.paused
+        vad = self.vad
+        if not vad.in_speech:
+            return None
+        silent = vad.silent_samples
+        return self.base + vad.position - silent if silent > 0 else None
+
+    def _speculation(self, ts: float) -> list[Action]:
+        """Likely once per pause of speculate_ms; Resumed when speech comes back after it.
+        Hands-free only: push-to-talk's end is the client's."""
+        if not self.speaking or self.cfg.speculate_ms <= 0 or self.client_ends:
+            return []
+        pause = self._pause_start()
+        out: list[Action] = []
+        if self.likely is not None and pause != self.likely:
+            out.append(Resumed(self.likely))
+            self.likely = None
+        if (self.likely is None and pause is not None
+                and self.position - pause >= self.cfg.speculate_ms * RATE // 1000):
+            self.likely = pause
+            out.append(Likely(pause, ts))
+        return out
 
     def _cap_samples(self) -> int:
         return self.cfg.turn_max_silence_ms * RATE // 1000
@@ -214,6 +265,7 @@ class Listener:
             return [Release()] if waited_ms >= self.cfg.idle_release_ms else []
         if waited_ms >= self.cfg.audio_gap_end_ms:
             self.speaking = False
+            self.likely = None
             return [End("audio_gap", now_ms)]
         return []
 
@@ -221,12 +273,14 @@ class Listener:
         """The caller finished the recognizer; listen for the next utterance."""
         self.speaking = False
         self.paused = None
+        self.likely = None
         self.recent.clear()
         self.recent_len = 0
 
     def _end(self, out: list[Action], reason: str, ts: float) -> list[Action]:
         self.speaking = False
         self.paused = None
+        self.likely = None  # the caller settles what it started early against the final text
         out.append(End(reason, ts))
         return out
 

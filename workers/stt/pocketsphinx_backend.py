@@ -232,6 +232,16 @@ class PocketsphinxStream:
             return text
         return None
 
+    def hypothesis(self) -> str:
+        """The best hypothesis of everything fed so far, now (not only every 300 ms): what
+        a speculative reply starts on. Measured equal to finish()'s text whenever the speaker
+        did not go on (docs/endpointing.md)."""
+        if self._final is not None:
+            return self._final
+        if self._decoder is None:
+            raise RuntimeError("hypothesis() on a closed recognizer stream")
+        return _hyp_text(self._decoder)
+
     def finish(self) -> str:
         """Final transcript: lowercase words, "" when nothing was recognized. Idempotent.
 

@@ -27,12 +27,22 @@ from schemas.streams import (
     TranscriptEntry,
     now_ms,
 )
-from workers import registry
+from workers import registry, speculation
 from workers.runtime import HandBack, JobContext, Outcome, Stage, TurnWriter
 from workers.stt.backends import FallbackRecognizer
 from workers.stt.echo import EchoGate
 from workers.stt.echo_feed import EchoFeed
-from workers.stt.listener import Check, End, Feed, Listener, ListenerConfig, Release, Start
+from workers.stt.listener import (
+    Check,
+    End,
+    Feed,
+    Likely,
+    Listener,
+    ListenerConfig,
+    Release,
+    Resumed,
+    Start,
+)
 
 RATE = 16000
 # An STT job's ``text`` (unused otherwise): the utterance before it was ended by the server
@@ -113,7 +123,8 @@ class SttStage(Stage):
         return {"backend": self.backend.name if self.backend else None,
                 "chain": self.config.stt.backends, "vad": self.vad,
                 "turn_model": self.turn_model.name if self.turn_model else None,
-                "vad_silence_ms": self.config.stt.vad_silence_ms}
+                "vad_silence_ms": self.config.stt.vad_silence_ms,
+                "speculate_ms": self.config.stt.speculate_ms}
 
     def listener_config(self) -> ListenerConfig:
         cfg = self.config.stt
@@ -124,7 +135,8 @@ class SttStage(Stage):
                               turn_model=self.turn_model is not None,
                               turn_pause_ms=cfg.turn_pause_ms,
                               turn_max_silence_ms=cfg.turn_max_silence_ms,
-                              turn_threshold=cfg.turn_threshold)
+                              turn_threshold=cfg.turn_threshold,
+                              speculate_ms=cfg.speculate_ms)
 
     async def on_dead(self, worker, job: Job) -> Outcome:
         """The utterance is lost, the session is not: listen on after the mic audio that failed
@@ -188,6 +200,7 @@ class _Utterances:
         self.pending: list[np.ndarray] = []  # audio for the recognizer, fed once per read
         self.echo: EchoFeed | None = None
         self.speaker = ""
+        self.spec: tuple[int, str] | None = None  # the live speculation: number, its words
 
     async def listen(self) -> Outcome:
         ctx, listener = self.ctx, self.listener
@@ -245,6 +258,11 @@ class _Utterances:
         elif isinstance(action, Check):
             await self.flush()
             return await self.check(action)
+        elif isinstance(action, Likely):
+            await self.flush()
+            await self.speculate()
+        elif isinstance(action, Resumed):
+            await self.settle_speculation("cancelled", "resumed")
         elif isinstance(action, End):
             await self.flush()
             return await self.finish(action)
@@ -278,6 +296,39 @@ class _Utterances:
     async def emit(self, entry: TranscriptEntry) -> None:
         await self.writer.put(entry.to_fields())
 
+    async def speculate(self) -> None:
+        """A likely end: start the reply on the words so far (workers/speculation.py)."""
+        if self.stream is None:
+            return
+        snapshot = self.stream.hypothesis
+        text = snapshot() if self.stage.inline else await asyncio.to_thread(snapshot)
+        text = (text if text is not None else self.last_partial).strip()
+        if not text:
+            return
+        ctx = self.ctx
+        if self.spec is not None:  # one at a time: a pause after a cancelled one
+            await self.settle_speculation("cancelled", "superseded")
+        n = await speculation.start(ctx.redis, ctx.keys, ctx.sid, ctx.turn, text)
+        await ctx.redis.xadd(ctx.keys.jobs("llm"), Job(stage="llm", sid=ctx.sid, turn=ctx.turn,
+                                                       text=text, spec=n).to_fields())
+        self.spec = (n, text)
+        ctx.worker.observer.speculation("started")
+        ctx.log.info("speculation_started", spec=n, text=text, pause=self.listener.likely)
+
+    async def settle_speculation(self, to: str, why: str) -> bool:
+        """Adopt or cancel the live speculation; False when there was none to settle (or it
+        was no longer live)."""
+        if self.spec is None:
+            return False
+        ctx, (n, text) = self.ctx, self.spec
+        self.spec = None
+        ok = await speculation.settle(ctx.redis, ctx.keys, ctx.sid, n, to)
+        if ok:
+            ctx.worker.observer.speculation(to)
+        ctx.log.info(f"speculation_{to}" if ok else "speculation_lost", spec=n, why=why,
+                     text=text)
+        return ok
+
     async def check(self, check: Check) -> Outcome | None:
         """Ask the end-of-turn model about a pause; a complete turn ends here."""
         t0 = time.perf_counter()
@@ -302,6 +353,13 @@ class _Utterances:
         finish_ms = now_ms() - t0
         lis.utterance_done()
         self.last_partial = ""
+        adopt = 0
+        if self.spec is not None:
+            same = text and speculation.norm(text) == speculation.norm(self.spec[1])
+            n = self.spec[0]
+            if await self.settle_speculation("adopted" if same else "cancelled",
+                                             "same_words" if same else "other_words"):
+                adopt = n if same else 0
         if not text:
             self.close()
             if end.reason == "client":  # the client asked for an answer: it gets one
@@ -316,7 +374,7 @@ class _Utterances:
             self.emit(TranscriptEntry(text=text, final=True, start_sample=lis.speech_start,
                                       end_sample=end_sample, mic_seq=lis.mic_seq,
                                       end_of_speech_ts=eos_ts)),
-            ctx.enqueue("llm", text=text))
+            ctx.enqueue("llm", text=text, adopt=adopt))
         await ctx.mark("eos", eos_ts)
         await ctx.mark("final_transcript")
         await ctx.mark("stt_finish_ms", finish_ms)
@@ -348,6 +406,7 @@ class _Utterances:
         """end_of_utterance with nothing to answer (no speech, or nothing recognised): the turn
         ends with turn_done no_speech, and the next utterance is the next turn."""
         ctx, lis = self.ctx, self.listener
+        await self.settle_speculation("cancelled", "no_speech")
         self.close()
         lis.utterance_done()
         ctx.log.info("utterance_no_speech", heard_speech=end.speech)

@@ -128,6 +128,12 @@ class Vad:
         """Samples consumed into whole frames (a partial frame waits for the next push)."""
         return self._position
 
+    @property
+    def silent_samples(self) -> int:
+        """In speech: samples since the end of the last voiced run (0 outside speech)."""
+        runs = self._runs
+        return self._position - runs.last_voiced_end if runs.in_speech else 0
+
     def _track_floor(self, level_db: float) -> None:
         power = 10.0 ** (level_db / 10.0)
         s = power if self._smooth is None else self._smooth + _FLOOR_SMOOTH * (power - self._smooth)

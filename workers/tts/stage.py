@@ -9,7 +9,7 @@ import numpy as np
 from core.config import Config
 from core.personas import load_personas
 from schemas.streams import Job, Mark, ReplyEntry, VoiceEntry, now_ms
-from workers import registry
+from workers import registry, speculation
 from workers.runtime import JobContext, Stage
 from workers.tts.backends import FallbackSynthesizer, drop_samples
 from workers.tts.espeak import SynthChunk
@@ -64,6 +64,27 @@ class TtsStage(Stage):
                 partial.pop(v.segment, None)
         return sample, done, partial
 
+    async def _adopt(self, ctx: JobContext, writer) -> bool:
+        """The speculation's voice for the same reply (workers/speculation.py), copied into
+        the turn's stream as it comes; False when it cannot complete."""
+        first = [True]
+
+        def copied(batch: list[dict]) -> None:
+            if first[0]:
+                first[0] = False
+                ctx.background(ctx.mark("tts_first_chunk"))
+
+        def is_end(fields: dict) -> bool:  # the flags alone: no need to parse the marks
+            return bool(int(fields.get(b"flags", fields.get("flags", 0))) & 2)
+
+        if await speculation.adopt(ctx, "voice", writer, is_end, ("llm", "tts"), copied):
+            await ctx.mark("voice_adopted")
+            ctx.log.info("voice_adopted", spec=ctx.job.adopt)
+            return True
+        ctx.worker.observer.speculation("abandoned")
+        ctx.log.warning("speculation_abandoned", spec=ctx.job.adopt)
+        return False
+
     async def handle(self, ctx: JobContext) -> list[Job]:
         meta, writer = await asyncio.gather(ctx.meta(), ctx.writer("voice"))
         persona = self.personas.get(meta.persona)
@@ -71,8 +92,14 @@ class TtsStage(Stage):
         rate_wpm = persona.voice_rate_wpm if persona else 175
         pitch = persona.voice_pitch if persona else 50
         # lipsync is not on the way to the first audio: enqueue it without waiting (once per
-        # turn: a takeover asks again and the guard in Redis answers)
-        ctx.background(ctx.enqueue("lipsync"))
+        # turn: a takeover asks again and the guard in Redis answers). A speculation has no
+        # face: lipsync follows the turn's own voice once it is adopted.
+        if not ctx.speculative:
+            ctx.background(ctx.enqueue("lipsync"))
+        if ctx.job.adopt:
+            if await self._adopt(ctx, writer):
+                return []
+            writer = await ctx.writer("voice")  # speak the rest, after what was copied
         sample = 0
         segments = 0
         # A takeover continues from what the dead worker published, by *samples*: espeak's
