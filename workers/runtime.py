@@ -150,18 +150,7 @@ class TurnWriter:
             self.seq += 1
             if self.seq > self.published:
                 todo.append((self.seq, fields))
-        if not todo:
-            return 0
-        ctx = self.ctx
-        async with ctx.redis.pipeline(transaction=False) as p:
-            for seq, fields in todo:
-                p.xadd(ctx.out_key(self.stream), fields, id=entry_id(ctx.out_turn, seq))
-            got = await p.execute(raise_on_error=False)
-        for r in got:
-            if isinstance(r, Exception) and not (isinstance(r, ResponseError)
-                                                 and is_stale_id(r)):
-                raise r
-        return sum(not isinstance(r, Exception) for r in got)
+        return await self.ctx.emit_many(self.stream, todo) if todo else 0
 
     def skip_published(self) -> None:
         self.seq = max(self.seq, self.published)
@@ -253,6 +242,18 @@ class JobContext:
             if is_stale_id(exc):
                 return False
             raise
+
+    async def emit_many(self, stream: str, entries: list[tuple[int, dict[str, Any]]]) -> int:
+        """Append entries ``<turn>-<seq>`` in one round trip; returns how many were new."""
+        async with self.redis.pipeline(transaction=False) as p:
+            for seq, fields in entries:
+                p.xadd(self.out_key(stream), fields, id=entry_id(self.out_turn, seq))
+            got = await p.execute(raise_on_error=False)
+        for r in got:
+            if isinstance(r, Exception) and not (isinstance(r, ResponseError)
+                                                 and is_stale_id(r)):
+                raise r
+        return sum(not isinstance(r, Exception) for r in got)
 
     async def read(self, stream: str, after: str, block_ms: int = 1000,
                    count: int = 256) -> list[tuple[str, dict]]:

@@ -67,7 +67,8 @@ class LosingStage(Stage):
 
     async def handle(self, ctx: JobContext):
         key = (ctx.sid, ctx.turn)
-        if ctx.turn not in self.turns or key in self.done:
+        # a speculative job's output is not the turn's (a failover loses the turn's own writes)
+        if ctx.speculative or ctx.turn not in self.turns or key in self.done:
             return await self.inner.handle(ctx)
         self.done.add(key)
         held: list[tuple[int, dict]] = []
@@ -83,7 +84,13 @@ class LosingStage(Stage):
                 await emit(name, s, f)
             return True
 
+        async def withholding_many(name: str, entries: list[tuple[int, dict]]) -> int:
+            for seq, fields in entries:  # an adopted speculation's copy: the same loss
+                await withholding(name, seq, fields)
+            return len(entries)
+
         ctx.emit = withholding  # the turn writer appends through ctx.emit
+        ctx.emit_many = withholding_many  # and copies an adopted speculation through this
         outcome = await self.inner.handle(ctx)
         if not isinstance(outcome, Outcome):
             outcome = Outcome(follow=outcome or [])
