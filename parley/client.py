@@ -196,6 +196,10 @@ class SayError(RuntimeError):
 class Client:
     """One WebSocket connection, any number of NPC sessions on it."""
 
+    # How long open() keeps asking a fleet that answers ``overloaded`` (it says so before anyone
+    # speaks, and admits again once it has caught up), as a game would; 0: raise at once.
+    overloaded_wait_s: float = 0.0
+
     def __init__(self, ws: ClientConnection, ready_delay_s: float = 0.0):
         self.ws = ws
         self.ready_delay_s = ready_delay_s
@@ -302,7 +306,24 @@ class Client:
 
     async def open(self, session: str, npc: str, rate: int, channels: int,
                    fmt: str = "s16le", persona: str | None = None,
-                   endpoint: str | None = None) -> P.SessionOpened:
+                   endpoint: str | None = None,
+                   overloaded_wait_s: float | None = None) -> P.SessionOpened:
+        """Open an NPC session; ``overloaded_wait_s`` (default: the class's): how long to keep
+        asking while the fleet answers ``overloaded``. Raises RuntimeError on a refusal."""
+        wait = self.overloaded_wait_s if overloaded_wait_s is None else overloaded_wait_s
+        deadline = time.monotonic() + wait
+        pause = 0.25
+        while True:
+            try:
+                return await self._open(session, npc, rate, channels, fmt, persona, endpoint)
+            except RuntimeError as exc:
+                if ": overloaded:" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 2.0)
+
+    async def _open(self, session: str, npc: str, rate: int, channels: int, fmt: str,
+                    persona: str | None, endpoint: str | None) -> P.SessionOpened:
         self.turns[session] = TurnResult(session=session)
         self._done[session] = asyncio.Event()
         self._final[session] = asyncio.Event()

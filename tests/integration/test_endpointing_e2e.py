@@ -29,20 +29,6 @@ def sentence_with_pause(text: str, word: int, pause_s: float):
     return (np.clip(x, -1, 0.99997) * 32768).astype(np.int16)[:, None], lead + spans[-1][1]
 
 
-async def open_when_admitted(client: Client, session: str, **kw) -> None:
-    """A shared 2-core machine can leave STT behind real time for a while after the previous
-    test; the gateway then (rightly) says overloaded. Wait for it, as a game would."""
-    for _ in range(60):
-        try:
-            await client.open(session, "guard", R, 1, **kw)
-            return
-        except RuntimeError as exc:
-            if "overloaded" not in str(exc):
-                raise
-            await asyncio.sleep(1.0)
-    raise TimeoutError(f"{session}: still overloaded after 60 s")
-
-
 async def stream_paced(client: Client, session: str, frames: np.ndarray, end: int) -> float:
     """Like a microphone; returns when the chunk holding sample ``end`` was sent."""
     ch = client.opened[session].channel
@@ -65,7 +51,7 @@ async def test_a_mid_sentence_pause_does_not_end_the_turn_and_the_sentence_end_d
     frames, end = sentence_with_pause("I want the sword from the blacksmith.", 2, 0.6)
     client = await BenchClient.connect(gateway_url)
     try:
-        await open_when_admitted(client, "pause")
+        await client.open("pause", "guard", R, 1)
         t_end = await stream_paced(client, "pause", frames, end)
         for _ in range(100):  # a loaded machine's STT may lag; positions decide, not clocks
             if any(m.session == "pause" for m, _ in client.final_times):
@@ -88,7 +74,7 @@ async def test_end_of_utterance_without_speech_gets_turn_done_no_speech(gateway_
     client = await Client.connect(gateway_url)
     session = f"quiet-{endpoint}"
     try:
-        await open_when_admitted(client, session, endpoint=endpoint)
+        await client.open(session, "guard", R, 1, endpoint=endpoint)
         hiss = (np.random.default_rng(1).standard_normal((R // 2, 1)) * 30).astype(np.int16)
         await client.stream(session, hiss, R, realtime=False)  # then end_of_utterance
         done = await client.wait_turn(session, 1, timeout=15)

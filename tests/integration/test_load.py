@@ -61,18 +61,6 @@ async def test_eight_players_at_once_lose_no_turn_and_no_job(loaded_fleet):
     assert log.count("job_dead_lettered") == 0, log[-3000:]
 
 
-async def open_when_admitted(client: Client, session: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await client.open(session, "guard", RATE, 1)
-            return
-        except RuntimeError as exc:
-            if "overloaded" not in str(exc) or time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.5)
-
-
 async def test_overloaded_fleet_refuses_new_sessions_and_answers_spoken_turns(loaded_fleet):
     """Every STT worker frozen: the player's turn waits in the queue. New sessions are refused
     with `overloaded` (said before anyone speaks); the spoken turn is answered once the workers
@@ -81,7 +69,7 @@ async def test_overloaded_fleet_refuses_new_sessions_and_answers_spoken_turns(lo
     stt = [c.proc for c in loaded_fleet.children if c.name.startswith("stt-")]
     client = await Client.connect(url)
     try:
-        await open_when_admitted(client, "waiting")  # the fleet may still be busy from before
+        await client.open("waiting", "guard", RATE, 1)  # the fleet may still be busy from before
         for p in stt:
             os.kill(p.pid, signal.SIGSTOP)
         try:
@@ -92,7 +80,8 @@ async def test_overloaded_fleet_refuses_new_sessions_and_answers_spoken_turns(lo
                 await asyncio.sleep(0.3)
                 other = await Client.connect(url)
                 try:
-                    await other.open("late", "guard", RATE, 1)  # admitted: not yet overloaded
+                    await other.open("late", "guard", RATE, 1,  # admitted: not yet overloaded
+                                     overloaded_wait_s=0)
                 except RuntimeError as exc:
                     refused = str(exc)
                 finally:
@@ -107,7 +96,7 @@ async def test_overloaded_fleet_refuses_new_sessions_and_answers_spoken_turns(lo
         await asyncio.sleep(1.0)
         again = await Client.connect(url)
         try:
-            await open_when_admitted(again, "later")  # admitted again once it has caught up
+            await again.open("later", "guard", RATE, 1)  # admitted again once it has caught up
         finally:
             await again.close()
     finally:

@@ -16,7 +16,6 @@ from core.personas import load_personas
 from core.redisconn import connect
 from schemas.streams import Keys
 from tests.integration.test_endpointing_e2e import (
-    open_when_admitted,
     sentence_with_pause,
     stream_paced,
 )
@@ -60,7 +59,7 @@ async def one_turn(gateway_url: str, session: str, text: str, word: int | None,
     frames, end = sentence_with_pause(text, word, pause_s)
     client = await BenchClient.connect(gateway_url)
     try:
-        await open_when_admitted(client, session)
+        await client.open(session, "guard", R, 1)
         await stream_paced(client, session, frames, end)
         for _ in range(100):  # a loaded machine's STT may lag; positions decide, not clocks
             if any(m.session == session for m, _ in client.final_times):
@@ -144,7 +143,7 @@ async def crafted_turn(gateway_url: str, url: str, session: str, text: str,
     client = await Client.connect(gateway_url)
     r = connect(url)
     try:
-        await open_when_admitted(client, session, endpoint="client")
+        await client.open(session, "guard", R, 1, endpoint="client")
         sid = client.opened[session].sid
         adopt = 0
         if dead_speculation:
