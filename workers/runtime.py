@@ -835,6 +835,9 @@ class Worker:
         """Requeue a copy and ack the original in one transaction: another worker (or this one,
         later) picks it up at once instead of after claim_idle_ms."""
         copy = replace(job, id="")
+        f = self.inflight.get(job.id)
+        if f is not None:
+            f.completing = True  # as in _complete: our own ack is not a takeover
         async with self.redis.pipeline(transaction=True) as p:
             p.xadd(self.stream, copy.to_fields())
             p.xack(self.stream, self.group, job.id)
