@@ -381,6 +381,11 @@ class VoiceEntry:
             d["marks"] = json.dumps([m.to_list() for m in self.marks], separators=(",", ":"))
         return d
 
+    @staticmethod
+    def ends(d: dict) -> bool:
+        """Whether the entry ``d`` is the turn's end marker, from its flags alone."""
+        return bool(_i(_get(d, "flags")) & 2)
+
     @classmethod
     def from_fields(cls, d: dict) -> VoiceEntry:
         flags = _i(_get(d, "flags"))

@@ -229,17 +229,29 @@ class _Follow:
 
 
 async def adopt(ctx, stream: str, writer, is_end: Callable[[dict], bool],
-                stages: tuple[str, ...], on_copy: Callable[[list[dict]], Any] | None = None
-                ) -> bool:
+                stages: tuple[str, ...], marks: tuple[str, ...] = ()) -> dict | None:
     """Copy speculation ``ctx.job.adopt``'s entries of ``stream`` into this turn's ``stream``
-    through ``writer`` (one pipeline per batch), following them until the end entry: True.
-    False (the speculation marked abandoned) when it cannot complete: the caller runs the
-    model itself after what was copied."""
+    through ``writer`` (one pipeline per batch), following them until the end entry, which it
+    returns; ``marks`` are the turn's timing marks its first copy reaches. None (the
+    speculation marked abandoned) when it cannot complete: the caller runs the model itself
+    after what was copied."""
+    end = await _copy(ctx, stream, writer, is_end, stages, marks)
+    if end is not None:
+        await ctx.mark(f"{stream}_adopted")
+        ctx.log.info(f"{stream}_adopted", spec=ctx.job.adopt)
+        return end
+    ctx.worker.observer.speculation("abandoned")
+    ctx.log.warning("speculation_abandoned", spec=ctx.job.adopt, stream=stream)
+    return None
+
+
+async def _copy(ctx, stream: str, writer, is_end: Callable[[dict], bool],
+                stages: tuple[str, ...], marks: tuple[str, ...]) -> dict | None:
     n = ctx.job.adopt
     if await ctx.redis.hget(ctx.key("spec"), f"{n}:state") not in (b"adopted", "adopted"):
         # abandoned by an earlier run of this job (it may have written its own output since,
         # which the speculation's entries would not line up with), or forgotten
-        return False
+        return None
     key = ctx.key(f"spec_{stream}")
     after, expect = f"{n}-0", 1
     follow = _Follow(ctx, n, stages)
@@ -248,7 +260,8 @@ async def adopt(ctx, stream: str, writer, is_end: Callable[[dict], bool],
         res = await ctx.redis.xread({key: after}, count=512, block=50)
         entries = res[0][1] if res else []
         batch: list[dict] = []
-        done = broken = False
+        end = None
+        broken = False
         for eid, fields in entries:
             major, seq = parse_id(eid)
             if major != n or seq != expect:  # overtaken by a newer one, or a gap
@@ -257,17 +270,17 @@ async def adopt(ctx, stream: str, writer, is_end: Callable[[dict], bool],
             after, expect = eid, expect + 1
             batch.append(fields)
             if is_end(fields):
-                done = True
+                end = fields
                 break
         if batch:
             await writer.put_many(batch)
-            if on_copy is not None:
-                on_copy(batch)
-        if done:
-            return True
+            for name in marks:
+                await ctx.mark(name)  # once each: later calls return at once
+        if end is not None:
+            return end
         if broken or last_try:
             break
         if not entries and not await follow.going():
             last_try = True  # one more read: the end may have landed just before it ended
     await settle(ctx.redis, ctx.keys, ctx.sid, n, "abandoned")
-    return False
+    return None

@@ -62,7 +62,6 @@ class LlmStage(Stage):
             if full is not None:
                 await self._remember(ctx, full)
                 return []
-            self.speculation_abandoned(ctx)
             writer = await ctx.writer("reply")  # the model itself, after what was copied
         t0 = now_ms()
         frag = Fragmenter()
@@ -101,31 +100,13 @@ class LlmStage(Stage):
         await ctx.redis.hset(ctx.key("history"), str(ctx.turn),
                              json.dumps({"player": ctx.job.text, "npc": full}))
 
-    @staticmethod
-    def speculation_abandoned(ctx: JobContext) -> None:
-        ctx.worker.observer.speculation("abandoned")
-        ctx.log.warning("speculation_abandoned", spec=ctx.job.adopt)
-
     async def _adopt(self, ctx: JobContext, writer) -> str | None:
         """The reply the speculation made on the same words (workers/speculation.py), copied
         into the turn's stream as it comes; its full text, or None when it cannot complete."""
-        full: list[str] = []
-        first = [True]
-
-        def copied(batch: list[dict]) -> None:
-            if first[0]:
-                first[0] = False
-                ctx.background(ctx.mark("first_token"))
-                ctx.background(ctx.mark("first_fragment"))
-            full.extend(e.text for e in map(ReplyEntry.from_fields, batch) if e.end)
-
-        if not await speculation.adopt(ctx, "reply", writer,
-                                       lambda f: ReplyEntry.from_fields(f).end, ("llm",),
-                                       copied):
-            return None
-        await ctx.mark("reply_adopted")
-        ctx.log.info("reply_adopted", spec=ctx.job.adopt, chars=len(full[-1]))
-        return full[-1]
+        end = await speculation.adopt(ctx, "reply", writer,
+                                      lambda f: ReplyEntry.from_fields(f).end, ("llm",),
+                                      marks=("first_token", "first_fragment"))
+        return None if end is None else ReplyEntry.from_fields(end).text
 
     async def _history(self, ctx: JobContext) -> list[dict]:
         """Earlier turns, oldest first; where the player cut the NPC off, only what was heard."""

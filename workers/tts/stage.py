@@ -64,27 +64,6 @@ class TtsStage(Stage):
                 partial.pop(v.segment, None)
         return sample, done, partial
 
-    async def _adopt(self, ctx: JobContext, writer) -> bool:
-        """The speculation's voice for the same reply (workers/speculation.py), copied into
-        the turn's stream as it comes; False when it cannot complete."""
-        first = [True]
-
-        def copied(batch: list[dict]) -> None:
-            if first[0]:
-                first[0] = False
-                ctx.background(ctx.mark("tts_first_chunk"))
-
-        def is_end(fields: dict) -> bool:  # the flags alone: no need to parse the marks
-            return bool(int(fields.get(b"flags", fields.get("flags", 0))) & 2)
-
-        if await speculation.adopt(ctx, "voice", writer, is_end, ("llm", "tts"), copied):
-            await ctx.mark("voice_adopted")
-            ctx.log.info("voice_adopted", spec=ctx.job.adopt)
-            return True
-        ctx.worker.observer.speculation("abandoned")
-        ctx.log.warning("speculation_abandoned", spec=ctx.job.adopt)
-        return False
-
     async def handle(self, ctx: JobContext) -> list[Job]:
         meta, writer = await asyncio.gather(ctx.meta(), ctx.writer("voice"))
         persona = self.personas.get(meta.persona)
@@ -96,8 +75,9 @@ class TtsStage(Stage):
         # face: lipsync follows the turn's own voice once it is adopted.
         if not ctx.speculative:
             ctx.background(ctx.enqueue("lipsync"))
-        if ctx.job.adopt:
-            if await self._adopt(ctx, writer):
+        if ctx.job.adopt:  # the speculation's voice for the same reply (workers/speculation.py)
+            if await speculation.adopt(ctx, "voice", writer, VoiceEntry.ends, ("llm", "tts"),
+                                       marks=("tts_first_chunk",)) is not None:
                 return []
             writer = await ctx.writer("voice")  # speak the rest, after what was copied
         sample = 0
