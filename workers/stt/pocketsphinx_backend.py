@@ -249,14 +249,13 @@ class PocketsphinxStream:
         end_utt() took 100-250 ms of CPU after jfk.flac's 11 s (it finishes the search over
         every word that ended in it) and gave the same words on every utterance we tried (12
         of 12, jfk and espeak sentences). end_utt() runs later, in speaker() or close(), once
-        the transcript is on its way.
+        the transcript is on its way: the final words are hypothesis() at the last frame.
         """
-        if self._final is not None:
-            return self._final
-        if self._decoder is None:
-            raise RuntimeError("finish() on a closed recognizer stream")
-        self._frames = self._decoder.n_frames()
-        self._final = _hyp_text(self._decoder)
+        if self._final is None:
+            if self._decoder is None:
+                raise RuntimeError("finish() on a closed recognizer stream")
+            self._frames = self._decoder.n_frames()
+            self._final = self.hypothesis()
         return self._final
 
     def _end_utt(self) -> bool:

@@ -168,11 +168,12 @@ class SttStage(Stage):
                             self.listener_config(), base=ctx.job.position,
                             client_ends=meta.endpoint == "client",
                             after_server_end=ctx.job.text == SERVER_END, echo=echo)
-        run = _Utterances(self, ctx, listener, await ctx.writer("transcript"))
         # what the recognizer learned about this player in their last utterance (see
         # RecognizerStream.speaker): their next one starts adapted, with no warm-up burst
-        speaker = await ctx.redis.hget(ctx.keys.listener(ctx.sid), SPEAKER_FIELD) or b""
-        run.speaker = speaker.decode() if isinstance(speaker, bytes) else speaker
+        writer, speaker = await asyncio.gather(
+            ctx.writer("transcript"), ctx.redis.hget(ctx.keys.listener(ctx.sid), SPEAKER_FIELD))
+        run = _Utterances(self, ctx, listener, writer)
+        run.speaker = speaker.decode() if isinstance(speaker, bytes) else speaker or ""
         run.echo = EchoFeed(ctx, echo) if echo is not None else None
         try:
             return await run.listen()
