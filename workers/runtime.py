@@ -152,6 +152,12 @@ class TurnWriter:
                 todo.append((self.seq, fields))
         return await self.ctx.emit_many(self.stream, todo) if todo else 0
 
+    def claim(self) -> str | None:
+        """The ID of entry ``seq + 1`` for a caller that appends it itself (in a script with
+        other writes); None when a previous run published it."""
+        self.seq += 1
+        return entry_id(self.ctx.out_turn, self.seq) if self.seq > self.published else None
+
     def skip_published(self) -> None:
         self.seq = max(self.seq, self.published)
 

@@ -87,6 +87,45 @@ end
 return 1
 """
 
+# KEYS: spec hash, spec_reply, spec_voice, transcript, reply, voice; ARGV: n, turn, most,
+# the final transcript's entry id ("": a previous run published it), field, value, ...
+# The final transcript goes in, and a live speculation is adopted with what it has made so far
+# copied into the turn's reply and voice (IDs <turn>-<seq>, as its adopters would): all at
+# once, so the gateway reads the transcript and the first audio in one read. Returns
+# {adopted (0/1), reply entries copied, voice entries copied}.
+_ADOPT_LUA = """
+if ARGV[4] ~= '' then
+  local ok = redis.pcall('XADD', KEYS[4], ARGV[4], unpack(ARGV, 5))
+  if type(ok) == 'table' and ok.err and not string.find(ok.err, 'equal or smaller') then
+    return ok
+  end
+end
+local n, turn = ARGV[1], ARGV[2]
+if redis.call('HGET', KEYS[1], n .. ':state') ~= 'live' then
+  return {0, 0, 0}
+end
+redis.call('HSET', KEYS[1], n .. ':state', 'adopted')
+if redis.call('HGET', KEYS[1], 'live') == n then
+  redis.call('HDEL', KEYS[1], 'live')
+end
+local out = {1, 0, 0}
+for k = 2, 3 do
+  local dst = KEYS[k + 3]
+  local top = redis.call('XREVRANGE', dst, '+', '-', 'COUNT', 1)
+  if #top == 0 or tonumber(string.match(top[1][1], '^(%d+)')) < tonumber(turn) then
+    local entries = redis.call('XRANGE', KEYS[k], n .. '-1', n .. '-' .. ARGV[3])
+    for i, e in ipairs(entries) do
+      if tonumber(string.match(e[1], '(%d+)$')) ~= i then
+        break
+      end
+      redis.call('XADD', dst, turn .. '-' .. i, unpack(e[2]))
+      out[k] = i
+    end
+  end
+end
+return out
+"""
+
 # KEYS: spec hash, stream; ARGV: n, entry id, stream ttl ms, field, value, ...
 # 1: written; 0: the ID is taken (a newer speculation wrote); -1: the speculation is off.
 _WRITE_LUA = """
@@ -144,6 +183,19 @@ async def settle(redis, keys, sid: str, n: int, to: str) -> bool:
     """Adopt or cancel a live speculation, or abandon an adopted one (see _SETTLE_LUA)."""
     fn = _script(redis, _SETTLE_LUA)
     return bool(await fn(keys=_keys(keys, sid), args=[n, to]))
+
+
+async def adopt_final(redis, keys, sid: str, n: int, turn: int, transcript_id: str | None,
+                      fields: dict[str, Any], most: int = 512) -> tuple[bool, int, int]:
+    """STT's confirmed end with the same words: the final transcript (entry ``transcript_id``,
+    None when published already) and the adoption of live speculation ``n``, with up to
+    ``most`` entries of each of its streams copied into the turn's (see _ADOPT_LUA). Returns
+    (adopted, reply entries copied, voice entries copied); the adopters copy the rest."""
+    fn = _script(redis, _ADOPT_LUA)
+    flat = [x for kv in fields.items() for x in kv]
+    ks = [*_keys(keys, sid), *(keys.session(sid, s) for s in ("transcript", *STREAMS))]
+    got = await fn(keys=ks, args=[n, turn, most, transcript_id or "", *flat])
+    return bool(got[0]), int(got[1]), int(got[2])
 
 
 # ------------------------------------------------------------------ speculative jobs

@@ -100,3 +100,40 @@ async def test_old_records_and_entries_are_forgotten(redis_client):
     assert "spec" in K.session(SID, "spec") and all(
         name in {k.rsplit(":", 1)[1] for k in K.session_keys(SID)}
         for name in ("spec", "spec_reply", "spec_voice"))
+
+
+async def test_the_final_transcript_adopts_with_what_was_made_so_far(redis_client):
+    """STT's confirmed end: transcript, adoption and the copy of the speculation's entries in
+    one script; the copy stops at a gap, and a second run (a takeover) copies nothing twice."""
+    r = redis_client
+    n = await S.start(r, K, SID, 3, "open the gate")
+    ctx = job_ctx(r, n)
+    await S.write(ctx, "reply", f"{n}-1", {"segment": "0", "text": "The gate"})
+    await S.write(ctx, "reply", f"{n}-2", {"segment": "1", "text": "opens."})
+    await S.write(ctx, "voice", f"{n}-1", {"segment": "0", "pcm": b"\x00\x01" * 8})
+    await S.write(ctx, "voice", f"{n}-3", {"segment": "0", "pcm": b"\x02"})  # after a gap
+    final = {"text": "open the gate", "final": "1"}
+    got = await S.adopt_final(r, K, SID, n, 3, "3-1", final)
+    assert got == (True, 2, 1) and await state(r, n) == "adopted"
+    reply = await r.xrange(K.session(SID, "reply"))
+    assert [e for e, _ in reply] == [b"3-1", b"3-2"] and reply[1][1][b"text"] == b"opens."
+    voice = await r.xrange(K.session(SID, "voice"))
+    assert [e for e, _ in voice] == [b"3-1"] and voice[0][1][b"pcm"] == b"\x00\x01" * 8
+    assert (await r.xrange(K.session(SID, "transcript")))[0][1][b"text"] == b"open the gate"
+    # a rerun: the transcript is there (its ID published, or the same ID again) and the
+    # speculation is no longer live: nothing is written twice
+    assert await S.adopt_final(r, K, SID, n, 3, "3-1", final) == (False, 0, 0)
+    assert await S.adopt_final(r, K, SID, n, 3, None, final) == (False, 0, 0)
+    assert await r.xlen(K.session(SID, "transcript")) == 1
+    assert await r.xlen(K.session(SID, "reply")) == 2
+
+
+async def test_a_speculation_no_longer_live_is_not_copied(redis_client):
+    r = redis_client
+    n = await S.start(r, K, SID, 1, "open the gate")
+    await S.write(job_ctx(r, n), "reply", f"{n}-1", {"segment": "0", "text": "The gate"})
+    await S.start(r, K, SID, 1, "open the gate please")  # cancels n
+    got = await S.adopt_final(r, K, SID, n, 1, "1-1", {"text": "open the gate", "final": "1"})
+    assert got == (False, 0, 0)
+    assert await r.xlen(K.session(SID, "reply")) == 0
+    assert await r.xlen(K.session(SID, "transcript")) == 1  # the transcript goes in anyway

@@ -193,6 +193,7 @@ def test_a_pause_asks_the_model_and_a_complete_turn_ends_at_the_pause():
     before = [a for q, a in feed(lis2, x[: seq * 320]) if isinstance(a, Check)]
     [end] = lis2.verdict(0.9, before[-1])
     assert isinstance(end, End) and end.reason == "turn_model" and end.eos_ts == float(seq)
+    assert end.silent == lis2.position - check.pause  # the pause the model was asked about
     assert not lis2.speaking
 
 
@@ -228,6 +229,7 @@ def test_the_silence_cap_ends_a_turn_the_model_never_calls_complete():
                 ends.append((st + 320, a))
     [(at, end)] = ends
     assert end.reason == "silence_cap"
+    assert 0.95 * R <= end.silent <= 1.15 * R
     assert 0.95 * R <= at - (R // 2 + b) <= 1.15 * R
 
 
@@ -251,10 +253,14 @@ def test_without_a_model_the_silence_ends_the_turn():
     s, _ = speech("I want the sword.")
     x = np.concatenate([np.zeros(R // 2, np.float32), s, np.zeros(R, np.float32)])
     lis = listener(turn_model=False, silence_ms=500)
-    actions = [a for _, a in feed(lis, x)]
-    assert not any(isinstance(a, Check) for a in actions)
-    [end] = [a for a in actions if isinstance(a, End)]
+    got = feed(lis, x)
+    assert not any(isinstance(a, Check) for _, a in got)
+    [(seq, end)] = [(q, a) for q, a in got if isinstance(a, End)]
     assert end.reason == "vad"
+    # the silence that ended it, which the recognizer need not decode in full, began where
+    # the speech did end
+    assert 0.5 * R <= end.silent <= 0.5 * R + 320
+    assert abs(seq * 320 - end.silent - (R // 2 + len(s))) <= 0.1 * R
 
 
 def test_end_of_utterance_with_no_speech_still_ends_the_turn():

@@ -61,11 +61,14 @@ class End:
     """The utterance is over: finish the recognizer. ``reason``: vad (silence_ms), turn_model
     (the model heard a complete turn), silence_cap (turn_max_silence_ms), client, max_length,
     audio_gap (the client stopped sending mid-utterance). ``speech`` is False when nothing was
-    heard (an end_of_utterance after silence): the client still gets an answer."""
+    heard (an end_of_utterance after silence): the client still gets an answer. ``silent``:
+    how many samples at its end the VAD heard as silence (a server end): the recognizer need
+    not decode all of them before the final words."""
 
     reason: str
     eos_ts: float  # wall clock of the chunk that ended it, for the latency waterfall
     speech: bool = True
+    silent: int = 0
 
 
 @dataclass
@@ -190,7 +193,8 @@ class Listener:
             elif ev.kind == "end" and self.speaking and not self.client_ends:
                 if not self.cfg.turn_model:
                     out.append(Feed(samples))
-                    return self._end(out, "vad", mic.ts)
+                    # ev.sample: where the silence began
+                    return self._end(out, "vad", mic.ts, self.vad.position - ev.sample)
                 pause = ev
         if self.speaking and len(samples):
             out.append(Feed(samples))
@@ -202,7 +206,7 @@ class Listener:
         out += self._speculation(mic.ts)
         if self.speaking and self.paused is not None and (
                 self.position - self.paused >= self._cap_samples()):
-            return self._end(out, "silence_cap", self.pause_ts)
+            return self._end(out, "silence_cap", self.pause_ts, self.position - self.paused)
         if self.speaking and self.position - self.speech_start > self.cfg.max_utterance_s * RATE:
             return self._end(out, "max_length", mic.ts)
         return out
@@ -213,7 +217,7 @@ class Listener:
         if not self.speaking or self.paused != check.pause:
             return []
         if probability >= self.cfg.turn_threshold:
-            return self._end([], "turn_model", self.pause_ts)
+            return self._end([], "turn_model", self.pause_ts, self.position - check.pause)
         return []
 
     def _pause_start(self) -> int | None:
@@ -277,11 +281,11 @@ class Listener:
         self.recent.clear()
         self.recent_len = 0
 
-    def _end(self, out: list[Action], reason: str, ts: float) -> list[Action]:
+    def _end(self, out: list[Action], reason: str, ts: float, silent: int = 0) -> list[Action]:
         self.speaking = False
         self.paused = None
         self.likely = None  # the caller settles what it started early against the final text
-        out.append(End(reason, ts))
+        out.append(End(reason, ts, silent=max(0, silent)))
         return out
 
     def _hold(self, samples: np.ndarray) -> None:

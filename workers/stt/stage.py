@@ -188,6 +188,9 @@ class _Utterances:
     # mic chunks per read, decoded in one call: small enough that other sessions on this
     # worker get a turn between calls (a decoder that holds the GIL runs inline)
     BATCH = 16
+    # silence the recognizer hears after the last word before its final words are read: its
+    # search needs a few frames of it to end the word (16 kHz samples)
+    KEEP_SILENCE = 4800
 
     def __init__(self, stage: SttStage, ctx: JobContext, listener: Listener, writer: TurnWriter):
         self.stage = stage
@@ -265,6 +268,7 @@ class _Utterances:
         elif isinstance(action, Resumed):
             await self.settle_speculation("cancelled", "resumed")
         elif isinstance(action, End):
+            self.skip_silence(action.silent)
             await self.flush()
             return await self.finish(action)
         elif isinstance(action, Release):
@@ -280,6 +284,18 @@ class _Utterances:
         audio = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
         self.pending = []
         await self.feed(audio)
+
+    def skip_silence(self, silent: int) -> None:
+        """Leave unread what the recognizer need not hear before its final words: silence past
+        the first KEEP_SILENCE after the last word. At a VAD end that is all of this read's
+        audio, and decoding it was 2-15 ms between the end and the transcript."""
+        drop = silent - self.KEEP_SILENCE
+        while drop > 0 and self.pending:
+            tail = self.pending[-1]
+            if len(tail) > drop:
+                self.pending[-1] = tail[:len(tail) - drop]
+                break
+            drop -= len(self.pending.pop())
 
     async def feed(self, audio: np.ndarray) -> None:
         if self.stage.inline:
@@ -330,6 +346,26 @@ class _Utterances:
                      text=text)
         return ok
 
+    async def adopt(self, final: TranscriptEntry) -> int:
+        """The final transcript and the adoption of the live speculation, in one script that
+        also copies what the speculation made so far into the turn's streams: the first audio
+        reaches the gateway with the transcript, not two job hand-offs later (~10 ms). Returns
+        the speculation's number for the LLM's job, 0 when it was no longer live."""
+        ctx, (n, text) = self.ctx, self.spec
+        self.spec = None
+        ok, replies, voices = await speculation.adopt_final(
+            ctx.redis, ctx.keys, ctx.sid, n, ctx.turn, self.writer.claim(), final.to_fields())
+        if ok:
+            ctx.worker.observer.speculation("adopted")
+            if replies:
+                await ctx.mark("first_token")
+                await ctx.mark("first_fragment")
+            if voices:
+                await ctx.mark("tts_first_chunk")
+        ctx.log.info("speculation_adopted" if ok else "speculation_lost", spec=n,
+                     why="same_words", text=text, reply_copied=replies, voice_copied=voices)
+        return n if ok else 0
+
     async def check(self, check: Check) -> Outcome | None:
         """Ask the end-of-turn model about a pause; a complete turn ends here."""
         t0 = time.perf_counter()
@@ -354,13 +390,9 @@ class _Utterances:
         finish_ms = now_ms() - t0
         lis.utterance_done()
         self.last_partial = ""
-        adopt = 0
-        if self.spec is not None:
-            same = text and speculation.norm(text) == speculation.norm(self.spec[1])
-            n = self.spec[0]
-            if await self.settle_speculation("adopted" if same else "cancelled",
-                                             "same_words" if same else "other_words"):
-                adopt = n if same else 0
+        if self.spec is not None and not (
+                text and speculation.norm(text) == speculation.norm(self.spec[1])):
+            await self.settle_speculation("cancelled", "other_words")
         if not text:
             self.close()
             if end.reason == "client":  # the client asked for an answer: it gets one
@@ -371,11 +403,13 @@ class _Utterances:
         # The transcript and the LLM's job in one round trip, not one after the ack: this is
         # the way to the first audio. Once per turn (a guard in Redis), so a takeover that
         # finishes the same utterance again starts no second reply.
-        await asyncio.gather(
-            self.emit(TranscriptEntry(text=text, final=True, start_sample=lis.speech_start,
-                                      end_sample=end_sample, mic_seq=lis.mic_seq,
-                                      end_of_speech_ts=eos_ts)),
-            ctx.enqueue("llm", text=text, adopt=adopt))
+        final = TranscriptEntry(text=text, final=True, start_sample=lis.speech_start,
+                                end_sample=end_sample, mic_seq=lis.mic_seq,
+                                end_of_speech_ts=eos_ts)
+        if self.spec is not None:  # started early on these very words: its reply is this one
+            await ctx.enqueue("llm", text=text, adopt=await self.adopt(final))
+        else:
+            await asyncio.gather(self.emit(final), ctx.enqueue("llm", text=text, adopt=0))
         await ctx.mark("eos", eos_ts)
         await ctx.mark("final_transcript")
         await ctx.mark("stt_finish_ms", finish_ms)
