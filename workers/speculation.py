@@ -230,14 +230,21 @@ async def write(ctx, stream: str, entry: str, fields: dict[str, Any]) -> bool:
 
 
 async def watch(ctx, task: asyncio.Task) -> None:
-    """Cancel ``task`` (a speculative job) once its speculation is no longer live or adopted."""
+    """Cancel ``task`` (a speculative job) once its speculation is no longer live or adopted,
+    or its turn was interrupted (a barge-in on the adopted reply: nothing more of it is
+    wanted, and its adopters stopped already)."""
     key, field = ctx.key("spec"), f"{ctx.job.spec}:state"
     while True:
         try:
-            state = await ctx.redis.hget(key, field)
+            async with ctx.redis.pipeline(transaction=False) as p:
+                p.hget(key, field)
+                p.get(ctx.key("cancel"))
+                state, cancelled = await p.execute()
         except RETRYABLE:
-            state = b"live"  # an outage: the job's own writes will tell
+            state, cancelled = b"live", None  # an outage: the job's own writes will tell
         if state not in (b"live", b"adopted", "live", "adopted"):
+            break
+        if cancelled is not None and int(cancelled) >= ctx.job.turn:
             break
         await asyncio.sleep(WATCH_S)
     ctx.interrupted = True

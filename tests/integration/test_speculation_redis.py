@@ -4,6 +4,7 @@ dropped and no later write accepted, a speculative job claimed once."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -15,9 +16,9 @@ K = Keys()
 SID = "spec-rules"
 
 
-def job_ctx(r, n: int, stage: str = "llm"):
+def job_ctx(r, n: int, stage: str = "llm", turn: int = 1):
     """What the speculation helpers read of a speculative job's context."""
-    return SimpleNamespace(redis=r, keys=K, sid=SID, job=SimpleNamespace(spec=n),
+    return SimpleNamespace(redis=r, keys=K, sid=SID, job=SimpleNamespace(spec=n, turn=turn),
                            key=lambda name: K.session(SID, name),
                            worker=SimpleNamespace(stage=SimpleNamespace(name=stage)))
 
@@ -137,3 +138,22 @@ async def test_a_speculation_no_longer_live_is_not_copied(redis_client):
     assert got == (False, 0, 0)
     assert await r.xlen(K.session(SID, "reply")) == 0
     assert await r.xlen(K.session(SID, "transcript")) == 1  # the transcript goes in anyway
+
+
+async def test_a_speculative_job_stops_when_its_adopted_turn_is_interrupted(redis_client):
+    """A barge-in on the adopted reply: the adopters stop with the turn, and so does the
+    speculative job they copied from (nothing more of it is wanted)."""
+    r = redis_client
+    n = await S.start(r, K, SID, 2, "tell me a long story")
+    assert await S.settle(r, K, SID, n, "adopted")
+    ctx = job_ctx(r, n, turn=2)
+    job = asyncio.create_task(asyncio.sleep(30))
+    watcher = asyncio.create_task(S.watch(ctx, job))
+    await r.set(K.session(SID, "cancel"), 1)  # an older turn's interrupt: not this one
+    await asyncio.sleep(3 * S.WATCH_S)
+    assert not job.done()
+    await r.set(K.session(SID, "cancel"), 2)
+    await asyncio.wait_for(watcher, 2)
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert ctx.interrupted

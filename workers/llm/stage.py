@@ -47,15 +47,16 @@ class LlmStage(Stage):
         await self.chain.close()
 
     async def handle(self, ctx: JobContext) -> list[Job]:
-        # one round trip, not three: each is ~0.2 ms on the way to the first audio
-        meta, writer, history = await asyncio.gather(
-            ctx.meta(), ctx.writer("reply"), self._history(ctx))
+        # One round trip, not four: each is ~0.2-1 ms on the way to the first audio. TTS
+        # starts now and tails the reply stream: it speaks fragment 1 while we write 2 (once
+        # per turn: a takeover asks again and the guard in Redis answers). A persona this
+        # worker lacks fails the turn below, and the TTS job ends with it.
+        meta, writer, history, _ = await asyncio.gather(
+            ctx.meta(), ctx.writer("reply"), self._history(ctx),
+            ctx.enqueue("tts", adopt=ctx.job.adopt))
         persona = self.personas.get(meta.persona)
         if persona is None:
             raise LookupError(f"persona {meta.persona!r} is not loaded by this worker")
-        # TTS starts now and tails the reply stream: it speaks fragment 1 while we write 2.
-        # Once per turn: a takeover asks again and the guard in Redis answers.
-        await ctx.enqueue("tts", adopt=ctx.job.adopt)
         await ctx.mark("llm_start")
         if ctx.job.adopt:
             full = await self._adopt(ctx, writer)
