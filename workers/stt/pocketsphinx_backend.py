@@ -26,6 +26,12 @@ voices and levels, fed in 20 ms chunks):
   stream hands back the speaker's mean (:meth:`PocketsphinxStream.speaker`), the STT stage keeps
   it with the session, and the session's next utterance starts from it with no warm-up
   (``open_stream(speaker=...)``): same WER, and no burst from the second utterance on.
+* The first utterance of a session still has no mean to start from, and its warm-up used to
+  re-decode the 1.5 s in one ~350 ms burst inside one feed(): with two players' first
+  questions on one worker the bursts stacked and both answers came 130-540 ms late. The
+  re-decode is now a backlog that each later feed() works off by ``CATCH_UP`` times its own
+  audio (the recognizer runs behind for ~0.5 s and catches up), so no call holds the worker
+  for more than a few tens of ms; hypothesis() and finish() decode whatever is left.
 * pocketsphinx's Python binding holds the GIL while it decodes, so running feed() in a worker
   thread does not free the event loop by itself: feed() decodes in 100 ms slices so other
   threads get the GIL in between.
@@ -50,6 +56,11 @@ _SLICE_BYTES = 1600 * 2  # 100 ms of int16 per process_raw call: bounds how long
 _CMN_WIN = 500
 _MAX_WARMUP_MS = 2500
 _MIN_WARMUP_FRAMES = 50  # a mean over fewer frames is too noisy to extrapolate from
+# After the warm-up restart each feed() decodes up to this many times its own audio of the
+# backlog on top: 1.5 s is worked off in ~0.5 s of 20 ms chunks, each call then decoding
+# ~80 ms of audio (~20 ms of CPU) instead of one 1.5 s burst.
+CATCH_UP = 3
+_CATCH_UP_MAX = 2 * 3200  # bytes of backlog per call at most (200 ms), for large reads
 
 # Digital silence (noise-gated clients, synthetic audio) gives degenerate features. Runs of
 # near-zero samples are filled with noise at ~-70 dBFS (10 LSB RMS), far below any real
@@ -127,6 +138,7 @@ class PocketsphinxStream:
         # int16 audio kept for the warm-up restart; None once restarted or when disabled.
         self._warm: bytearray | None = (bytearray() if warmup_samples > 0 and not self._adapted
                                         else None)
+        self._backlog = bytearray()  # int16 audio fed but not decoded yet (see CATCH_UP)
         self._frames = 0  # decoded frames at finish(), for speaker()
         self._ended = False  # end_utt() done (after finish(): see there)
         self._fed = 0
@@ -157,7 +169,15 @@ class PocketsphinxStream:
             decoder.set_cmn(own)
             self._cmn_prior, self._adapted = own, True
         decoder.start_utt()
-        self._process(audio)
+        self._backlog[:0] = audio  # decoded again by the next feeds, not in one burst
+
+    def _catch_up(self, budget: int | None = None) -> None:
+        """Decode ``budget`` bytes of the backlog (all of it when None)."""
+        n = len(self._backlog) if budget is None else min(budget, len(self._backlog))
+        if n:
+            chunk = bytes(self._backlog[:n])
+            del self._backlog[:n]
+            self._process(chunk)
 
     def _own_mean(self, frames: int) -> str | None:
         """The speaker's own mean, from the live mean after end_utt() over ``frames``."""
@@ -220,8 +240,13 @@ class PocketsphinxStream:
             self._fed += len(head) // 2
             if self._fed >= self._warmup_samples:
                 self._restart_with_speaker_cmn()
-        self._process(pcm)
         self._fed += len(pcm) // 2
+        if self._backlog:
+            self._backlog += pcm
+            n = len(x) * 2  # this call's audio, in bytes
+            self._catch_up(n + min(n * CATCH_UP, _CATCH_UP_MAX))
+        else:
+            self._process(pcm)
         self._since_partial += len(x)
         if self._since_partial < PARTIAL_EVERY:
             return None
@@ -240,6 +265,7 @@ class PocketsphinxStream:
             return self._final
         if self._decoder is None:
             raise RuntimeError("hypothesis() on a closed recognizer stream")
+        self._catch_up()
         return _hyp_text(self._decoder)
 
     def finish(self) -> str:
@@ -254,6 +280,7 @@ class PocketsphinxStream:
         if self._final is None:
             if self._decoder is None:
                 raise RuntimeError("finish() on a closed recognizer stream")
+            self._catch_up()
             self._frames = self._decoder.n_frames()
             self._final = self.hypothesis()
         return self._final
