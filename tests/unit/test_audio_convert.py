@@ -281,3 +281,11 @@ def test_speed():
     for _ in range(500):  # 10 s of 48 kHz in 20 ms chunks
         rs.push(x)
     assert time.perf_counter() - t0 < 0.5
+
+
+def test_resampler_flush_ends_the_stream():
+    rs = Resampler(44100, 16000)
+    rs.push(np.ones(882, np.float32))
+    assert len(rs.flush()) > 0 and len(rs.flush()) == 0
+    with pytest.raises(RuntimeError, match="flush"):
+        rs.push(np.ones(10, np.float32))

@@ -54,6 +54,7 @@ class Resampler:
         self._base = -self.W
         self._received = 0  # input samples pushed
         self._n = 0  # next output index
+        self._flushed = False
 
     def _ready(self, available: int) -> int:
         """One past the last output whose kernel ends within the first `available` inputs:
@@ -64,8 +65,8 @@ class Resampler:
     def _emit(self, end: int) -> np.ndarray:
         if end <= self._n:
             return np.zeros(0, np.float32)
-        # int64: n * M stays below 2**63 for any rates <= 192 kHz over centuries of audio
-        # (192000 * 3600 * 10 outputs * 192000 ~ 1.3e15).
+        # int64: n * M <= out_rate * seconds * in_rate, 1.3e15 for 10 h at 192 kHz both ways;
+        # 2**63 would take ~8 years of audio.
         n = np.arange(self._n, end, dtype=np.int64)
         pos = n * self.M
         first = pos // self.L - (self.W - 1)  # input index of each kernel's first tap
@@ -84,6 +85,8 @@ class Resampler:
 
     def push(self, x: np.ndarray) -> np.ndarray:
         """More input (float32 1-D); returns every output sample now fully covered."""
+        if self._flushed:
+            raise RuntimeError("Resampler.push() after flush(); create a new one")
         x = np.asarray(x, np.float32)
         if len(x):
             self._buf = np.concatenate([self._buf, x])
@@ -92,7 +95,10 @@ class Resampler:
 
     def flush(self) -> np.ndarray:
         """End of stream: W zeros of lookahead release the outputs up to the last input time,
-        ceil(received * out / in) samples in all."""
+        ceil(received * out / in) samples in all. Ends the stream."""
+        if self._flushed:
+            return np.zeros(0, np.float32)
+        self._flushed = True
         self._buf = np.concatenate([self._buf, np.zeros(self.W, np.float32)])
         end = (self._received * self.L + self.M - 1) // self.M
         return self._emit(end)
