@@ -482,9 +482,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 # --- the decision alone, offline ------------------------------------------------------------
 
@@ -592,3 +589,6 @@ def run_offline_speculation(items: list[Item]) -> str:
               "the final words matched; changed: cancelled, they did not (silero, 800 ms)."]
     return "\n".join(lines)
 
+
+if __name__ == "__main__":
+    raise SystemExit(main())
