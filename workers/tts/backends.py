@@ -84,16 +84,21 @@ class _Rate:
     """Converts one backend's chunks to the chain's sample rate, marks included."""
 
     def __init__(self, src: int, dst: int):
-        import soxr  # the STT converter's resampler; only needed across rates
+        # the mic's streaming resampler: ~1 ms behind, where a block resampler held back the
+        # fallback voice's first audio 20-40 ms
+        from workers.stt.resample import Resampler
 
         self.src, self.dst = src, dst
-        self.stream = soxr.ResampleStream(src, dst, 1, dtype="int16")
+        self.stream = Resampler(src, dst)
         self.pos = 0  # output samples so far
 
     def convert(self, ch: SynthChunk, last: bool) -> SynthChunk:
-        pcm = self.stream.resample_chunk(ch.pcm, last=last)
+        x = self.stream.push(np.asarray(ch.pcm, np.float32) / 32768)
+        if last:
+            x = np.concatenate([x, self.stream.flush()])
+        pcm = np.clip(np.rint(x * 32768), -32768, 32767).astype(np.int16)
         scale = self.dst / self.src
-        out = SynthChunk(pcm=np.asarray(pcm, np.int16), sample=self.pos,
+        out = SynthChunk(pcm=pcm, sample=self.pos,
                          phonemes=[PhonemeMark(p.phoneme, round(p.sample * scale))
                                    for p in ch.phonemes],
                          words=[WordMark(w.text_start, w.text_length, round(w.sample * scale))
