@@ -186,11 +186,13 @@ async def settle(redis, keys, sid: str, n: int, to: str) -> bool:
 
 
 async def adopt_final(redis, keys, sid: str, n: int, turn: int, transcript_id: str | None,
-                      fields: dict[str, Any], most: int = 512) -> tuple[bool, int, int]:
+                      fields: dict[str, Any], most: int = 8) -> tuple[bool, int, int]:
     """STT's confirmed end with the same words: the final transcript (entry ``transcript_id``,
     None when published already) and the adoption of live speculation ``n``, with up to
     ``most`` entries of each of its streams copied into the turn's (see _ADOPT_LUA). Returns
-    (adopted, reply entries copied, voice entries copied); the adopters copy the rest."""
+    (adopted, reply entries copied, voice entries copied); the adopters copy the rest. A few
+    entries, not the whole reply: the gateway's first read stays small (65 voice entries,
+    3 s of audio, took it 2-5 ms to read and relay before the first audio went out)."""
     fn = _script(redis, _ADOPT_LUA)
     flat = [x for kv in fields.items() for x in kv]
     ks = [*_keys(keys, sid), *(keys.session(sid, s) for s in ("transcript", *STREAMS))]
