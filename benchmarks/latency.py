@@ -70,7 +70,8 @@ async def _turns(url: str, utterances: list[np.ndarray], turns: int) -> list[dic
                 done = client.done_turns[(session, turn)]
                 t = done.timings or {}
                 lat = tr.latency_ms()
-                backend = sum(t.get(k, 0.0) for k in ("stt_finish_ms", "llm_first_fragment_ms",
+                backend = sum(t.get(k, 0.0) for k in ("vad_ms", "stt_finish_ms",
+                                                      "llm_first_fragment_ms",
                                                       "tts_first_synth_ms"))
                 server = t.get("gw_first_audio", 0) - t.get("eos", 0)
                 rows.append({

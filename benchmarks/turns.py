@@ -20,9 +20,10 @@ Per utterance: v2v = first reply audio at the client - the time the chunk holdin
 of speech was sent; a cut-off = the turn ended before the speaker was done (a final transcript
 before that chunk was sent, or more than one turn); missed = no turn within 2 s of the end.
 Fleet overhead = the server's own part (gateway's first audio - the end decision) minus the
-time in models on the critical path (STT finish, end-of-turn model, LLM to first fragment, TTS
-first synthesis). The push-to-talk row (endpoint client): first reply audio after the
-``end_of_utterance`` that follows the last chunk.
+time in models on the critical path (the VAD on the chunk that ended the turn, STT finish,
+end-of-turn model, LLM to first fragment, TTS first synthesis). The push-to-talk row
+(endpoint client): first reply audio after the ``end_of_utterance`` that follows the last
+chunk.
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ async def _push_to_talk(client: Client, n: int, item: Item) -> dict:
 def _overhead(t: dict | None) -> dict:
     if not t or "gw_first_audio" not in t or "eos" not in t:
         return {}
-    models = sum(t.get(k, 0.0) for k in ("stt_finish_ms", "turn_model_ms",
+    models = sum(t.get(k, 0.0) for k in ("vad_ms", "stt_finish_ms", "turn_model_ms",
                                          "llm_first_fragment_ms", "tts_first_synth_ms"))
     server = t["gw_first_audio"] - t["eos"]
     return {"server_ms": server, "overhead_ms": server - models,

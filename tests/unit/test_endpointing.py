@@ -83,6 +83,23 @@ def test_silero_finds_the_sentence_and_nothing_in_the_noise(scene):
 
 
 @needs_silero
+def test_the_end_says_how_long_the_vad_model_took_on_its_chunk():
+    """The latency waterfall counts the VAD's inference on the deciding chunk as model time
+    (``vad_ms``), not the fleet's; windows of digital silence skip the model."""
+    s, _ = speech("Open the gate.")
+    x = np.concatenate([np.zeros(R // 2, np.float32), s, np.zeros(R, np.float32)])
+    for floor, model_runs in ((noise(len(x), -45), True), (np.zeros(len(x), np.float32), False)):
+        cfg = ListenerConfig(vad="silero", silence_ms=300)
+        [end] = [a for _, a in feed(Listener(R, 1, "s16le", cfg), x + floor)
+                 if isinstance(a, End)]
+        assert end.reason == "vad"
+        assert (0.0 < end.vad_ms < 500.0) if model_runs else end.vad_ms == 0.0
+    energy = [a for _, a in feed(listener(turn_model=False, silence_ms=300), x)
+              if isinstance(a, End)]
+    assert energy and energy[0].vad_ms == 0.0
+
+
+@needs_silero
 def test_silero_holds_a_sentence_through_a_level_dip():
     """The energy VAD's failure from the issue: a short dip in level ended the turn after two
     words. Silero hears the voice under the dip."""

@@ -69,6 +69,7 @@ class End:
     eos_ts: float  # wall clock of the chunk that ended it, for the latency waterfall
     speech: bool = True
     silent: int = 0
+    vad_ms: float = 0.0  # time the VAD's model took on the chunk that ended it
 
 
 @dataclass
@@ -285,7 +286,7 @@ class Listener:
         self.speaking = False
         self.paused = None
         self.likely = None  # the caller settles what it started early against the final text
-        out.append(End(reason, ts, silent=max(0, silent)))
+        out.append(End(reason, ts, silent=max(0, silent), vad_ms=self.vad.push_model_ms))
         return out
 
     def _hold(self, samples: np.ndarray) -> None:

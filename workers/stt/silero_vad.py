@@ -17,6 +17,8 @@ espeak-ng speech in white noise at -45 dBFS, brown room tone, and a 25 dB dip mi
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from workers.stt.vad import SpeechRuns, VadEvent
@@ -55,6 +57,9 @@ class SileroVad:
                                 max(1, int(np.ceil(resume_ms / frame_ms))))
         self.threshold = threshold
         self.last_prob = 0.0
+        # time in the model during the last push (ms): the turn's end is decided in one, and
+        # the latency waterfall counts that as model time, not the fleet's
+        self.push_model_ms = 0.0
         self._buf = np.zeros(0, np.float32)
         self._position = 0
 
@@ -79,12 +84,15 @@ class SileroVad:
         n = len(buf) // WINDOW
         self._buf = buf[n * WINDOW:].copy()
         events: list[VadEvent] = []
+        model_s = 0.0
         for i in range(n):
             window = buf[i * WINDOW:(i + 1) * WINDOW]
             if float(np.sqrt(np.mean(window * window))) < _QUIET_RMS:
                 prob = 0.0
             else:
+                t0 = time.perf_counter()
                 prob = float(self._model.process_samples(window))
+                model_s += time.perf_counter() - t0
             self.last_prob = prob
             start = self._position
             self._position += WINDOW
@@ -92,4 +100,5 @@ class SileroVad:
             ev = self._runs.frame(prob >= cut, start, self._position)
             if ev is not None:
                 events.append(ev)
+        self.push_model_ms = model_s * 1000
         return events

@@ -413,6 +413,7 @@ class _Utterances:
         await ctx.mark("eos", eos_ts)
         await ctx.mark("final_transcript")
         await ctx.mark("stt_finish_ms", finish_ms)
+        await ctx.mark("vad_ms", end.vad_ms)
         ctx.log.info("utterance_final", text=text, start=lis.speech_start, end=end_sample,
                      reason=end.reason)
         await self.learn_speaker()  # after the reply is on its way: may take the recognizer 0.2 s

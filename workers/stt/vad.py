@@ -99,6 +99,7 @@ class Vad:
             raise ValueError("start_ms, silence_ms and resume_ms must be >= 0 and "
                              "floor_window_ms > 0")
         self.rate = rate
+        self.push_model_ms = 0.0  # no model: what SileroVad reports for its last push
         self.frame = rate * frame_ms // 1000
         # Durations round up to whole frames: silence_ms=50 must not end speech after 40 ms.
         self._runs = SpeechRuns(max(1, -(-start_ms // frame_ms)),
