@@ -173,3 +173,23 @@ def test_a_mic_that_was_off_when_the_reply_began_is_the_player(reply, player):
                           for i in range(0, len(voice), FRAME)])
     assert g._segments[(1, 0)].start < len(before)  # placed in the gap, before the cut-in
     assert starts(out, None) == starts(voice, None) != []
+
+
+@pytest.mark.parametrize("continued", [True, False])
+def test_a_reply_that_starts_within_a_frame_of_the_turns_end_is_still_echo(reply, continued):
+    """The next listening job's gate starts at the end of the utterance, and a fast reply can
+    start playing before that job's first mic chunk arrives. The mic was open all along (the
+    previous job read it up to the end): told so, the gate keeps the echo out; not told, it
+    takes the mic for one that began after the reply (a push-to-talk style client)."""
+    scene = make_scene("echo", *reply, 60, -12, 200, -55)
+    start = scene.play_at - 100  # the turn ended 6 ms before UE started the reply
+    t0 = 1_000_000.0  # capture clock of sample ``start``
+    g = EchoGate(base=start, open_since_ms=t0 - 15 if continued else None)
+    g.reference(1, 1, 0, *reply)
+    g.turn_end(1)
+    g.played(1, 1, ts_ms=t0 + 100 * 1000 / RATE)  # before the first chunk below arrives
+    mic = scene.mic[start:]
+    out = np.concatenate([g.push(mic[i:i + FRAME], ts_ms=t0 + (i + FRAME) * 1000 / RATE + 5)
+                          for i in range(0, len(mic), FRAME)])
+    assert starts(mic, None) != []  # the echo alone starts speech at the raw mic
+    assert (starts(out, None) == []) == continued

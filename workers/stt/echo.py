@@ -109,8 +109,13 @@ class EchoGate:
 
     GAP_MS = 300
 
-    def __init__(self, base: int = 0, cfg: EchoConfig | None = None):
+    def __init__(self, base: int = 0, cfg: EchoConfig | None = None,
+                 open_since_ms: float | None = None):
+        """``open_since_ms``: the arrival of the mic chunk just before ``base`` (the previous
+        utterance's last), when this gate continues a mic that was sending: a reply that
+        starts within a frame of the turn's end is then still a reply into an open mic."""
         self.cfg = cfg = cfg or EchoConfig()
+        self._open_since = open_since_ms
         self.position = base  # mic samples pushed so far, on the listener's timeline
         self._frame_base = base
         self._buf = np.zeros(0, np.float32)  # the partial frame
@@ -315,7 +320,10 @@ class EchoGate:
         offset = ts_ms - end * 1000 / RATE
         if not self._offsets or offset - min(self._offsets) > self.GAP_MS:
             self._offsets.clear()
-            self._resumed_ts = ts_ms
+            since, self._open_since = self._open_since, None
+            # the first chunk continues the previous job's mic unless it came after a gap
+            self._resumed_ts = (since if since is not None and ts_ms - since <= self.GAP_MS
+                                else ts_ms)
         self._offsets.append(offset)
 
     def _noise(self, n: int) -> np.ndarray:

@@ -149,6 +149,14 @@ class SttStage(Stage):
         return Outcome(state=(worker.keys.listener(job.sid), state.to_fields()),
                        then=lambda: self.wake_if_audio(worker.redis, worker.keys, job.sid, cursor))
 
+    @staticmethod
+    async def _cursor_ts(ctx: JobContext) -> float | None:
+        """When the mic chunk at the job's cursor arrived (the last one the previous job
+        read): the echo gate knows the mic was open then (EchoGate's open_since_ms)."""
+        cur = ctx.job.cursor
+        got = await ctx.redis.xrange(ctx.key("mic"), cur, cur) if cur != "0-0" else []
+        return MicEntry.from_entry(*got[0]).ts if got else None
+
     async def wake_if_audio(self, redis, keys, sid: str, cursor: str) -> None:
         """After giving a session back: audio that arrived since ``cursor`` gets a new job now
         (the gateway's wake for it may have run while this job was still active)."""
@@ -162,16 +170,17 @@ class SttStage(Stage):
         # Push-to-talk sends the mic only while the player holds the button, and the player
         # ends the turn: no echo to keep out, and the gate's reads would only add latency.
         hands_free = meta.endpoint != "client"
-        echo = (EchoGate(base=ctx.job.position) if self.config.stt.echo_gate and hands_free
-                else None)
+        gated = self.config.stt.echo_gate and hands_free
+        # what the recognizer learned about this player in their last utterance (see
+        # RecognizerStream.speaker): their next one starts adapted, with no warm-up burst
+        writer, speaker, cursor_ts = await asyncio.gather(
+            ctx.writer("transcript"), ctx.redis.hget(ctx.keys.listener(ctx.sid), SPEAKER_FIELD),
+            self._cursor_ts(ctx) if gated else asyncio.sleep(0))
+        echo = EchoGate(base=ctx.job.position, open_since_ms=cursor_ts) if gated else None
         listener = Listener(meta.sample_rate, meta.channels, meta.format,
                             self.listener_config(), base=ctx.job.position,
                             client_ends=meta.endpoint == "client",
                             after_server_end=ctx.job.text == SERVER_END, echo=echo)
-        # what the recognizer learned about this player in their last utterance (see
-        # RecognizerStream.speaker): their next one starts adapted, with no warm-up burst
-        writer, speaker = await asyncio.gather(
-            ctx.writer("transcript"), ctx.redis.hget(ctx.keys.listener(ctx.sid), SPEAKER_FIELD))
         run = _Utterances(self, ctx, listener, writer)
         run.speaker = speaker.decode() if isinstance(speaker, bytes) else speaker or ""
         run.echo = EchoFeed(ctx, echo) if echo is not None else None
