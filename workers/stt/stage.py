@@ -410,8 +410,9 @@ class _Utterances:
             return None
         end_sample = lis.position
         # The transcript and the LLM's job in one round trip, not one after the ack: this is
-        # the way to the first audio. Once per turn (a guard in Redis), so a takeover that
-        # finishes the same utterance again starts no second reply.
+        # the way to the first audio (an adopted early reply's first audio goes in with the
+        # transcript, and the job follows). Once per turn (a guard in Redis), so a takeover
+        # that finishes the same utterance again starts no second reply.
         final = TranscriptEntry(text=text, final=True, start_sample=lis.speech_start,
                                 end_sample=end_sample, mic_seq=lis.mic_seq,
                                 end_of_speech_ts=eos_ts)
