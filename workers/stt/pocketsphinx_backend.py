@@ -28,11 +28,10 @@ voices and levels, fed in 20 ms chunks):
   (``open_stream(speaker=...)``): same WER, and no burst from the second utterance on.
 * The first utterance of a session still has no mean to start from, and its warm-up used to
   re-decode the 1.5 s in one ~350 ms burst inside one feed(): with two players' first
-  questions on one worker the bursts stacked and both answers came 130-540 ms late. While
-  other utterances are being decoded on the worker, the re-decode is now a backlog that each
-  later feed() works off by ``CATCH_UP`` times its own audio (the recognizer runs behind for
-  ~0.5 s and catches up), so no call holds the worker for more than a few tens of ms;
-  hypothesis() and finish() decode whatever is left. Alone, it re-decodes at once.
+  questions on one worker the bursts stacked and both answers came 130-540 ms late. The
+  re-decode is now a backlog that each later feed() works off by ``CATCH_UP`` times its own
+  audio (the recognizer runs behind for ~0.5 s and catches up), so no call holds the worker
+  for more than a few tens of ms; hypothesis() and finish() decode whatever is left.
 * pocketsphinx's Python binding holds the GIL while it decodes, so running feed() in a worker
   thread does not free the event loop by itself: feed() decodes in 100 ms slices so other
   threads get the GIL in between.
@@ -245,10 +244,7 @@ class PocketsphinxStream:
         if self._backlog:
             self._backlog += pcm
             n = len(x) * 2  # this call's audio, in bytes
-            # alone on this worker, nobody waits while it decodes: catch up at once (a first
-            # question ending soon after the warm-up then finds no backlog left at finish)
-            alone = self._backend.active <= 1
-            self._catch_up(None if alone else n + min(n * CATCH_UP, _CATCH_UP_MAX))
+            self._catch_up(n + min(n * CATCH_UP, _CATCH_UP_MAX))
         else:
             self._process(pcm)
         self._since_partial += len(x)
@@ -304,7 +300,6 @@ class PocketsphinxStream:
         """Give the decoder back to the backend's pool. Idempotent."""
         if self._decoder is None:
             return
-        self._backend._closed()
         ok = self._end_utt()
         decoder, self._decoder = self._decoder, None
         if ok:  # a decoder in an unknown state must not go back into the pool
@@ -345,7 +340,6 @@ class PocketsphinxBackend:
         self.options.setdefault("loglevel", "FATAL")  # INFO is several lines per utterance
         self._idle: list[Decoder] = []
         self._lock = threading.Lock()
-        self.active = 0  # streams open now (utterances being decoded on this worker)
 
     def _new(self) -> Decoder:
         # Loads acoustic model, LM and dictionary (~330 ms): only when no decoder is idle.
@@ -368,14 +362,7 @@ class PocketsphinxBackend:
             decoder = self._idle.pop() if self._idle else None
         if decoder is None:
             decoder = self._new()
-        stream = PocketsphinxStream(self, decoder, self.cmn, self.warmup_samples, speaker)
-        with self._lock:
-            self.active += 1
-        return stream
-
-    def _closed(self) -> None:
-        with self._lock:
-            self.active -= 1
+        return PocketsphinxStream(self, decoder, self.cmn, self.warmup_samples, speaker)
 
     def _release(self, decoder: Decoder) -> None:
         with self._lock:
