@@ -31,10 +31,14 @@ class ProcessObserver:
         self._tasks = [asyncio.create_task(self._refresh_loop()),
                        asyncio.create_task(self._tick())]
 
-    async def stop_tasks(self) -> None:
+    async def stop_tasks(self, timeout: float = 3.0) -> None:
+        """Cancel the refresh and tick loops and wait for them, ``timeout`` at most: the
+        refresh asks Redis, and a call that swallows its cancellation (redis-py's Cluster
+        client on Python 3.11) kept a SIGTERMed gateway waiting here for over an hour."""
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout)
 
     def close(self) -> None:
         for t in self._tasks:
