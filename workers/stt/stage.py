@@ -275,7 +275,7 @@ class _Utterances:
             await self.flush()
             await self.speculate()
         elif isinstance(action, Resumed):
-            await self.settle_speculation("cancelled", "resumed")
+            await self.cancel_speculation("resumed")
         elif isinstance(action, End):
             self.skip_silence(action.silent)
             await self.flush()
@@ -333,7 +333,7 @@ class _Utterances:
             return
         ctx = self.ctx
         if self.spec is not None:  # one at a time: a pause after a cancelled one
-            await self.settle_speculation("cancelled", "superseded")
+            await self.cancel_speculation("superseded")
         n = await speculation.start(ctx.redis, ctx.keys, ctx.sid, ctx.turn, text)
         await ctx.redis.xadd(ctx.keys.jobs("llm"), Job(stage="llm", sid=ctx.sid, turn=ctx.turn,
                                                        text=text, spec=n).to_fields())
@@ -341,17 +341,17 @@ class _Utterances:
         ctx.worker.observer.speculation("started")
         ctx.log.info("speculation_started", spec=n, text=text, pause=self.listener.likely)
 
-    async def settle_speculation(self, to: str, why: str) -> bool:
-        """Adopt or cancel the live speculation; False when there was none to settle (or it
-        was no longer live)."""
+    async def cancel_speculation(self, why: str) -> bool:
+        """Cancel the live speculation (adopting one is :meth:`adopt`); False when there was
+        none (or it was no longer live)."""
         if self.spec is None:
             return False
         ctx, (n, text) = self.ctx, self.spec
         self.spec = None
-        ok = await speculation.settle(ctx.redis, ctx.keys, ctx.sid, n, to)
+        ok = await speculation.settle(ctx.redis, ctx.keys, ctx.sid, n, "cancelled")
         if ok:
-            ctx.worker.observer.speculation(to)
-        ctx.log.info(f"speculation_{to}" if ok else "speculation_lost", spec=n, why=why,
+            ctx.worker.observer.speculation("cancelled")
+        ctx.log.info("speculation_cancelled" if ok else "speculation_lost", spec=n, why=why,
                      text=text)
         return ok
 
@@ -401,7 +401,7 @@ class _Utterances:
         self.last_partial = ""
         if self.spec is not None and not (
                 text and speculation.norm(text) == speculation.norm(self.spec[1])):
-            await self.settle_speculation("cancelled", "other_words")
+            await self.cancel_speculation("other_words")
         if not text:
             self.close()
             if end.reason == "client":  # the client asked for an answer: it gets one
@@ -452,7 +452,7 @@ class _Utterances:
         """end_of_utterance with nothing to answer (no speech, or nothing recognised): the turn
         ends with turn_done no_speech, and the next utterance is the next turn."""
         ctx, lis = self.ctx, self.listener
-        await self.settle_speculation("cancelled", "no_speech")
+        await self.cancel_speculation("no_speech")
         self.close()
         lis.utterance_done()
         ctx.log.info("utterance_no_speech", heard_speech=end.speech)
