@@ -84,6 +84,11 @@ class FallbackRecognizer(FallbackChain):
         return (all(getattr(b, "holds_gil", False) for b in self.backends)
                 and self.timeout_for(len(self.backends) - 1) is None)
 
+    @property
+    def finishes_late(self) -> bool:
+        """Some backend's stream still works after finish() (in speaker() and close())."""
+        return any(getattr(b, "finishes_late", False) for b in self.backends)
+
     def open_stream(self, speaker: str = "") -> ChainedStream:
         return ChainedStream(self, speaker)
 

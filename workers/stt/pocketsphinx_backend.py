@@ -315,6 +315,7 @@ class PocketsphinxStream:
 class PocketsphinxBackend:
     name = "pocketsphinx"
     holds_gil = True  # its decoder does not release the GIL while it decodes
+    finishes_late = True  # end_utt() runs in speaker()/close(), after the final words
 
     # See the module docstring for the measurements behind these.
     DEFAULTS: ClassVar[dict] = {"fwdflat": False, "bestpath": False, "maxhmmpf": 10000}

@@ -70,11 +70,17 @@ class TtsStage(Stage):
         voice = meta.voice or (persona.voice if persona else "en-us")
         rate_wpm = persona.voice_rate_wpm if persona else 175
         pitch = persona.voice_pitch if persona else 50
-        # lipsync is not on the way to the first audio: enqueue it without waiting (once per
-        # turn: a takeover asks again and the guard in Redis answers). A speculation has no
-        # face: lipsync follows the turn's own voice once it is adopted.
-        if not ctx.speculative:
-            ctx.background(ctx.enqueue("lipsync"))
+        # Lipsync has nothing to do before there is audio, and its job start would compete
+        # with the first synthesis for the CPU: it is enqueued, without waiting, once the
+        # first chunk is out (or at once when there is audio already: an adopted early reply,
+        # a takeover). Once per turn: a later ask finds the guard in Redis. A speculation has
+        # no face: lipsync follows the turn's own voice once it is adopted.
+        def face() -> None:
+            if not ctx.speculative:
+                ctx.background(ctx.enqueue("lipsync"))
+
+        if ctx.job.adopt or writer.resuming:
+            face()
         if ctx.job.adopt:  # the speculation's voice for the same reply (workers/speculation.py)
             if await speculation.adopt(ctx, "voice", writer, VoiceEntry.ends, ("llm", "tts"),
                                        marks=("tts_first_chunk",)) is not None:
@@ -96,6 +102,7 @@ class TtsStage(Stage):
                 end = VoiceEntry(segment=segments, sample=sample,
                                  rate=self.backend.sample_rate, end=True)
                 await writer.put(end.to_fields())
+                face()  # a reply without audio still gets its (empty) face and turn_done
                 ctx.log.info("voice_done", samples=sample, segments=segments)
                 return []
             if reply.segment in done_segments:
@@ -129,5 +136,7 @@ class TtsStage(Stage):
                     last_in_segment=i == len(chunks) - 1, marks=marks,
                 )
                 await writer.put(entry.to_fields())
+                if not sample:
+                    face()
                 await ctx.mark("tts_first_chunk")
                 sample += len(ch.pcm)
