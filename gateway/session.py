@@ -369,7 +369,8 @@ class Session:
         s.request, s._wall_ms = msg, wall_ms
         s.meta = SessionMeta(sid=sid, session=msg.session, npc=msg.npc, persona=persona,
                              voice=voice, sample_rate=msg.sample_rate, channels=msg.channels,
-                             format=msg.format, endpoint=msg.endpoint or "vad", seed=sid)
+                             format=msg.format, endpoint=msg.endpoint or "vad", seed=sid,
+                             player=f"{owner}/{msg.player}" if msg.player else "")
         s._audio_format(msg.sample_rate, msg.channels, msg.format, now)
         return s, [CheckLoad(msg.session)]
 

@@ -307,15 +307,19 @@ class Client:
     async def open(self, session: str, npc: str, rate: int, channels: int,
                    fmt: str = "s16le", persona: str | None = None,
                    endpoint: str | None = None,
-                   overloaded_wait_s: float | None = None) -> P.SessionOpened:
+                   overloaded_wait_s: float | None = None,
+                   player: str | None = None) -> P.SessionOpened:
         """Open an NPC session; ``overloaded_wait_s`` (default: the class's): how long to keep
-        asking while the fleet answers ``overloaded``. Raises RuntimeError on a refusal."""
+        asking while the fleet answers ``overloaded``; ``player``: who speaks (their sessions
+        share what the recognizer learned about their voice). Raises RuntimeError on a
+        refusal."""
         wait = self.overloaded_wait_s if overloaded_wait_s is None else overloaded_wait_s
         deadline = time.monotonic() + wait
         pause = 0.25
         while True:
             try:
-                return await self._open(session, npc, rate, channels, fmt, persona, endpoint)
+                return await self._open(session, npc, rate, channels, fmt, persona, endpoint,
+                                        player)
             except RuntimeError as exc:
                 if ": overloaded:" not in str(exc) or time.monotonic() + pause > deadline:
                     raise
@@ -323,7 +327,8 @@ class Client:
             pause = min(2 * pause, 2.0)
 
     async def _open(self, session: str, npc: str, rate: int, channels: int, fmt: str,
-                    persona: str | None, endpoint: str | None) -> P.SessionOpened:
+                    persona: str | None, endpoint: str | None,
+                    player: str | None = None) -> P.SessionOpened:
         self.turns[session] = TurnResult(session=session)
         self._done[session] = asyncio.Event()
         self._final[session] = asyncio.Event()
@@ -331,7 +336,7 @@ class Client:
         self.formats[session] = fmt
         await self.send(P.OpenSession(session=session, npc=npc, sample_rate=rate,
                                       channels=channels, format=fmt, persona=persona,
-                                      endpoint=endpoint))
+                                      endpoint=endpoint, player=player))
         opened = await self.wait_for(f"opened:{session}")
         if isinstance(opened, P.ErrorEvent):
             raise RuntimeError(f"open {session}: {opened.code}: {opened.message}")

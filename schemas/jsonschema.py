@@ -95,6 +95,8 @@ FIELD_DOCS: dict[str, str] = {
                "document.",
     "npc": "NPC id; also the persona when `persona` is omitted.",
     "persona": "Persona id; defaults to the npc id.",
+    "player": "The player who speaks in this session; this connection's sessions of the same "
+              "player share what the recognizer learned about their voice.",
     "sample_rate": "Mic audio sample rate in Hz.",
     "channels": "Interleaved mic audio channels.",
     "format": "Mic sample format: s16le (int16) or f32le (float32), little-endian.",

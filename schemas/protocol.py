@@ -145,6 +145,9 @@ class OpenSession(Message):
     channels: int = spec(1, minimum=1, maximum=MAX_CHANNELS, code="bad_channels")
     format: str = spec("s16le", enum=SAMPLE_FORMATS, code="unsupported_format")
     persona: str | None = spec(None, pattern=ID_PATTERN, max_length=MAX_ID_LENGTH)
+    # who speaks in this session: this connection's sessions of the same player share what the
+    # recognizer learned about their voice, so a first question to another NPC starts adapted
+    player: str | None = spec(None, pattern=ID_PATTERN, max_length=MAX_ID_LENGTH)
     # "vad": the server's VAD ends an utterance after a silence; "client": only
     # end_of_utterance does (push-to-talk, or a recorded question sent as one turn)
     endpoint: str = spec("vad", enum=ENDPOINTS)

@@ -84,6 +84,11 @@ class Keys:
         starting or ending a listening job and writing this state are one atomic step."""
         return f"{self.prefix}:{{jobs}}:listen:{sid}"
 
+    def speaker(self, player: str) -> str:
+        """What the recognizer learned about a player's voice (SessionMeta.player), for their
+        sessions' first utterances; expires with the session TTL."""
+        return f"{self.prefix}:player:{{{player}}}:speaker"
+
     def sessions(self) -> str:
         """Sorted set: every session not yet swept, scored by when it expires (ms since the
         epoch; an attached session's score is pushed forward while its gateway lives)."""
@@ -250,6 +255,9 @@ class SessionMeta:
     # seeds what is random by design (the idle face's blinks): the sid, or on a replay the
     # recorded session's seed, so that the replay makes the same face frames
     seed: str = ""
+    # "<connection>/<player id>" when the client named the player: the key of what the
+    # recognizer learned about their voice (Keys.speaker), shared by their sessions
+    player: str = ""
 
     def to_fields(self) -> dict[str, str]:
         return {k: str(v) for k, v in self.__dict__.items()}
@@ -262,6 +270,7 @@ class SessionMeta:
             voice=g["voice"], sample_rate=int(g["sample_rate"]), channels=int(g["channels"]),
             format=g["format"], created=float(g.get("created", 0)), state=g.get("state", "open"),
             endpoint=g.get("endpoint", "vad"), seed=g.get("seed", ""),
+            player=g.get("player", ""),
         )
 
 

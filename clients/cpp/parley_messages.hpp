@@ -82,11 +82,15 @@ struct Open
     // Persona id; defaults to the npc id. Optional: leave it out when unset. An id: 1..64
     // characters of [A-Za-z0-9_.-].
     std::optional<std::string> persona;
+    // The player who speaks in this session; this connection's sessions of the same player share
+    // what the recognizer learned about their voice. Optional: leave it out when unset. An id:
+    // 1..64 characters of [A-Za-z0-9_.-].
+    std::optional<std::string> player;
     // Who ends an utterance: "vad" (the server's VAD or end_of_utterance) or "client"
     // (end_of_utterance only). One of: vad, client.
     std::string endpoint = "vad";
     // The JSON keys of the fields above, besides `type`.
-    static constexpr const char* kFields[] = {"session", "npc", "sample_rate", "channels", "format", "persona", "endpoint"};
+    static constexpr const char* kFields[] = {"session", "npc", "sample_rate", "channels", "format", "persona", "player", "endpoint"};
 };
 
 // Closes a session for good; its stored data expires and it cannot be resumed.

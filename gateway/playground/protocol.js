@@ -199,7 +199,7 @@ export const CLIENT_MESSAGES = {
     ["sample_rate", "int", { default: 16000, min: 1, max: 192000, code: "bad_sample_rate" }],
     ["channels", "int", { default: 1, min: 1, max: 8, code: "bad_channels" }],
     ["format", "string", { default: "s16le", values: ["s16le", "f32le"], code: "unsupported_format" }],
-    ["persona", "string", id()],
+    ["persona", "string", id()], ["player", "string", id()],
     ["endpoint", "string", { default: "vad", values: ["vad", "client"] }]],
   end_of_utterance: [["session", "string", id({ required: true })]],
   ready: [["session", "string", id({ required: true })], ["turn", "int", u32({ required: true })],

@@ -170,3 +170,40 @@ async def test_status_shows_workers_and_queues(fleet):
     assert stages == ["lipsync", "llm", "stt", "tts"]
     assert all(w["pid"] > 0 for w in status["workers"])
     assert set(status["queues"]) == {"stt", "llm", "tts", "lipsync"}
+
+
+async def test_a_named_players_voice_is_kept_for_their_other_sessions(fleet, gateway_url):
+    """What the recognizer learned in a named player's turn is kept for that player on this
+    connection (their first question to another NPC starts from it, with no warm-up); a player
+    of the same name on another connection is someone else."""
+    from core.redisconn import connect
+    from schemas.streams import Keys, SessionMeta
+    from workers.stt.pocketsphinx_backend import SPEAKER_TAG
+
+    keys, r = Keys(), connect(fleet.redis_url)
+
+    async def player(sid: str) -> str:
+        return SessionMeta.from_fields(await r.hgetall(keys.session(sid, "meta"))).player
+
+    one, two = await Client.connect(gateway_url), await Client.connect(gateway_url)
+    try:
+        a = await one.open("pa", "guard", 16000, 1, endpoint="client", player="p1")
+        await one.stream("pa", speech("Hello there. Can you open the gate for me?", 16000),
+                         16000, realtime=False)
+        check_turn(await one.wait_done("pa", 60))
+        b = await one.open("pb", "merchant", 16000, 1, endpoint="client", player="p1")
+        c = await two.open("pc", "merchant", 16000, 1, endpoint="client", player="p1")
+        assert await player(a.sid) == await player(b.sid) != await player(c.sid)
+        learned = None
+        for _ in range(40):  # written once the reply's first audio is out
+            learned = await r.get(keys.speaker(await player(a.sid)))
+            if learned:
+                break
+            await asyncio.sleep(0.05)
+        assert learned and learned.decode().startswith(SPEAKER_TAG)
+        assert await r.ttl(keys.speaker(await player(a.sid))) > 0  # it expires like a session
+        assert not await r.get(keys.speaker(await player(c.sid)))
+    finally:
+        await one.close()
+        await two.close()
+        await r.aclose()

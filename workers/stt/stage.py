@@ -170,16 +170,24 @@ class SttStage(Stage):
                 self._wake = redis.register_script(WAKE_LISTENER_LUA)
             await self._wake(keys=[keys.listener(sid), keys.jobs("stt")], args=[sid, now_ms()])
 
+    @staticmethod
+    async def _speaker(ctx: JobContext, meta) -> str:
+        """What the recognizer learned about the player (RecognizerStream.speaker) in this
+        session's last utterance, else in their other sessions' (SessionMeta.player): their
+        next utterance starts adapted, with no warm-up burst."""
+        got = await ctx.redis.hget(ctx.keys.listener(ctx.sid), SPEAKER_FIELD)
+        if not got and meta.player:
+            got = await ctx.redis.get(ctx.keys.speaker(meta.player))
+        return got.decode() if isinstance(got, bytes) else got or ""
+
     async def handle(self, ctx: JobContext) -> Outcome:
         meta = await ctx.meta()
         # Push-to-talk sends the mic only while the player holds the button, and the player
         # ends the turn: no echo to keep out, and the gate's reads would only add latency.
         hands_free = meta.endpoint != "client"
         gated = self.config.stt.echo_gate and hands_free
-        # what the recognizer learned about this player in their last utterance (see
-        # RecognizerStream.speaker): their next one starts adapted, with no warm-up burst
         writer, speaker, cursor_ts = await asyncio.gather(
-            ctx.writer("transcript"), ctx.redis.hget(ctx.keys.listener(ctx.sid), SPEAKER_FIELD),
+            ctx.writer("transcript"), self._speaker(ctx, meta),
             self._cursor_ts(ctx) if gated else asyncio.sleep(0))
         echo = EchoGate(base=ctx.job.position, open_since_ms=cursor_ts) if gated else None
         listener = Listener(meta.sample_rate, meta.channels, meta.format,
@@ -187,7 +195,7 @@ class SttStage(Stage):
                             client_ends=meta.endpoint == "client",
                             after_server_end=ctx.job.text == SERVER_END, echo=echo)
         run = _Utterances(self, ctx, listener, writer)
-        run.speaker = speaker.decode() if isinstance(speaker, bytes) else speaker or ""
+        run.speaker = speaker
         run.echo = EchoFeed(ctx, echo) if echo is not None else None
         try:
             return await run.listen()
@@ -461,8 +469,13 @@ class _Utterances:
             finally:
                 self.close()
 
-        self.speaker = (learn() if self.stage.inline else await asyncio.to_thread(learn)) \
-            or self.speaker
+        learned = learn() if self.stage.inline else await asyncio.to_thread(learn)
+        meta = await self.ctx.meta()
+        if learned and meta.player:  # for the player's sessions with other NPCs
+            self.ctx.background(self.ctx.redis.set(
+                self.ctx.keys.speaker(meta.player), learned,
+                ex=self.stage.config.redis.session_ttl_s))
+        self.speaker = learned or self.speaker
 
     async def no_speech(self, end: End) -> Outcome:
         """end_of_utterance with nothing to answer (no speech, or nothing recognised): the turn

@@ -1,7 +1,10 @@
-"""The recognizer's leftover work (pocketsphinx's end of utterance: up to 250 ms of CPU) waits
-for the turn's first reply audio, against a real Redis: it starts once that audio is published
-and relayed, never later than the cap when no audio comes, and at once for a recognizer that
-has nothing left to do."""
+"""What the STT stage learns about a player's voice after an utterance, against a real Redis.
+
+The learning (pocketsphinx's end of utterance: up to 250 ms of CPU) waits for the turn's first
+reply audio: it starts once that audio is published and relayed, never later than the cap when
+no audio comes, and at once for a recognizer that has nothing left to do. What it learned
+starts the session's next utterance, or, for a player named at ``open``, their first one in
+another session."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import time
 from types import SimpleNamespace
 
 from core.config import Config
-from schemas.streams import Job, Keys
+from schemas.streams import SPEAKER_FIELD, Job, Keys
 from workers.runtime import JobContext, Stage, Worker
 from workers.stt import stage as stt
 
@@ -21,10 +24,14 @@ class _Stage(Stage):
     name = "stt"
 
 
-async def _utterances(url: str, finishes_late: bool) -> stt._Utterances:
+def _ctx(url: str) -> JobContext:
     cfg = Config.load(env={"PARLEY_REDIS_URL": url})
-    ctx = JobContext(Worker(_Stage(cfg), cfg, consumer="first-audio-test"),
-                     Job(stage="stt", sid="s.1", turn=2, id="1-1"))
+    return JobContext(Worker(_Stage(cfg), cfg, consumer="speaker-test"),
+                      Job(stage="stt", sid="s.1", turn=2, id="1-1"))
+
+
+async def _utterances(url: str, finishes_late: bool) -> stt._Utterances:
+    ctx = _ctx(url)
     # only the part of the STT stage this asks about: whether its recognizer finishes late
     stage = SimpleNamespace(backend=SimpleNamespace(finishes_late=finishes_late))
     return stt._Utterances(stage, ctx, listener=None, writer=None)
@@ -61,3 +68,17 @@ async def test_a_recognizer_with_nothing_left_does_not_wait(scratch_url):
     u = await _utterances(scratch_url, finishes_late=False)
     assert await _timed(u.after_first_audio()) < 0.1
     await u.ctx.worker.redis.aclose()
+
+
+async def test_a_session_starts_from_its_own_last_utterance_else_the_players(scratch_url,
+                                                                           redis_client):
+    ctx, keys = _ctx(scratch_url), Keys()
+    p1, nobody = SimpleNamespace(player="conn-1/p1"), SimpleNamespace(player="")
+    assert await stt.SttStage._speaker(ctx, p1) == ""  # nothing learned anywhere yet
+    await redis_client.set(keys.speaker("conn-1/p1"), "cmn:players")
+    assert await stt.SttStage._speaker(ctx, p1) == "cmn:players"
+    assert await stt.SttStage._speaker(ctx, nobody) == ""  # no player named: own only
+    await redis_client.hset(keys.listener("s.1"), SPEAKER_FIELD, "cmn:own")
+    assert await stt.SttStage._speaker(ctx, p1) == "cmn:own"
+    assert await stt.SttStage._speaker(ctx, nobody) == "cmn:own"
+    await ctx.worker.redis.aclose()
