@@ -17,7 +17,7 @@ from parley import recording as R
 from parley.client import Client
 from parley.replay import PLAYBACK_SLACK_MS, Report, Step, compare, plan
 from schemas import protocol as P
-from schemas.streams import Keys
+from schemas.streams import SPEAKER_FIELD, SPEAKER_START, Keys
 
 NEED_TIMEOUT_S = 30.0
 
@@ -129,6 +129,8 @@ async def replay(url: str, rec: R.Recording, redis_url: str, prefix: str = "parl
         # the idle face's blinks come from the recorded session's seed, not the new sid
         await r.hset(Keys(prefix).session(opened.sid, "meta"), "seed",
                      m.get("seed") or rec.sid)
+        if m.get(SPEAKER_START):  # the recognizer starts where the recorded session's did
+            await r.hset(Keys(prefix).listener(opened.sid), SPEAKER_FIELD, m[SPEAKER_START])
         missed = await play(client, session, rec, steps)
         if not any(s.event["kind"] == "close" for s in steps):
             for turn in rec.turns:

@@ -218,6 +218,9 @@ class ListenState:
 
 
 SPEAKER_FIELD = "speaker"
+# In a session's meta hash: the speaker value its first utterance started from when it came from
+# the player's other sessions (Keys.speaker); a replay starts there too
+SPEAKER_START = "speaker_start"
 
 
 # Start a listening job for a session unless one is active: run after every mic append (by the

@@ -177,7 +177,7 @@ async def test_a_named_players_voice_is_kept_for_their_other_sessions(fleet, gat
     connection (their first question to another NPC starts from it, with no warm-up); a player
     of the same name on another connection is someone else."""
     from core.redisconn import connect
-    from schemas.streams import Keys, SessionMeta
+    from schemas.streams import SPEAKER_START, Keys, SessionMeta
     from workers.stt.pocketsphinx_backend import SPEAKER_TAG
 
     keys, r = Keys(), connect(fleet.redis_url)
@@ -203,6 +203,11 @@ async def test_a_named_players_voice_is_kept_for_their_other_sessions(fleet, gat
         assert learned and learned.decode().startswith(SPEAKER_TAG)
         assert await r.ttl(keys.speaker(await player(a.sid))) > 0  # it expires like a session
         assert not await r.get(keys.speaker(await player(c.sid)))
+        # the player's next NPC starts from it, and keeps that with the session (for a replay)
+        await one.stream("pb", speech("Where does this road go?", 16000), 16000,
+                         realtime=False)
+        check_turn(await one.wait_done("pb", 60))
+        assert await r.hget(keys.session(b.sid, "meta"), SPEAKER_START) == learned
     finally:
         await one.close()
         await two.close()

@@ -20,6 +20,7 @@ import numpy as np
 from core.config import Config
 from schemas.streams import (
     SPEAKER_FIELD,
+    SPEAKER_START,
     WAKE_LISTENER_LUA,
     Job,
     ListenState,
@@ -178,6 +179,8 @@ class SttStage(Stage):
         got = await ctx.redis.hget(ctx.keys.listener(ctx.sid), SPEAKER_FIELD)
         if not got and meta.player:
             got = await ctx.redis.get(ctx.keys.speaker(meta.player))
+            if got:  # kept with the session, so that a replay of it starts from the same
+                ctx.background(ctx.redis.hsetnx(ctx.key("meta"), SPEAKER_START, got))
         return got.decode() if isinstance(got, bytes) else got or ""
 
     async def handle(self, ctx: JobContext) -> Outcome:
