@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--json", action="store_true")
 
     be = sub.add_parser("bench", help="benchmarks: latency, turns, lipsync, chaos, batching, "
-                                      "load, bake, echo, failover")
+                                      "load, bake, echo, failover, player")
     be.add_argument("which", choices=["latency", "turns", "lipsync", "chaos", "batching", "load",
-                                      "bake", "echo", "failover"])
+                                      "bake", "echo", "failover", "player"])
     be.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
 
     ex = sub.add_parser("export", help="a stored session's replies as WAV + Live Link Face CSV")
