@@ -458,7 +458,7 @@ class _Utterances:
         first reply audio is published and relayed (FIRST_AUDIO_WAIT_MS at most):
         pocketsphinx's end of utterance (2-250 ms of CPU, holding the GIL) run at once
         competed with the LLM, the TTS and the gateway for the way to that audio (push-to-talk
-        fleet overhead p50 7.7-8.2 ms before, 4.3-4.6 after, on 2 cores)."""
+        fleet overhead p50 7.4-9.6 ms before, 5.5-6.3 after, interleaved runs on 2 cores)."""
         if self.stage.backend.finishes_late:
             await self.ctx.read("voice", f"{self.ctx.turn}-0", FIRST_AUDIO_WAIT_MS, count=1)
             await asyncio.sleep(RELAY_GRACE_S)

@@ -75,8 +75,12 @@ class TtsStage(Stage):
         # first chunk is out (or at once when there is audio already: an adopted early reply,
         # a takeover). Once per turn: a later ask finds the guard in Redis. A speculation has
         # no face: lipsync follows the turn's own voice once it is adopted.
+        queued = ctx.speculative
+
         def face() -> None:
-            if not ctx.speculative:
+            nonlocal queued
+            if not queued:
+                queued = True
                 ctx.background(ctx.enqueue("lipsync"))
 
         if ctx.job.adopt or writer.resuming:
@@ -136,7 +140,6 @@ class TtsStage(Stage):
                     last_in_segment=i == len(chunks) - 1, marks=marks,
                 )
                 await writer.put(entry.to_fields())
-                if not sample:
-                    face()
+                face()
                 await ctx.mark("tts_first_chunk")
                 sample += len(ch.pcm)
