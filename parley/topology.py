@@ -34,6 +34,11 @@ def _ping(port: int) -> bool:
         return False
 
 
+class PortTaken(RuntimeError):
+    """A node's port was taken between picking it and binding it (free ports are picked from
+    the range outgoing connections also draw from): a topology on fresh ports will do."""
+
+
 class _Proc:
     """One redis-server (or sentinel) process."""
 
@@ -49,8 +54,9 @@ class _Proc:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 log = self.data_dir / "redis.log"
-                raise RuntimeError(f"redis on {self.port} exited at start: "
-                                   f"{log.read_text()[-2000:] if log.exists() else ''}")
+                text = log.read_text()[-2000:] if log.exists() else ""
+                kind = PortTaken if "Address already in use" in text else RuntimeError
+                raise kind(f"redis on {self.port} exited at start: {text}")
             if _ping(self.port):
                 return self
             time.sleep(0.02)
@@ -337,4 +343,10 @@ def start(kind: str):
     """A started topology: ``single``, ``cluster`` or ``sentinel``."""
     if kind not in TOPOLOGIES:
         raise ValueError(f"topology must be one of {sorted(TOPOLOGIES)}, not {kind!r}")
-    return TOPOLOGIES[kind]().start()
+    for attempt in range(3):
+        try:
+            return TOPOLOGIES[kind]().start()  # each try picks its own ports
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
