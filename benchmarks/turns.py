@@ -15,6 +15,8 @@ a dip in level mid-sentence, at 8, 16, 44.1 and 48 kHz, in digital silence, room
 speech: jfk.flac (44.1 kHz, crowd noise, pauses of 0.4-1.3 s between clauses) at 44.1 and
 8 kHz, its end of speech marked from its waveform (last 20 ms frame 12 dB over its noise floor).
 Items marked ``held_out`` (jfk and three sentences) took no part in choosing the settings.
+``--audio`` measures your own recordings instead (or as well, ``--with-set``): one utterance
+per file, its end of speech marked from its waveform or given as ``FILE@SECONDS``.
 
 Per utterance: v2v = first reply audio at the client - the time the chunk holding the true end
 of speech was sent; a cut-off = the turn ended before the speaker was done (a final transcript
@@ -174,6 +176,82 @@ def build_set(seed: int = 7) -> list[Item]:
     synth, rng = EspeakSynth(), np.random.default_rng(seed)
     items = [synth_item(synth, *s, rng=rng) for s in SENTENCES]
     return items + jfk_items(rng)
+
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+
+
+def room_tone(x: np.ndarray, rate: int, n: int) -> np.ndarray:
+    """``n`` samples of the recording's own background: its 20 ms frames within 6 dB of its
+    noise floor (the 10th percentile level; digital silence only if it has nothing else),
+    joined and repeated; digital silence if it has no pause to take them from. Padding with
+    digital silence always would make the end of a noisy recording easier to hear than it
+    is."""
+    if n <= 0:
+        return x[:0]
+    f = rate * CHUNK_MS // 1000
+    levels = _level_db(x, rate)
+    if not len(levels):
+        return np.zeros(n, x.dtype)
+    live = levels > -100 if (levels > -100).any() else np.ones(len(levels), bool)
+    floor = float(np.percentile(levels[live], 10))
+    if floor > float(np.percentile(levels, 95)) - 20:  # no pause in it: nothing but speech
+        return np.zeros(n, x.dtype)
+    keep = np.nonzero(live & (levels <= floor + 6))[0]
+    quiet = np.concatenate([x[i * f:(i + 1) * f] for i in keep])
+    return np.tile(quiet, int(np.ceil(n / len(quiet))))[:n]
+
+
+def load_recording(spec: str) -> Item:
+    """A recording of the user's own: ``FILE`` (its end of speech marked from its waveform as
+    jfk.flac's is: the last 20 ms frame 12 dB over its noise floor) or ``FILE@SECONDS`` (the
+    true end of speech given, in seconds from the start of the file). Channels are mixed to
+    one. It is streamed at its own rate after LEAD_S of its room tone, and what follows the
+    speech is its own tail, made up to TAIL_S with its room tone."""
+    path, _, at = (spec, "", "") if Path(spec).exists() else spec.rpartition("@")
+    if not path:
+        path, at = spec, ""
+    try:
+        x, rate = sf.read(path, dtype="float32", always_2d=True)
+    except (OSError, RuntimeError) as e:  # soundfile: unreadable or not audio
+        raise ValueError(f"{path}: cannot read it as audio ({e})") from None
+    x = x.mean(axis=1)
+    if not len(x):
+        raise ValueError(f"{path}: no samples")
+    if at:
+        try:
+            end = round(float(at) * rate)
+        except (ValueError, OverflowError):  # not a number, or nan / inf
+            raise ValueError(f"{spec}: the end of speech after '@' must be seconds, "
+                             f"not {at!r}") from None
+        if not 0 < end <= len(x):
+            raise ValueError(f"{spec}: the end of speech {at} s is outside the file "
+                             f"(0-{len(x) / rate:.2f} s)")
+    else:
+        end = speech_end(x, rate)
+        if not end:
+            raise ValueError(f"{path}: no speech found (nothing 12 dB over its noise floor); "
+                             "give its end as FILE@SECONDS")
+    tail = x[end: end + int(TAIL_S * rate)]
+    lead = room_tone(x, rate, int(LEAD_S * rate))
+    x = np.concatenate([lead, x[:end], tail,
+                        room_tone(x, rate, int(TAIL_S * rate) - len(tail))])
+    return Item(f"{Path(path).name} {rate / 1000:g}k", _int16(x), rate, len(lead) + end, True)
+
+
+def recordings(specs: list[str]) -> list[Item]:
+    """Each ``--audio`` argument: a file (``FILE[@SECONDS]``) or a folder of them."""
+    items = []
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.suffix.lower() in AUDIO_SUFFIXES)
+            if not files:
+                raise ValueError(f"{spec}: no {'/'.join(AUDIO_SUFFIXES)} files in it")
+            items += [load_recording(str(f)) for f in files]
+        else:
+            items.append(load_recording(spec))
+    return items
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -355,8 +433,10 @@ def report(results: dict[str, dict]) -> str:
         hf = res["hands_free"]
         tag = " (baseline)" if name == BASELINE else ""
         lines.append(_row(f"{name}{tag}", hf))
-        lines.append(_row("  tuning set", [r for r in hf if not r["held_out"]]))
-        lines.append(_row("  held out", [r for r in hf if r["held_out"]]))
+        for label, rs in (("  tuning set", [r for r in hf if not r["held_out"]]),
+                          ("  held out", [r for r in hf if r["held_out"]])):
+            if rs and len(rs) < len(hf):
+                lines.append(_row(label, rs))
         if res["ptt"]:
             lines.append(_row("  push-to-talk (end_of_utterance)", res["ptt"]))
     lines.append("")
@@ -438,11 +518,19 @@ def run_offline(items: list[Item]) -> str:
         summary[label] = rows
         for sub, rs in (("all", rows), ("tuning", [r for r in rows if not r["held_out"]]),
                         ("held out", [r for r in rows if r["held_out"]])):
+            if not rs or (len(rs) == len(rows) and sub != "all"):
+                continue
             ep = [r["endpoint_ms"] for r in rs if r["endpoint_ms"] is not None
                   and not r["cutoff"]]
             lines.append(f"{label if sub == 'all' else '':28} {sub:8} {len(rs):>3} "
                          f"{sum(r['cutoff'] for r in rs):>8} {sum(r['missed'] for r in rs):>6} "
                          f"{pct(ep, 50):>12.0f} {pct(ep, 95):>6.0f}")
+    lines.append("")
+    for r in summary.get(DEFAULT, []):
+        ep = r["endpoint_ms"]
+        flag = "CUT" if r["cutoff"] else "MISSED" if r["missed"] else ""
+        lines.append(f"  {DEFAULT:18} {r['item']:58} turns {r['turns']} "
+                     f"endpoint {ep if ep is None else round(ep)} {flag}")
     lines += ["", "endpoint: where the turn ends - the true end of speech (ms of audio), turns "
               "not cut off."]
     return "\n".join(lines)
@@ -459,12 +547,22 @@ def main(argv: list[str] | None = None) -> int:
                          "stt.speculate_ms (pocketsphinx's words at the likely end vs final)")
     ap.add_argument("--no-ptt", action="store_true", help="skip the push-to-talk rows")
     ap.add_argument("--limit", type=int, default=0, help="only the first N utterances")
+    ap.add_argument("--audio", action="append", default=[], metavar="FILE[@SECONDS]|DIR",
+                    help="your own recordings instead of the built-in set (repeatable): one "
+                         "utterance each, its end of speech found from its level or given in "
+                         "seconds after '@'; counted as held out")
+    ap.add_argument("--with-set", action="store_true",
+                    help="with --audio: the built-in set as well")
     args = ap.parse_args(argv)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         ap.error(f"unknown config(s) {unknown}; known: {list(CONFIGS)}")
-    items = build_set()
+    try:
+        mine = recordings(args.audio)
+    except ValueError as e:
+        ap.error(str(e))
+    items = mine if mine and not args.with_set else build_set() + mine
     if args.limit:
         items = items[: args.limit]
     if args.offline:

@@ -65,3 +65,53 @@ def test_offline_speculation_counts_a_pause_that_went_on_and_a_sentence_end():
     for c in counts.values():
         assert c["started"] == 2 and c["resumed"] == 1, counts
         assert c["adopted"] + c["changed"] == 1, counts
+
+
+def _speech(rate: int, seconds: float, seed: int = 0) -> np.ndarray:
+    """A voiced, speech-loud stretch (a 150 Hz buzz with a syllable-rate envelope)."""
+    t = np.arange(int(seconds * rate)) / rate
+    env = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
+    return (0.3 * env * np.sign(np.sin(2 * np.pi * 150 * t))).astype(np.float32)
+
+
+def test_a_users_recording_is_one_held_out_utterance_with_its_own_background(tmp_path):
+    import soundfile as sf
+
+    rate, rng = 22050, np.random.default_rng(3)
+    room = rng.standard_normal(int(0.5 * rate)).astype(np.float32) * 0.003  # -50 dBFS
+    speech = _speech(rate, 1.2)
+    mono = np.concatenate([room, speech, room[: rate // 5]])  # 200 ms of tail: too little
+    sf.write(tmp_path / "q.wav", np.stack([mono, mono], axis=1), rate)
+
+    it = T.load_recording(str(tmp_path / "q.wav"))
+    assert it.rate == rate and it.held_out and it.name == "q.wav 22.05k"
+    lead = int(T.LEAD_S * rate)
+    assert abs(it.end - (lead + len(room) + len(speech))) <= rate // 50  # marked from its level
+    x = it.audio[:, 0].astype(np.float32) / 32768
+    after = x[it.end + rate // 50:]
+    assert len(after) >= T.TAIL_S * rate - rate // 50
+    # made up with its own room tone, not digital silence
+    assert 0.001 < np.sqrt(np.mean(after ** 2)) < 0.01
+
+    given = T.load_recording(f"{tmp_path / 'q.wav'}@1.0")
+    assert given.end == lead + rate
+    (tmp_path / "notes.txt").write_text("not audio")
+    assert [i.name for i in T.recordings([str(tmp_path)])] == ["q.wav 22.05k"]
+
+
+def test_a_recording_that_cannot_be_measured_says_why(tmp_path):
+    import pytest
+    import soundfile as sf
+
+    sf.write(tmp_path / "silent.wav", np.zeros(16000, np.float32), 16000)
+    sf.write(tmp_path / "q.wav", _speech(16000, 1.0), 16000)
+    cases = {str(tmp_path / "missing.wav"): "cannot read it as audio",
+             str(tmp_path / "silent.wav"): "no speech found",
+             f"{tmp_path / 'q.wav'}@late": "must be seconds",
+             f"{tmp_path / 'q.wav'}@3": "outside the file"}
+    for spec, why in cases.items():
+        with pytest.raises(ValueError, match=why):
+            T.load_recording(spec)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"no \.wav/\.flac/\.ogg files"):
+        T.recordings([str(tmp_path / "empty")])
