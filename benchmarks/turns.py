@@ -395,13 +395,14 @@ async def _run_set(url: str, items: list[Item], ptt: bool) -> dict:
     return out
 
 
-def run_config(name: str, items: list[Item], ptt: bool) -> dict:
+def run_config(name: str, items: list[Item], ptt: bool, settings: dict | None = None) -> dict:
+    """The set on a fleet of its own, configured as CONFIGS[name] or ``settings`` (env)."""
     redis = RedisServer(appendonly=False).start()
     # admission control off: one player at a time, and a busy 2-core machine must not turn
     # the bench's next session away
-    env = {**CONFIGS[name], "PARLEY_LLM_PERSONAS_DIR": str(PERSONAS),
-           "PARLEY_LOG_LEVEL": "warning", "PARLEY_GATEWAY_ADMIT_MAX_LAG_MS": "0",
-           "PARLEY_GATEWAY_ADMIT_MAX_QUEUE_MS": "0"}
+    env = {**(CONFIGS[name] if settings is None else settings),
+           "PARLEY_LLM_PERSONAS_DIR": str(PERSONAS), "PARLEY_LOG_LEVEL": "warning",
+           "PARLEY_GATEWAY_ADMIT_MAX_LAG_MS": "0", "PARLEY_GATEWAY_ADMIT_MAX_QUEUE_MS": "0"}
     fleet = Fleet(port=free_port(), workers=1, redis_url=redis.url, env=env)
     try:
         fleet.start()
@@ -498,7 +499,55 @@ OFFLINE = (
 )
 
 
-def run_offline(items: list[Item]) -> str:
+def parse_setting(text: str) -> tuple[str, dict[str, str]]:
+    """``--setting KEY=VALUE[,KEY=VALUE]`` in ``[stt]`` keys (``vad_silence_ms=650``,
+    ``vad=energy``, ``turn_model=smart-turn``): its label and the environment that sets it on
+    top of the product's defaults. A key that is not an ``[stt]`` setting, or a value its type
+    cannot read, is a ValueError that says which."""
+    from dataclasses import fields
+
+    from core.config import Config, SttConfig
+
+    known = {f.name for f in fields(SttConfig)}
+    pairs: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip().removeprefix("stt.")
+        if not sep or not key or not value.strip():
+            raise ValueError(f"--setting {text!r}: write KEY=VALUE[,KEY=VALUE] in [stt] keys, "
+                             "e.g. vad_silence_ms=650")
+        if key not in known:
+            raise ValueError(f"--setting {text!r}: {key!r} is not an [stt] setting "
+                             f"(known: {', '.join(sorted(known))})")
+        pairs[key] = value.strip()
+    env = {f"PARLEY_STT_{k.upper()}": v for k, v in pairs.items()}
+    try:
+        stt = Config.load(env=env).stt
+    except ValueError as e:  # a value its type cannot read
+        raise ValueError(f"--setting {text!r}: {e}") from None
+    if stt.vad not in ("silero", "energy"):
+        raise ValueError(f"--setting {text!r}: vad must be silero or energy, not {stt.vad!r}")
+    if stt.turn_model not in ("none", "auto", "smart-turn"):
+        raise ValueError(f"--setting {text!r}: turn_model must be none, auto or smart-turn, "
+                         f"not {stt.turn_model!r}")
+    return "stt:" + ",".join(f"{k}={v}" for k, v in pairs.items()), env
+
+
+def _offline_settings(settings: dict[str, dict[str, str]], have_model: bool) -> list[tuple]:
+    """(label, ListenerConfig, uses the model) of each ``--setting``, as a worker would run
+    it: ``turn_model=auto`` uses the model only where it is installed."""
+    from core.config import Config
+    from workers.stt.listener import ListenerConfig
+
+    out = []
+    for label, env in settings.items():
+        stt = Config.load(env=env).stt
+        needs = stt.turn_model == "smart-turn" or (stt.turn_model == "auto" and have_model)
+        out.append((label, ListenerConfig.from_stt(stt, turn_model=needs), needs))
+    return out
+
+
+def run_offline(items: list[Item], settings: dict[str, dict[str, str]] | None = None) -> str:
     """Cut-offs, missed ends and the endpoint wait of each setting's decision alone: the
     Sans-I/O listener on the same audio, no fleet, no CPU contention, deterministic."""
     from workers.stt import turn_model
@@ -509,13 +558,18 @@ def run_offline(items: list[Item]) -> str:
     lines = [f"{'decision (offline)':28} {'subset':8} {'n':>3} {'cut-offs':>8} {'missed':>6} "
              f"{'endpoint p50':>12} {'p95':>6}"]
     summary = {}
-    for label, kw, needs_model in OFFLINE:
+    rows_to_run = [(label, ListenerConfig(**kw, turn_model=needs), needs)
+                   for label, kw, needs in OFFLINE]
+    rows_to_run += _offline_settings(settings or {}, model is not None)
+    for label, cfg, needs_model in rows_to_run:
         if needs_model and model is None:
             lines.append(f"{label:28} skipped: {why}")
             continue
-        cfg = ListenerConfig(**kw, turn_model=needs_model)
         rows = [offline_row(it, decide(it, cfg, model)) for it in items]
         summary[label] = rows
+        if len(label) > 28:  # a long --setting label gets a line of its own
+            lines.append(label)
+            label = ""
         for sub, rs in (("all", rows), ("tuning", [r for r in rows if not r["held_out"]]),
                         ("held out", [r for r in rows if r["held_out"]])):
             if not rs or (len(rs) == len(rows) and sub != "all"):
@@ -551,6 +605,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="your own recordings instead of the built-in set (repeatable): one "
                          "utterance each, its end of speech found from its level or given in "
                          "seconds after '@'; counted as held out")
+    ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="an endpointing setting of your own, in [stt] keys (repeatable), "
+                         "e.g. vad_silence_ms=650: a row next to the baseline and the default")
     ap.add_argument("--with-set", action="store_true",
                     help="with --audio: the built-in set as well")
     args = ap.parse_args(argv)
@@ -558,6 +615,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         ap.error(f"unknown config(s) {unknown}; known: {list(CONFIGS)}")
+    settings = {}
+    for text in args.setting:
+        try:
+            label, env = parse_setting(text)
+        except ValueError as e:
+            ap.error(str(e))
+        settings[label] = env
+    if settings and args.configs == ap.get_default("configs"):
+        names = [BASELINE, DEFAULT]  # compared with the baseline and what ships
+    names += [n for n in settings if n not in names]
     try:
         mine = recordings(args.audio)
     except ValueError as e:
@@ -566,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         items = items[: args.limit]
     if args.offline:
-        print(run_offline_speculation(items) if args.speculation else run_offline(items))
+        print(run_offline_speculation(items) if args.speculation
+              else run_offline(items, settings))
         return 0
     print(f"{len(items)} utterances x {len(names)} endpointing settings "
           f"({sum(i.held_out for i in items)} held out)", flush=True)
@@ -575,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         # push-to-talk does not depend on the hands-free setting: once, on the product's
         results[name] = run_config(name, items, ptt=not args.no_ptt and name == _best(
-            dict.fromkeys(names)))
+            dict.fromkeys(names)), settings=settings.get(name))
         print(f"  {name:20} {time.monotonic() - t0:5.1f} s", flush=True)
     print(report(results))
     return 0

@@ -115,3 +115,25 @@ def test_a_recording_that_cannot_be_measured_says_why(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"no \.wav/\.flac/\.ogg files"):
         T.recordings([str(tmp_path / "empty")])
+
+
+def test_a_setting_of_ones_own_is_read_as_the_worker_reads_it_and_wrong_ones_say_why():
+    import pytest
+
+    label, env = T.parse_setting("vad_silence_ms=650, stt.vad=energy")
+    assert label == "stt:vad_silence_ms=650,vad=energy"
+    assert env == {"PARLEY_STT_VAD_SILENCE_MS": "650", "PARLEY_STT_VAD": "energy"}
+    (row,) = T._offline_settings({label: env}, have_model=False)
+    assert row[0] == label and row[2] is False
+    assert (row[1].silence_ms, row[1].vad, row[1].speculate_ms) == (650, "energy", 250)
+    # auto uses the model only where it is installed, as a worker does
+    _, env = T.parse_setting("turn_model=auto")
+    assert [r[2] for r in T._offline_settings({"a": env}, have_model=True)] == [True]
+    assert [r[2] for r in T._offline_settings({"a": env}, have_model=False)] == [False]
+    for text, why in (("silence=3", "'silence' is not an \\[stt\\] setting"),
+                      ("vad_silence_ms=soon", "cannot read 'soon' as int"),
+                      ("vad=webrtc", "vad must be silero or energy"),
+                      ("turn_model=gpt", "turn_model must be none, auto or smart-turn"),
+                      ("vad_silence_ms", "write KEY=VALUE")):
+        with pytest.raises(ValueError, match=why):
+            T.parse_setting(text)

@@ -296,3 +296,17 @@ def test_the_late_end_of_utterance_of_a_turn_the_server_ended_is_not_a_second_tu
     assert lis.push(MicEntry(seq=50, end_of_utterance=True, ts=1.0)) == []
     [end] = lis.push(MicEntry(seq=51, end_of_utterance=True, ts=2.0))
     assert end.speech is False
+
+
+def test_the_listener_is_configured_from_the_stt_settings_as_the_worker_reads_them():
+    from core.config import Config
+
+    stt = Config.load(env={"PARLEY_STT_VAD_SILENCE_MS": "650", "PARLEY_STT_SPECULATE_MS": "0",
+                           "PARLEY_STT_TURN_MODEL": "smart-turn"}).stt
+    cfg = ListenerConfig.from_stt(stt)
+    assert (cfg.silence_ms, cfg.speculate_ms, cfg.vad, cfg.turn_model) == (650, 0, "silero", True)
+    assert (cfg.turn_pause_ms, cfg.turn_max_silence_ms) == (stt.turn_pause_ms,
+                                                            stt.turn_max_silence_ms)
+    # what the worker has wins over what was asked: a fallback VAD, a model that did not load
+    fell_back = ListenerConfig.from_stt(stt, vad="energy", turn_model=False)
+    assert (fell_back.vad, fell_back.turn_model) == ("energy", False)

@@ -113,6 +113,20 @@ class ListenerConfig:
     turn_window_s: float = 8.0
     speculate_ms: int = 0  # silence that makes the end likely (Likely); 0: never
 
+    @classmethod
+    def from_stt(cls, cfg, vad: str | None = None, turn_model: bool | None = None
+                 ) -> ListenerConfig:
+        """From the ``[stt]`` settings (core.config.SttConfig). ``vad`` and ``turn_model``:
+        what the worker has (a fallback VAD, a model that loaded); by default what ``cfg``
+        asks for."""
+        return cls(silence_ms=cfg.vad_silence_ms, start_ms=cfg.vad_start_ms,
+                   preroll_ms=cfg.preroll_ms, max_utterance_s=cfg.max_utterance_s,
+                   idle_release_ms=cfg.idle_release_ms, audio_gap_end_ms=cfg.audio_gap_end_ms,
+                   vad=cfg.vad if vad is None else vad,
+                   turn_model=cfg.turn_model != "none" if turn_model is None else turn_model,
+                   turn_pause_ms=cfg.turn_pause_ms, turn_max_silence_ms=cfg.turn_max_silence_ms,
+                   turn_threshold=cfg.turn_threshold, speculate_ms=cfg.speculate_ms)
+
 
 def make_vad(cfg: ListenerConfig):
     """The configured VAD at 16 kHz; both kinds share one interface (push -> VadEvent)."""

@@ -133,16 +133,8 @@ class SttStage(Stage):
                 "speculate_ms": self.config.stt.speculate_ms}
 
     def listener_config(self) -> ListenerConfig:
-        cfg = self.config.stt
-        return ListenerConfig(silence_ms=cfg.vad_silence_ms, start_ms=cfg.vad_start_ms,
-                              preroll_ms=cfg.preroll_ms, max_utterance_s=cfg.max_utterance_s,
-                              idle_release_ms=cfg.idle_release_ms,
-                              audio_gap_end_ms=cfg.audio_gap_end_ms, vad=self.vad,
-                              turn_model=self.turn_model is not None,
-                              turn_pause_ms=cfg.turn_pause_ms,
-                              turn_max_silence_ms=cfg.turn_max_silence_ms,
-                              turn_threshold=cfg.turn_threshold,
-                              speculate_ms=cfg.speculate_ms)
+        return ListenerConfig.from_stt(self.config.stt, vad=self.vad,
+                                       turn_model=self.turn_model is not None)
 
     async def on_dead(self, worker, job: Job) -> Outcome:
         """The utterance is lost, the session is not: listen on after the mic audio that failed
