@@ -15,6 +15,8 @@ a dip in level mid-sentence, at 8, 16, 44.1 and 48 kHz, in digital silence, room
 speech: jfk.flac (44.1 kHz, crowd noise, pauses of 0.4-1.3 s between clauses) at 44.1 and
 8 kHz, its end of speech marked from its waveform (last 20 ms frame 12 dB over its noise floor).
 Items marked ``held_out`` (jfk and three sentences) took no part in choosing the settings.
+``--players 1,3`` adds rows of several players at once (each on a connection of its own,
+through the whole set, staggered): the hands-free path under load, speculation included.
 ``--audio`` measures your own recordings instead (or as well, ``--with-set``): one utterance
 per file, its end of speech marked from its waveform or given as ``FILE@SECONDS``.
 
@@ -51,6 +53,7 @@ CHUNK_MS = 20
 LEAD_S = 0.4
 TAIL_S = 2.5
 MISSED_S = 2.0
+STAGGER_S = 0.7  # --players: each player starts this much after the one before
 
 # (text, pause before this word index (None: no pause), pause ms, rate, scene, held out)
 SENTENCES = (
@@ -381,22 +384,34 @@ class BenchClient(Client):
         await super()._on_binary(frame, now)
 
 
-async def _run_set(url: str, items: list[Item], ptt: bool) -> dict:
-    client = await BenchClient.connect(url)
+async def _run_set(url: str, items: list[Item], ptt: bool, players: int = 1) -> dict:
+    """The set, hands-free, then push-to-talk (``ptt``). With ``players`` > 1 each player has
+    a connection of its own and goes through the whole set at once with the others, each
+    starting at another utterance and ``STAGGER_S`` later, so that they speak over one
+    another as a game server's players do."""
     out: dict = {"hands_free": [], "ptt": []}
-    try:
-        for n, item in enumerate(items):
-            out["hands_free"].append(await _hands_free(client, n, item))
-        if ptt:
-            for n, item in enumerate(items):
-                out["ptt"].append(await _push_to_talk(client, n, item))
-    finally:
-        await client.close()
+
+    async def player(k: int) -> None:
+        await asyncio.sleep(k * STAGGER_S)
+        client = await BenchClient.connect(url)
+        mine = items[k % len(items):] + items[: k % len(items)]
+        try:
+            for n, item in enumerate(mine):
+                out["hands_free"].append(await _hands_free(client, n, item))
+            if ptt:
+                for n, item in enumerate(mine):
+                    out["ptt"].append(await _push_to_talk(client, n, item))
+        finally:
+            await client.close()
+
+    await asyncio.gather(*(player(k) for k in range(players)))
     return out
 
 
-def run_config(name: str, items: list[Item], ptt: bool, settings: dict | None = None) -> dict:
-    """The set on a fleet of its own, configured as CONFIGS[name] or ``settings`` (env)."""
+def run_config(name: str, items: list[Item], ptt: bool, settings: dict | None = None,
+               players: int = 1) -> dict:
+    """The set on a fleet of its own (1 worker per stage), configured as CONFIGS[name] or
+    ``settings`` (env), spoken by ``players`` players at once."""
     redis = RedisServer(appendonly=False).start()
     # admission control off: one player at a time, and a busy 2-core machine must not turn
     # the bench's next session away
@@ -407,7 +422,7 @@ def run_config(name: str, items: list[Item], ptt: bool, settings: dict | None = 
     try:
         fleet.start()
         fleet.wait_ready(90)
-        return asyncio.run(_run_set(f"ws://127.0.0.1:{fleet.port}", items, ptt))
+        return asyncio.run(_run_set(f"ws://127.0.0.1:{fleet.port}", items, ptt, players))
     finally:
         fleet.stop()
         redis.stop()
@@ -469,7 +484,8 @@ def report(results: dict[str, dict]) -> str:
         f"cutoff_rate={_rate(hf, 'cutoff'):.3f} missed={sum(bool(r['missed']) for r in hf)} "
         f"baseline_v2v_p50_ms={p(base, 'v2v_ms'):.0f} "
         f"baseline_cutoff_rate={_rate(base, 'cutoff'):.3f} "
-        f"ptt_p50_ms={p(ptt, 'v2v_ms'):.0f} overhead_p50_ms={p(hf, 'overhead_ms'):.1f}",
+        f"ptt_p50_ms={p(ptt, 'v2v_ms'):.0f} overhead_p50_ms={p(hf, 'overhead_ms'):.1f}"
+        + _crowd(results, best),
     ]
     return "\n".join(lines)
 
@@ -478,12 +494,28 @@ def _rate(rows: list[dict], key: str) -> float:
     return sum(bool(r.get(key)) for r in rows) / len(rows) if rows else float("nan")
 
 
-def _best(results: dict[str, dict]) -> str | None:
-    """The setting the product ships, else the last row."""
-    for name in (DEFAULT, *reversed(list(results))):
+def _best(results: dict[str, dict | None]) -> str | None:
+    """The setting the product ships, else the last row; one player's rows first."""
+    alone = [k for k, v in results.items() if not v or v.get("players", 1) == 1]
+    for name in (DEFAULT, *reversed(alone or list(results))):
         if name in results:
             return name
     return None
+
+
+def _crowd(results: dict[str, dict], best: str | None) -> str:
+    """The key=value fields of ``best``'s setting at the most players (--players), if run."""
+    rows = [v for v in results.values() if best and v.get("setting", best) ==
+            results[best].get("setting", best) and v.get("players", 1) > 1]
+    if not rows:
+        return ""
+    top = max(rows, key=lambda v: v["players"])
+    hf = top["hands_free"]
+    v2v = [r["v2v_ms"] for r in hf if r.get("v2v_ms") is not None]
+    return (f" players={top['players']} players_v2v_p50_ms={pct(v2v, 50):.0f} "
+            f"players_v2v_p95_ms={pct(v2v, 95):.0f} "
+            f"players_cutoff_rate={_rate(hf, 'cutoff'):.3f} "
+            f"players_missed={sum(bool(r['missed']) for r in hf)}")
 
 
 # the decision alone: (label, ListenerConfig kwargs, uses the end-of-turn model)
@@ -608,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                     help="an endpointing setting of your own, in [stt] keys (repeatable), "
                          "e.g. vad_silence_ms=650: a row next to the baseline and the default")
+    ap.add_argument("--players", default="1", metavar="N[,N]",
+                    help="players speaking at once, each through the whole set on a connection "
+                         "of its own; each count is a row per setting (e.g. 1,3)")
     ap.add_argument("--with-set", action="store_true",
                     help="with --audio: the built-in set as well")
     args = ap.parse_args(argv)
@@ -636,15 +671,26 @@ def main(argv: list[str] | None = None) -> int:
         print(run_offline_speculation(items) if args.speculation
               else run_offline(items, settings))
         return 0
+    try:
+        counts = sorted({int(x) for x in args.players.split(",") if x.strip()})
+    except ValueError:
+        ap.error(f"--players: comma-separated counts, not {args.players!r}")
+    if not counts or counts[0] < 1:
+        ap.error("--players: counts of 1 or more")
     print(f"{len(items)} utterances x {len(names)} endpointing settings "
-          f"({sum(i.held_out for i in items)} held out)", flush=True)
+          f"({sum(i.held_out for i in items)} held out)"
+          + (f" x {counts} players" if counts != [1] else ""), flush=True)
     results = {}
     for name in names:
-        t0 = time.monotonic()
-        # push-to-talk does not depend on the hands-free setting: once, on the product's
-        results[name] = run_config(name, items, ptt=not args.no_ptt and name == _best(
-            dict.fromkeys(names)), settings=settings.get(name))
-        print(f"  {name:20} {time.monotonic() - t0:5.1f} s", flush=True)
+        for players in counts:
+            t0 = time.monotonic()
+            label = name if players == 1 else f"{name} x{players} players"
+            # push-to-talk does not depend on the hands-free setting: once, on the product's
+            res = run_config(name, items, ptt=not args.no_ptt and players == counts[0]
+                             and name == _best(dict.fromkeys(names)),
+                             settings=settings.get(name), players=players)
+            results[label] = {**res, "setting": name, "players": players}
+            print(f"  {label:20} {time.monotonic() - t0:5.1f} s", flush=True)
     print(report(results))
     return 0
 

@@ -137,3 +137,22 @@ def test_a_setting_of_ones_own_is_read_as_the_worker_reads_it_and_wrong_ones_say
                       ("vad_silence_ms", "write KEY=VALUE")):
         with pytest.raises(ValueError, match=why):
             T.parse_setting(text)
+
+
+def test_the_players_rows_add_their_figures_to_the_summary_and_never_count_as_best():
+    def rows(v2v, cut):
+        return [{"item": f"u{i}", "held_out": False, "turns": 1, "cutoff": i < cut,
+                 "missed": False, "v2v_ms": v2v + i, "endpoint_ms": 880.0} for i in range(4)]
+
+    results = {"silero-800": {"hands_free": rows(900, 0), "ptt": [], "players": 1,
+                              "setting": "silero-800"},
+               "silero-800 x3 players": {"hands_free": rows(950, 1), "ptt": [], "players": 3,
+                                         "setting": "silero-800"},
+               "energy-500 x3 players": {"hands_free": rows(600, 2), "ptt": [], "players": 3,
+                                         "setting": "energy-500"}}
+    last = T.report(results).splitlines()[-1]
+    assert last.startswith("best=silero-800 v2v_p50_ms=902 ")
+    assert last.endswith(" players=3 players_v2v_p50_ms=952 players_v2v_p95_ms=953 "
+                         "players_cutoff_rate=0.250 players_missed=0")
+    # a run of crowds alone still names a setting
+    assert T._best({"energy-500 x3 players": results["energy-500 x3 players"]})
