@@ -112,6 +112,37 @@ def test_silero_holds_a_sentence_through_a_level_dip():
 
 
 @needs_silero
+def test_the_silence_starts_where_the_voice_faded_not_where_the_model_let_go():
+    """In steady noise after the last word the model stays "speech" for ~250 ms; the windows
+    in that tail that are 25 dB under the speaker count as silence, so the end event is at
+    the real end and a pause is counted from where it began. Noise as loud as the voice keeps
+    the model's own count."""
+    s, [(_, b)] = speech("Is the road to the north safe at night?")
+    lead = R // 2
+
+    def end_after(tail_db: float) -> int:
+        x = np.concatenate([np.zeros(lead, np.float32), s, np.zeros(R, np.float32)])
+        x[lead + b:] += noise(len(x) - lead - b, tail_db, seed=2)
+        events = silero_vad.SileroVad(silence_ms=300).push(x)
+        assert [e.kind for e in events] == ["start", "end"], events
+        return events[1].sample - (lead + b)
+
+    assert -0.02 * R <= end_after(-42) <= 0.06 * R
+    assert end_after(-20) > 0.06 * R  # the voice never fades 25 dB under it: the model's end
+
+
+@needs_silero
+def test_a_pause_shorter_than_the_silence_never_ends_the_turn_in_trailing_noise():
+    s, [_, (_, d)] = speech("Where can I find the old wizard?", 3, 0.7)
+    x = np.concatenate([s, np.zeros(R, np.float32)])
+    x += noise(len(x), -42, seed=3)
+    events = silero_vad.SileroVad(silence_ms=800).push(np.concatenate(
+        [np.zeros(R // 2, np.float32), x]))
+    assert [e.kind for e in events] == ["start", "end"], events
+    assert events[1].sample >= R // 2 + d - 0.02 * R
+
+
+@needs_silero
 def test_silero_vad_any_chunking_same_events():
     s, _ = speech("Open the gate.")
     x = np.concatenate([np.zeros(R // 4, np.float32), s, np.zeros(R, np.float32)])

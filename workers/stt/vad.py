@@ -63,6 +63,13 @@ class SpeechRuns:
         self.silent = 0  # frames since the last voiced run of resume_frames or more
         self.last_voiced_end = 0
 
+    def backdate(self, frames: int, frame_len: int) -> None:
+        """The silence that just began really began ``frames`` frames earlier (they were
+        voiced only by the model's memory of the speech before them)."""
+        if self.in_speech and frames > 0:
+            self.silent += frames
+            self.last_voiced_end -= frames * frame_len
+
     def frame(self, voiced: bool, start: int, end: int) -> VadEvent | None:
         """One frame's verdict (``start``/``end``: its samples); the event it completes."""
         if voiced:
