@@ -81,9 +81,9 @@ CONFIGS = {
                    "PARLEY_STT_VAD_SILENCE_MS": "500", "PARLEY_STT_SPECULATE_MS": "0"},
     "silero-500": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "none",
                    "PARLEY_STT_VAD_SILENCE_MS": "500"},
-    "silero-800": {**_SILERO_800, "PARLEY_STT_SPECULATE_MS": "250"},
+    "silero-800": {**_SILERO_800, "PARLEY_STT_SPECULATE_MS": "300"},
     "silero-800-nospec": {**_SILERO_800, "PARLEY_STT_SPECULATE_MS": "0"},
-    "silero-800+sim": {**_SILERO_800, **_SIM_REPLY, "PARLEY_STT_SPECULATE_MS": "250"},
+    "silero-800+sim": {**_SILERO_800, **_SIM_REPLY, "PARLEY_STT_SPECULATE_MS": "300"},
     "silero-800-nospec+sim": {**_SILERO_800, **_SIM_REPLY, "PARLEY_STT_SPECULATE_MS": "0"},
     "silero+smart-turn": {"PARLEY_STT_VAD": "silero", "PARLEY_STT_TURN_MODEL": "smart-turn"},
 }

@@ -125,7 +125,7 @@ def test_a_setting_of_ones_own_is_read_as_the_worker_reads_it_and_wrong_ones_say
     assert env == {"PARLEY_STT_VAD_SILENCE_MS": "650", "PARLEY_STT_VAD": "energy"}
     (row,) = T._offline_settings({label: env}, have_model=False)
     assert row[0] == label and row[2] is False
-    assert (row[1].silence_ms, row[1].vad, row[1].speculate_ms) == (650, "energy", 250)
+    assert (row[1].silence_ms, row[1].vad, row[1].speculate_ms) == (650, "energy", 300)
     # auto uses the model only where it is installed, as a worker does
     _, env = T.parse_setting("turn_model=auto")
     assert [r[2] for r in T._offline_settings({"a": env}, have_model=True)] == [True]
