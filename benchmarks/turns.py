@@ -409,16 +409,16 @@ async def _run_set(url: str, items: list[Item], ptt: bool, players: int = 1) -> 
 
 
 def run_config(name: str, items: list[Item], ptt: bool, settings: dict | None = None,
-               players: int = 1) -> dict:
-    """The set on a fleet of its own (1 worker per stage), configured as CONFIGS[name] or
-    ``settings`` (env), spoken by ``players`` players at once."""
+               players: int = 1, workers: int | str = 1) -> dict:
+    """The set on a fleet of its own (``workers`` per stage, or "auto"), configured as
+    CONFIGS[name] or ``settings`` (env), spoken by ``players`` players at once."""
     redis = RedisServer(appendonly=False).start()
     # admission control off: one player at a time, and a busy 2-core machine must not turn
     # the bench's next session away
     env = {**(CONFIGS[name] if settings is None else settings),
            "PARLEY_LLM_PERSONAS_DIR": str(PERSONAS), "PARLEY_LOG_LEVEL": "warning",
            "PARLEY_GATEWAY_ADMIT_MAX_LAG_MS": "0", "PARLEY_GATEWAY_ADMIT_MAX_QUEUE_MS": "0"}
-    fleet = Fleet(port=free_port(), workers=1, redis_url=redis.url, env=env)
+    fleet = Fleet(port=free_port(), workers=workers, redis_url=redis.url, env=env)
     try:
         fleet.start()
         fleet.wait_ready(90)
@@ -461,8 +461,10 @@ def report(results: dict[str, dict]) -> str:
             flag = "CUT" if r["cutoff"] else "MISSED" if r["missed"] else ""
             v = r.get("v2v_ms")
             ep = r.get("endpoint_ms")
+            d = r.get("decided_ms")
             lines.append(f"  {name:18} {r['item']:58} turns {r['turns']} "
                          f"v2v {v if v is None else round(v)} "
+                         f"decided {d if d is None else round(d)} "
                          f"endpoint {ep if ep is None else round(ep)} {flag}")
     best = _best(results)
     hf = results[best]["hands_free"] if best else []
@@ -643,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--players", default="1", metavar="N[,N]",
                     help="players speaking at once, each through the whole set on a connection "
                          "of its own; each count is a row per setting (e.g. 1,3)")
+    ap.add_argument("--workers", default="1",
+                    help="worker processes per stage, or auto (as parley up --workers)")
     ap.add_argument("--with-set", action="store_true",
                     help="with --audio: the built-in set as well")
     args = ap.parse_args(argv)
@@ -688,7 +692,8 @@ def main(argv: list[str] | None = None) -> int:
             # push-to-talk does not depend on the hands-free setting: once, on the product's
             res = run_config(name, items, ptt=not args.no_ptt and players == counts[0]
                              and name == _best(dict.fromkeys(names)),
-                             settings=settings.get(name), players=players)
+                             settings=settings.get(name), players=players,
+                             workers=args.workers)
             results[label] = {**res, "setting": name, "players": players}
             print(f"  {label:20} {time.monotonic() - t0:5.1f} s", flush=True)
     print(report(results))

@@ -50,8 +50,7 @@ class WorkerObserver(ProcessObserver):
         return self.loop_stalled() if self.loaded else ""
 
     def _input_lag(self) -> float:
-        lags = [f.ctx.lag_ms for f in list(self.worker.inflight.values()) if f.ctx is not None]
-        return max(lags, default=0.0) / 1000.0
+        return self.worker.input_lag_ms() / 1000.0
 
     def job_ended(self, outcome: str, seconds: float) -> None:
         M.JOBS.labels(self.stage, outcome).inc()

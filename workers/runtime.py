@@ -627,13 +627,18 @@ class Worker:
                 else:
                     self.log.error("heartbeat_failed", error=str(exc))
 
+    def input_lag_ms(self) -> float:
+        """How far behind real time this worker reads its input: the most any job in flight
+        is behind (a listening job's mic, JobContext.lag_ms)."""
+        return max((f.ctx.lag_ms for f in list(self.inflight.values()) if f.ctx is not None),
+                   default=0.0)
+
     async def _register(self) -> None:
         key = self.keys.worker(self.consumer)
         jobs = [{"job": f.job.id, "session": f.job.sid, "turn": f.job.turn, "since": f.since}
                 for f in self.inflight.values()]
         ttl_ms = max(3 * self.config.worker.heartbeat_ms, 3000)
-        lag = max((f.ctx.lag_ms for f in self.inflight.values() if f.ctx is not None),
-                  default=0.0)
+        lag = self.input_lag_ms()
         cpu, wall = time.process_time(), time.monotonic()
         load = (cpu - self._cpu[0]) / max(1e-3, wall - self._cpu[1])
         self._cpu = (cpu, wall)
