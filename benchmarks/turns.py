@@ -675,6 +675,12 @@ def main(argv: list[str] | None = None) -> int:
         print(run_offline_speculation(items) if args.speculation
               else run_offline(items, settings))
         return 0
+    from parley.fleet import worker_counts
+
+    try:
+        worker_counts(args.workers)
+    except ValueError:
+        ap.error(f"--workers must be auto or a number of 1 or more, not {args.workers!r}")
     try:
         counts = sorted({int(x) for x in args.players.split(",") if x.strip()})
     except ValueError:
