@@ -457,15 +457,7 @@ def report(results: dict[str, dict]) -> str:
             lines.append(_row("  push-to-talk (end_of_utterance)", res["ptt"]))
     lines.append("")
     for name, res in results.items():
-        for r in res["hands_free"]:
-            flag = "CUT" if r["cutoff"] else "MISSED" if r["missed"] else ""
-            v = r.get("v2v_ms")
-            ep = r.get("endpoint_ms")
-            d = r.get("decided_ms")
-            lines.append(f"  {name:18} {r['item']:58} turns {r['turns']} "
-                         f"v2v {v if v is None else round(v)} "
-                         f"decided {d if d is None else round(d)} "
-                         f"endpoint {ep if ep is None else round(ep)} {flag}")
+        lines += [_item_line(name, r) for r in res["hands_free"]]
     best = _best(results)
     hf = results[best]["hands_free"] if best else []
     base = results.get(BASELINE, {}).get("hands_free", [])
@@ -490,6 +482,15 @@ def report(results: dict[str, dict]) -> str:
         + _crowd(results, best),
     ]
     return "\n".join(lines)
+
+
+def _item_line(setting: str, r: dict) -> str:
+    """One utterance's row: its turns, and those of v2v, decided and endpoint it has (ms)."""
+    flag = "CUT" if r["cutoff"] else "MISSED" if r["missed"] else ""
+    figures = "".join(f"{label} {None if r[key] is None else round(r[key])} "
+                      for label, key in (("v2v", "v2v_ms"), ("decided", "decided_ms"),
+                                         ("endpoint", "endpoint_ms")) if key in r)
+    return f"  {setting:18} {r['item']:58} turns {r['turns']} {figures}{flag}"
 
 
 def _rate(rows: list[dict], key: str) -> float:
@@ -614,11 +615,7 @@ def run_offline(items: list[Item], settings: dict[str, dict[str, str]] | None = 
                          f"{sum(r['cutoff'] for r in rs):>8} {sum(r['missed'] for r in rs):>6} "
                          f"{pct(ep, 50):>12.0f} {pct(ep, 95):>6.0f}")
     lines.append("")
-    for r in summary.get(DEFAULT, []):
-        ep = r["endpoint_ms"]
-        flag = "CUT" if r["cutoff"] else "MISSED" if r["missed"] else ""
-        lines.append(f"  {DEFAULT:18} {r['item']:58} turns {r['turns']} "
-                     f"endpoint {ep if ep is None else round(ep)} {flag}")
+    lines += [_item_line(DEFAULT, r) for r in summary.get(DEFAULT, [])]
     lines += ["", "endpoint: where the turn ends - the true end of speech (ms of audio), turns "
               "not cut off."]
     return "\n".join(lines)
