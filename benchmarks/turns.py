@@ -109,14 +109,23 @@ def _level_db(x: np.ndarray, rate: int) -> np.ndarray:
     return 10 * np.log10(np.mean(frames * frames, axis=1) + 1e-12)
 
 
-def speech_end(x: np.ndarray, rate: int, over_floor_db: float = 12.0) -> int:
-    """End of the last 20 ms frame ``over_floor_db`` above the recording's noise floor (its
-    10th percentile level), and above -60 dBFS."""
+def speech_span(x: np.ndarray, rate: int, over_floor_db: float = 12.0) -> tuple[int, int]:
+    """(start, end) samples of the speech in ``x``: from the first to the end of the last 20 ms
+    frame ``over_floor_db`` above the recording's noise floor (its 10th percentile level),
+    and above -60 dBFS; (0, 0) when there is none."""
     levels = _level_db(x, rate)
+    if not len(levels):
+        return 0, 0
     floor = max(float(np.percentile(levels, 10)), -80.0)
     loud = np.nonzero(levels > max(floor + over_floor_db, -60.0))[0]
     f = rate * CHUNK_MS // 1000
-    return int((loud[-1] + 1) * f) if len(loud) else 0
+    return (int(loud[0] * f), int((loud[-1] + 1) * f)) if len(loud) else (0, 0)
+
+
+def speech_end(x: np.ndarray, rate: int, over_floor_db: float = 12.0) -> int:
+    """End of the last 20 ms frame ``over_floor_db`` above the recording's noise floor (its
+    10th percentile level), and above -60 dBFS."""
+    return speech_span(x, rate, over_floor_db)[1]
 
 
 def _noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -181,26 +190,35 @@ def build_set(seed: int = 7) -> list[Item]:
     return items + jfk_items(rng)
 
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
 
-def room_tone(x: np.ndarray, rate: int, n: int) -> np.ndarray:
-    """``n`` samples of the recording's own background: its 20 ms frames within 6 dB of its
-    noise floor (the 10th percentile level; digital silence only if it has nothing else),
-    joined and repeated; digital silence if it has no pause to take them from. Padding with
-    digital silence always would make the end of a noisy recording easier to hear than it
-    is."""
+def room_tone(x: np.ndarray, rate: int, n: int, start: int, end: int) -> np.ndarray:
+    """``n`` samples of the recording's own background: what it holds before its speech
+    (``start``) and after it (``end``), its quietest 20 ms frames of that (within 6 dB of
+    their 10th percentile level, so a click or a breath is left out), joined and repeated.
+    Digital silence where that is what it holds. With under 100 ms of it (a recording cut
+    tight), the quietest frames of its pauses, or digital silence when it has none. Padding
+    with digital silence always would make the end of a noisy recording easier to hear than
+    it is; padding with anything but its background would make it harder."""
     if n <= 0:
         return x[:0]
     f = rate * CHUNK_MS // 1000
     levels = _level_db(x, rate)
     if not len(levels):
         return np.zeros(n, x.dtype)
-    live = levels > -100 if (levels > -100).any() else np.ones(len(levels), bool)
-    floor = float(np.percentile(levels[live], 10))
-    if floor > float(np.percentile(levels, 95)) - 20:  # no pause in it: nothing but speech
+    idx = np.arange(len(levels))
+    outside = (idx < start // f) | (idx >= -(-end // f))
+    if outside.sum() >= 5:
+        candidates = outside
+    else:
+        candidates = np.ones(len(levels), bool)
+        if float(np.percentile(levels, 10)) > float(np.percentile(levels, 95)) - 20:
+            return np.zeros(n, x.dtype)  # no pause in it: nothing but speech
+    floor = float(np.percentile(levels[candidates], 10))
+    if floor <= -100:  # digital silence around the speech
         return np.zeros(n, x.dtype)
-    keep = np.nonzero(live & (levels <= floor + 6))[0]
+    keep = np.nonzero(candidates & (levels <= floor + 6))[0]
     quiet = np.concatenate([x[i * f:(i + 1) * f] for i in keep])
     return np.tile(quiet, int(np.ceil(n / len(quiet))))[:n]
 
@@ -209,8 +227,8 @@ def load_recording(spec: str) -> Item:
     """A recording of the user's own: ``FILE`` (its end of speech marked from its waveform as
     jfk.flac's is: the last 20 ms frame 12 dB over its noise floor) or ``FILE@SECONDS`` (the
     true end of speech given, in seconds from the start of the file). Channels are mixed to
-    one. It is streamed at its own rate after LEAD_S of its room tone, and what follows the
-    speech is its own tail, made up to TAIL_S with its room tone."""
+    one. It is streamed at its own rate after LEAD_S of its background (room_tone), and what
+    follows the speech is its own tail, made up to TAIL_S with its background."""
     path, _, at = (spec, "", "") if Path(spec).exists() else spec.rpartition("@")
     if not path:
         path, at = spec, ""
@@ -230,15 +248,17 @@ def load_recording(spec: str) -> Item:
         if not 0 < end <= len(x):
             raise ValueError(f"{spec}: the end of speech {at} s is outside the file "
                              f"(0-{len(x) / rate:.2f} s)")
-    else:
-        end = speech_end(x, rate)
+    start, found = speech_span(x, rate)
+    if not at:
+        end = found
         if not end:
             raise ValueError(f"{path}: no speech found (nothing 12 dB over its noise floor); "
                              "give its end as FILE@SECONDS")
+    start = min(start, end)
     tail = x[end: end + int(TAIL_S * rate)]
-    lead = room_tone(x, rate, int(LEAD_S * rate))
+    lead = room_tone(x, rate, int(LEAD_S * rate), start, end)
     x = np.concatenate([lead, x[:end], tail,
-                        room_tone(x, rate, int(TAIL_S * rate) - len(tail))])
+                        room_tone(x, rate, int(TAIL_S * rate) - len(tail), start, end)])
     return Item(f"{Path(path).name} {rate / 1000:g}k", _int16(x), rate, len(lead) + end, True)
 
 

@@ -99,6 +99,47 @@ def test_a_users_recording_is_one_held_out_utterance_with_its_own_background(tmp
     assert [i.name for i in T.recordings([str(tmp_path)])] == ["q.wav 22.05k"]
 
 
+def test_a_recording_in_digital_silence_is_padded_with_silence_not_its_quiet_speech(tmp_path):
+    """A synthesized or trimmed file: digital silence before and after the words. Its pad
+    after the end is that silence, not its quietest frames (its softest syllables), which a
+    VAD would hear as more speech; so the turn ends as after any sentence."""
+    import soundfile as sf
+
+    from benchmarks.speech import speech
+
+    x = speech("Where can I find the blacksmith in this town?", rate=16000)[:, 0]
+    sf.write(tmp_path / "tts.wav", x, 16000, subtype="PCM_24")
+    it = T.load_recording(str(tmp_path / "tts.wav"))
+    after = it.audio[it.end + 320:, 0]
+    assert len(after) >= T.TAIL_S * 16000 - 320 and not after.any()
+    ends = T.decide(it, ListenerConfig(vad="silero", silence_ms=800))
+    row = T.offline_row(it, ends)
+    assert row["turns"] == 1 and not row["cutoff"] and not row["missed"]
+    assert 700 <= row["endpoint_ms"] <= 900
+
+
+def test_a_recording_cut_tight_is_padded_with_its_pauses_and_a_click_is_left_out(tmp_path):
+    import soundfile as sf
+
+    rate, rng = 16000, np.random.default_rng(5)
+    room = (rng.standard_normal(rate // 2) * 0.003).astype(np.float32)  # -50 dBFS
+    click = np.zeros(rate // 50, np.float32)
+    click[::40] = 0.5
+    # noise and a click after the words; the end given, as for a door after the last word
+    mono = np.concatenate([room, _speech(rate, 1.0), room, click, room])
+    sf.write(tmp_path / "door.wav", mono, rate)
+    it = T.load_recording(f"{tmp_path / 'door.wav'}@1.5")
+    x = it.audio[:, 0].astype(np.float32) / 32768
+    lead = x[: int(T.LEAD_S * rate)]
+    assert 0.002 < np.sqrt(np.mean(lead ** 2)) < 0.005 and np.abs(lead).max() < 0.05
+    # no pause around it at all: the quietest frames of its pauses inside
+    tight = np.concatenate([_speech(rate, 1.0), room[: rate * 2 // 5], _speech(rate, 1.0)])
+    sf.write(tmp_path / "tight.wav", tight, rate)
+    it = T.load_recording(str(tmp_path / "tight.wav"))
+    pad = it.audio[it.end:, 0].astype(np.float32) / 32768
+    assert 0.002 < np.sqrt(np.mean(pad ** 2)) < 0.005
+
+
 def test_a_recording_that_cannot_be_measured_says_why(tmp_path):
     import pytest
     import soundfile as sf
