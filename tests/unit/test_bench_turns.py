@@ -154,7 +154,7 @@ def test_a_recording_that_cannot_be_measured_says_why(tmp_path):
         with pytest.raises(ValueError, match=why):
             T.load_recording(spec)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"no \.wav/\.flac/\.ogg files"):
+    with pytest.raises(ValueError, match=r"no \.wav/\.flac/\.ogg/\.mp3 files"):
         T.recordings([str(tmp_path / "empty")])
 
 
