@@ -106,7 +106,7 @@ def _level_db(x: np.ndarray, rate: int) -> np.ndarray:
     f = rate * CHUNK_MS // 1000
     n = len(x) // f
     frames = x[: n * f].astype(np.float64).reshape(n, f)
-    return 10 * np.log10(np.mean(frames * frames, axis=1) + 1e-12)
+    return 10 * np.log10(np.var(frames, axis=1) + 1e-12)  # a DC offset is no speech
 
 
 def speech_span(x: np.ndarray, rate: int, over_floor_db: float = 12.0) -> tuple[int, int]:

@@ -217,8 +217,8 @@ def test_smart_turn_loads_the_real_weights_and_tells_finished_from_unfinished():
 
 # --- the decision ---------------------------------------------------------------------------
 
-def listener(turn_model: bool = True, **kw) -> Listener:
-    cfg = ListenerConfig(vad="energy", turn_model=turn_model, turn_pause_ms=200,
+def listener(turn_model: bool = True, vad: str = "energy", **kw) -> Listener:
+    cfg = ListenerConfig(vad=vad, turn_model=turn_model, turn_pause_ms=200,
                          turn_max_silence_ms=1000, **kw)
     return Listener(R, 1, "s16le", cfg)
 
@@ -309,6 +309,25 @@ def test_without_a_model_the_silence_ends_the_turn():
     # the speech did end
     assert 0.5 * R <= end.silent <= 0.5 * R + 320
     assert abs(seq * 320 - end.silent - (R // 2 + len(s))) <= 0.1 * R
+
+
+@pytest.mark.parametrize("vad", ["energy", pytest.param("silero", marks=needs_silero)])
+def test_a_mics_dc_offset_changes_no_decision(vad):
+    """A cheap mic's DC offset is no voice: with 0.05 of it (about -26 dBFS) the energy VAD
+    heard every pause as speech level and cut the sentence in two, and Silero's faded-voice
+    count never applied (its turn ended ~100 ms later). Levels are taken without the mean."""
+    s, [_, (_, d)] = speech("Where can I find the old wizard?", 3, 0.4)
+    x = np.concatenate([np.zeros(R // 2, np.float32), s, np.zeros(R + R // 2, np.float32)])
+
+    def ends(offset: float) -> list[int]:
+        return [seq * 320 for seq, a in feed(listener(turn_model=False, vad=vad,
+                                                      silence_ms=800), x + offset)
+                if isinstance(a, End)]
+
+    clean = ends(0.0)
+    assert len(clean) == 1 and clean[0] > R // 2 + d
+    for offset in (0.05, -0.1):
+        assert ends(offset) == clean
 
 
 def test_end_of_utterance_with_no_speech_still_ends_the_turn():

@@ -169,7 +169,9 @@ class Vad:
         if n == 0:
             return []
         frames = buf[: n * self.frame].reshape(n, self.frame).astype(np.float64)
-        levels = 10.0 * np.log10(np.mean(frames * frames, axis=1) + 1e-12)
+        # a frame's level without its mean: a mic's DC offset is no voice (0.05 of DC held
+        # every pause above the floor and cut a sentence in two)
+        levels = 10.0 * np.log10(np.var(frames, axis=1) + 1e-12)
         np.maximum(levels, _LEVEL_FLOOR_DB, out=levels)
         events: list[VadEvent] = []
         for level in levels.tolist():
