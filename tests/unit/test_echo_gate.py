@@ -193,3 +193,40 @@ def test_a_reply_that_starts_within_a_frame_of_the_turns_end_is_still_echo(reply
                           for i in range(0, len(mic), FRAME)])
     assert starts(mic, None) != []  # the echo alone starts speech at the raw mic
     assert (starts(out, None) == []) == continued
+
+
+def test_comfort_noise_has_the_rooms_spectrum_and_no_vad_hears_it_start(reply):
+    """An 8 kHz mic in steady noise (nothing above 4 kHz) with the reply starting 60 ms into
+    the listening job, no echo in it. The gated frames are comfort noise at the room's level
+    in each band; white noise at the room's level was a hiss that Silero heard start with the
+    reply, as the player speaking over it: the NPC would have interrupted itself."""
+    import soxr
+
+    from workers.stt.echo import band_power
+    from workers.stt.silero_vad import SileroVad, available
+
+    rng = np.random.default_rng(11)
+    room = soxr.resample(rng.standard_normal(8000 * 3), 8000, RATE).astype(np.float32)
+    room *= 10 ** (-42 / 20) / np.sqrt(np.mean(room ** 2))
+    g = EchoGate()
+    pcm, rate = reply
+    out = []
+    for i in range(0, len(room), FRAME):
+        if i == 3 * FRAME:
+            g.played(1, 1, at=i)
+            g.reference(1, 1, 0, pcm, rate)
+        out.append(g.push(room[i:i + FRAME]))
+    out = np.concatenate(out)
+    assert g.echo_frames > 50  # frames were replaced: this is about what replaced them
+    frames = slice(10 * FRAME, len(room) // FRAME * FRAME)
+    got = band_power(out[frames].reshape(-1, FRAME).astype(np.float64)).mean(axis=0)
+    was = band_power(room[frames].reshape(-1, FRAME).astype(np.float64)).mean(axis=0)
+    low = np.geomspace(100, 7500, 21)[1:] < 3500  # bands wholly under the mic's 4 kHz
+    ratio_db = 10 * np.log10(got[low] / was[low])
+    # the room's level, band by band (a minimum reads the narrow low bands a few dB low)
+    assert np.all(np.abs(ratio_db) < 9), ratio_db
+    assert abs(10 * np.log10(got[low].sum() / was[low].sum())) < 3
+    spec = np.abs(np.fft.rfft(out[frames])) ** 2
+    assert spec[np.fft.rfftfreq(len(out[frames]), 1 / RATE) > 4500].sum() < 0.05 * spec.sum()
+    if available() is None:
+        assert [e for e in SileroVad(silence_ms=500).push(out) if e.kind == "start"] == []

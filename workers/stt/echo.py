@@ -64,6 +64,24 @@ _WINDOW_POWER = float(np.sum(_WINDOW ** 2))
 _BINS = float(_BANDS.sum())
 
 
+def _bin_share() -> np.ndarray:
+    """(bands, bins): how a band's power spreads over the rfft bins for comfort noise, each
+    band evenly over its own bins; a bin in no band (below 100 Hz, above 7.5 kHz) takes its
+    nearest band's, so the noise has no hole or shelf there."""
+    share = (_BANDS / _BANDS.sum(axis=0)).T  # bin j of band b: 1/width(b)
+    freqs = np.fft.rfftfreq(FRAME, 1 / RATE)
+    centers = np.sqrt(np.geomspace(_LO_HZ, _HI_HZ, _N_BANDS + 1)[:-1]
+                      * np.geomspace(_LO_HZ, _HI_HZ, _N_BANDS + 1)[1:])
+    for j in np.flatnonzero(_BANDS.sum(axis=1) == 0):
+        b = int(np.argmin(np.abs(np.log(max(freqs[j], 1.0) / centers))))
+        share[b, j] = 1.0 / _BANDS[:, b].sum()
+    per_bin = share.sum(axis=0)  # a bin in two narrow bands averages them
+    return share / np.maximum(per_bin, 1.0)
+
+
+_SHARE = _bin_share()
+
+
 def band_power(frames: np.ndarray) -> np.ndarray:
     """(n, FRAME) samples -> (n, bands) power."""
     spec = np.fft.rfft(frames * _WINDOW, axis=-1)
@@ -157,7 +175,7 @@ class EchoGate:
         self._noise_n = 0
         self._noise_sub_frames = max(1, cfg.noise_window_ms * RATE // 1000 // FRAME // 8)
         self._smooth: np.ndarray | None = None
-        self._level = 0.0  # comfort-noise amplitude of the last echo frame
+        self._shape = np.zeros(FRAME // 2 + 1)  # comfort noise's amplitude per rfft bin
         self._echo = False  # the last frame's verdict, for the partial frame that follows
         self._rng = np.random.default_rng(0)
         self._frames = 0  # whole frames judged since the gate began
@@ -327,7 +345,14 @@ class EchoGate:
         self._offsets.append(offset)
 
     def _noise(self, n: int) -> np.ndarray:
-        return (self._rng.standard_normal(n) * self._level).astype(np.float32)
+        """Comfort noise with the room's own spectrum (its floor per band): white noise at
+        the room's level is a hiss the room does not have, and a VAD heard it start with the
+        reply (an 8 kHz mic has nothing above 4 kHz) as the player speaking over it."""
+        out = []
+        for _ in range(-(-n // FRAME)):
+            spec = np.fft.rfft(self._rng.standard_normal(FRAME)) * self._shape
+            out.append(np.fft.irfft(spec, FRAME))
+        return np.concatenate(out)[:n].astype(np.float32)
 
     def _ref_power(self, f: int) -> np.ndarray:
         p = self._ref_cache.get(f)
@@ -504,8 +529,8 @@ class EchoGate:
                 and start + FRAME - self._lo * FRAME > self._ref_start)
 
     def _verdict(self, noise: np.ndarray) -> bool:
-        # comfort noise at the floor: white noise of variance v has v * sum(hann^2) per bin
-        self._level = float(np.sqrt(noise.sum() / (_WINDOW_POWER * _BINS)))
+        # comfort noise at the floor: noise of variance v per bin shows v * sum(hann^2)
+        self._shape = np.sqrt(noise @ _SHARE / _WINDOW_POWER)
         self.echo_frames += 1
         return True
 
