@@ -23,11 +23,12 @@ no open mic (a client that sends only while the player talks): nothing is gated 
 A frame carries a second voice when its energy above the noise floor exceeds ``margin_db`` over
 the bound by ``snr_db`` over the floor and by ``voice_share`` of the frame, two frames running;
 it and the ``hold_ms`` after it pass unchanged. Every other frame within the reply's reach is
-echo and becomes comfort noise at the room's floor (measured only outside the reply's reach),
-so whichever VAD follows sees a quiet room: zeros would drag an energy VAD's floor down, and
-room noise would then start speech once the reply ends. Audio out of the reply's reach passes
-bit for bit. The gate decides; it does not subtract (the recognizer still gets the raw mic).
-Cost: two 320-point FFTs per 20 ms frame while a reply plays, one otherwise.
+echo and becomes comfort noise at the room's floor, band by band (measured only outside the
+reply's reach), so whichever VAD follows sees a quiet room: zeros would drag an energy VAD's
+floor down, and room noise would then start speech once the reply ends. Audio out of the
+reply's reach passes bit for bit. The gate decides; it does not subtract (the recognizer still
+gets the raw mic). Cost: two 320-point FFTs per 20 ms frame while a reply plays (three on a
+frame it replaces), one otherwise.
 """
 
 from __future__ import annotations
