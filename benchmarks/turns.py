@@ -122,12 +122,6 @@ def speech_span(x: np.ndarray, rate: int, over_floor_db: float = 12.0) -> tuple[
     return (int(loud[0] * f), int((loud[-1] + 1) * f)) if len(loud) else (0, 0)
 
 
-def speech_end(x: np.ndarray, rate: int, over_floor_db: float = 12.0) -> int:
-    """End of the last 20 ms frame ``over_floor_db`` above the recording's noise floor (its
-    10th percentile level), and above -60 dBFS."""
-    return speech_span(x, rate, over_floor_db)[1]
-
-
 def _noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "room":  # brown noise: the low rumble of a room
         x = np.cumsum(rng.standard_normal(n))
@@ -142,7 +136,7 @@ def synth_item(synth, text: str, word: int | None, pause_ms: int, rate: int, sce
     pcm = np.concatenate([c.pcm for c in chunks]).astype(np.float32) / 32768
     words = sorted((w for c in chunks for w in c.words), key=lambda w: w.sample)
     src = synth.sample_rate
-    end = speech_end(pcm, src)
+    end = speech_span(pcm, src)[1]
     pcm = pcm[:end]  # espeak's own trailing pause is not speech
     if word is not None:
         at = words[word].sample
@@ -166,7 +160,7 @@ def synth_item(synth, text: str, word: int | None, pause_ms: int, rate: int, sce
 def jfk_items(rng: np.random.Generator) -> list[Item]:
     x, src = sf.read(str(JFK), dtype="float32", always_2d=True)
     x = x.mean(axis=1)
-    end = speech_end(x, src)
+    end = speech_span(x, src)[1]
     quiet = x[int(2.45 * src):int(3.15 * src)]  # its own crowd noise, from a pause
     tail = np.tile(quiet, int(np.ceil(TAIL_S * src / len(quiet))))[: int(TAIL_S * src)]
     x = np.concatenate([x[:end], tail])
@@ -193,20 +187,19 @@ def build_set(seed: int = 7) -> list[Item]:
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
 
-def room_tone(x: np.ndarray, rate: int, n: int, start: int, end: int) -> np.ndarray:
-    """``n`` samples of the recording's own background: what it holds before its speech
-    (``start``) and after it (``end``), its quietest 20 ms frames of that (within 6 dB of
-    their 10th percentile level, so a click or a breath is left out), joined and repeated.
-    Digital silence where that is what it holds. With under 100 ms of it (a recording cut
-    tight), the quietest frames of its pauses, or digital silence when it has none. Padding
-    with digital silence always would make the end of a noisy recording easier to hear than
-    it is; padding with anything but its background would make it harder."""
-    if n <= 0:
-        return x[:0]
+def room_tone(x: np.ndarray, rate: int, start: int, end: int) -> np.ndarray:
+    """The recording's own background, to pad it with (``tile``): what it holds before its
+    speech (``start``) and after it (``end``), its quietest 20 ms frames of that (within 6 dB
+    of their 10th percentile level, so a click or a breath is left out). Digital silence where
+    that is what it holds. With under 100 ms of it (a recording cut tight), the quietest
+    frames of its pauses, or digital silence when it has none. Padding with digital silence
+    always would make the end of a noisy recording easier to hear than it is; padding with
+    anything but its background would make it harder."""
     f = rate * CHUNK_MS // 1000
+    silence = np.zeros(f, x.dtype)
     levels = _level_db(x, rate)
     if not len(levels):
-        return np.zeros(n, x.dtype)
+        return silence
     idx = np.arange(len(levels))
     outside = (idx < start // f) | (idx >= -(-end // f))
     if outside.sum() >= 5:
@@ -214,13 +207,17 @@ def room_tone(x: np.ndarray, rate: int, n: int, start: int, end: int) -> np.ndar
     else:
         candidates = np.ones(len(levels), bool)
         if float(np.percentile(levels, 10)) > float(np.percentile(levels, 95)) - 20:
-            return np.zeros(n, x.dtype)  # no pause in it: nothing but speech
+            return silence  # no pause in it: nothing but speech
     floor = float(np.percentile(levels[candidates], 10))
     if floor <= -100:  # digital silence around the speech
-        return np.zeros(n, x.dtype)
+        return silence
     keep = np.nonzero(candidates & (levels <= floor + 6))[0]
-    quiet = np.concatenate([x[i * f:(i + 1) * f] for i in keep])
-    return np.tile(quiet, int(np.ceil(n / len(quiet))))[:n]
+    return np.concatenate([x[i * f:(i + 1) * f] for i in keep])
+
+
+def tile(pool: np.ndarray, n: int) -> np.ndarray:
+    """``n`` samples of ``pool`` repeated."""
+    return np.tile(pool, -(-max(n, 0) // len(pool)))[:max(n, 0)]
 
 
 def load_recording(spec: str) -> Item:
@@ -256,9 +253,9 @@ def load_recording(spec: str) -> Item:
                              "give its end as FILE@SECONDS")
     start = min(start, end)
     tail = x[end: end + int(TAIL_S * rate)]
-    lead = room_tone(x, rate, int(LEAD_S * rate), start, end)
-    x = np.concatenate([lead, x[:end], tail,
-                        room_tone(x, rate, int(TAIL_S * rate) - len(tail), start, end)])
+    background = room_tone(x, rate, start, end)
+    lead = tile(background, int(LEAD_S * rate))
+    x = np.concatenate([lead, x[:end], tail, tile(background, int(TAIL_S * rate) - len(tail))])
     return Item(f"{Path(path).name} {rate / 1000:g}k", _int16(x), rate, len(lead) + end, True)
 
 
