@@ -71,8 +71,8 @@ def _bin_share() -> np.ndarray:
     nearest band's, so the noise has no hole or shelf there."""
     share = (_BANDS / _BANDS.sum(axis=0)).T  # bin j of band b: 1/width(b)
     freqs = np.fft.rfftfreq(FRAME, 1 / RATE)
-    centers = np.sqrt(np.geomspace(_LO_HZ, _HI_HZ, _N_BANDS + 1)[:-1]
-                      * np.geomspace(_LO_HZ, _HI_HZ, _N_BANDS + 1)[1:])
+    edges = np.geomspace(_LO_HZ, _HI_HZ, _N_BANDS + 1)
+    centers = np.sqrt(edges[:-1] * edges[1:])
     for j in np.flatnonzero(_BANDS.sum(axis=1) == 0):
         b = int(np.argmin(np.abs(np.log(max(freqs[j], 1.0) / centers))))
         share[b, j] = 1.0 / _BANDS[:, b].sum()
