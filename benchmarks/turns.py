@@ -585,18 +585,48 @@ def parse_setting(text: str) -> tuple[str, dict[str, str]]:
     return "stt:" + ",".join(f"{k}={v}" for k, v in pairs.items()), env
 
 
-def _offline_settings(settings: dict[str, dict[str, str]], have_model: bool) -> list[tuple]:
-    """(label, ListenerConfig, uses the model) of each ``--setting``, as a worker would run
-    it: ``turn_model=auto`` uses the model only where it is installed."""
+def _offline_settings(settings: dict[str, dict[str, str]], available=None) -> list[tuple]:
+    """(label, ListenerConfig, model file) of each ``--setting``, as a worker would run it: the
+    model file is ``stt.turn_model_path`` ("" for the one in the pipecat-ai wheel) where the
+    row asks the end-of-turn model, None where it does not. ``turn_model=auto`` uses the model
+    only where it can run (``available(path)``, turn_model.available, returns None)."""
     from core.config import Config
+    from workers.stt import turn_model
     from workers.stt.listener import ListenerConfig
 
+    available = available or turn_model.available
     out = []
     for label, env in settings.items():
         stt = Config.load(env=env).stt
-        needs = stt.turn_model == "smart-turn" or (stt.turn_model == "auto" and have_model)
-        out.append((label, ListenerConfig.from_stt(stt, turn_model=needs), needs))
+        needs = stt.turn_model == "smart-turn" or (
+            stt.turn_model == "auto" and available(stt.turn_model_path) is None)
+        out.append((label, ListenerConfig.from_stt(stt, turn_model=needs),
+                    stt.turn_model_path if needs else None))
     return out
+
+
+def model_checks(items: list[Item], cfg, model) -> list[tuple[bool, float]]:
+    """(asked at the true end, probability) of every question the listener puts to ``model``
+    on ``items`` with ``cfg``'s VAD and pause, the model never ending a turn: how well it tells
+    a pause inside speech from the end, whatever threshold one would pick."""
+    from dataclasses import replace
+
+    never = replace(cfg, turn_model=True, turn_threshold=float("inf"))
+    asked: list[tuple[bool, float]] = []
+    for item in items:
+        decide(item, never, model, asked)
+    return asked
+
+
+def auc(asked: list[tuple[bool, float]]) -> float:
+    """P(a true end scores above a pause inside speech), ties half: 0.5 is chance, 1 a
+    model some threshold separates perfectly."""
+    ends = np.array([p for at_end, p in asked if at_end])
+    mids = np.array([p for at_end, p in asked if not at_end])
+    if not len(ends) or not len(mids):
+        return float("nan")
+    above = (ends[:, None] > mids[None, :]).mean()
+    return float(above + 0.5 * (ends[:, None] == mids[None, :]).mean())
 
 
 def run_offline(items: list[Item], settings: dict[str, dict[str, str]] | None = None) -> str:
@@ -605,18 +635,28 @@ def run_offline(items: list[Item], settings: dict[str, dict[str, str]] | None = 
     from workers.stt import turn_model
     from workers.stt.listener import ListenerConfig
 
-    why = turn_model.available()
-    model = None if why else turn_model.SmartTurn()
+    models: dict[str, object] = {}  # model file ("" the wheel's) -> SmartTurn, or why not
+
+    def model_at(path: str):
+        if path not in models:
+            why = turn_model.available(path)
+            models[path] = why if why else turn_model.SmartTurn(path)
+        return models[path]
+
     lines = [f"{'decision (offline)':28} {'subset':8} {'n':>3} {'cut-offs':>8} {'missed':>6} "
              f"{'endpoint p50':>12} {'p95':>6}"]
     summary = {}
-    rows_to_run = [(label, ListenerConfig(**kw, turn_model=needs), needs)
+    rows_to_run = [(label, ListenerConfig(**kw, turn_model=needs), "" if needs else None)
                    for label, kw, needs in OFFLINE]
-    rows_to_run += _offline_settings(settings or {}, model is not None)
-    for label, cfg, needs_model in rows_to_run:
-        if needs_model and model is None:
-            lines.append(f"{label:28} skipped: {why}")
+    rows_to_run += _offline_settings(settings or {})
+    asked_with: dict[str, object] = {}  # model file -> the first config that asked it
+    for label, cfg, path in rows_to_run:
+        model = None if path is None else model_at(path)
+        if isinstance(model, str):
+            lines.append(f"{label:28} skipped: {model}")
             continue
+        if path is not None:
+            asked_with.setdefault(path, cfg)
         rows = [offline_row(it, decide(it, cfg, model)) for it in items]
         summary[label] = rows
         if len(label) > 28:  # a long --setting label gets a line of its own
@@ -631,6 +671,20 @@ def run_offline(items: list[Item], settings: dict[str, dict[str, str]] | None = 
             lines.append(f"{label if sub == 'all' else '':28} {sub:8} {len(rs):>3} "
                          f"{sum(r['cutoff'] for r in rs):>8} {sum(r['missed'] for r in rs):>6} "
                          f"{pct(ep, 50):>12.0f} {pct(ep, 95):>6.0f}")
+    if asked_with:
+        lines += ["", "end-of-turn model, asked at every pause and never ending the turn: "
+                  "probability that the speaker is done",
+                  f"{'model':28} {'inside speech: n':>16} {'p50':>5} {'at the end: n':>14} "
+                  f"{'p50':>5} {'separation':>10}"]
+    for path, cfg in asked_with.items():
+        asked = model_checks(items, cfg, models[path])
+        mid = [p for at_end, p in asked if not at_end]
+        end = [p for at_end, p in asked if at_end]
+        lines.append(f"{models[path].name[:28]:28} {len(mid):>16} {pct(mid, 50):>5.2f} "
+                     f"{len(end):>14} {pct(end, 50):>5.2f} {auc(asked):>10.2f}")
+    if asked_with:
+        lines.append("separation: the chance that a true end scores above a pause inside "
+                     "speech (0.5: no better than a coin; 1: some threshold tells them all apart).")
     lines.append("")
     lines += [_item_line(DEFAULT, r) for r in summary.get(DEFAULT, [])]
     lines += ["", "endpoint: where the turn ends - the true end of speech (ms of audio), turns "
@@ -723,20 +777,25 @@ def main(argv: list[str] | None = None) -> int:
 
 # --- the decision alone, offline ------------------------------------------------------------
 
-def decide(item: Item, cfg, model=None) -> list[tuple[str, int]]:
+def decide(item: Item, cfg, model=None, asked: list | None = None) -> list[tuple[str, int]]:
     """(reason, 16 kHz position) of every turn end the Sans-I/O listener makes on ``item``,
-    fed in 20 ms chunks as the STT worker would, the model answering each pause at once."""
+    fed in 20 ms chunks as the STT worker would, the model answering each pause at once;
+    ``asked`` gets (at or after the true end, probability) of each of its answers."""
     from schemas.streams import MicEntry
     from workers.stt.listener import Check, End, Listener
 
     lis = Listener(item.rate, 1, "s16le", cfg)
     step = item.rate * CHUNK_MS // 1000
+    end16 = item.end * 16000 // item.rate
     ends: list[tuple[str, int]] = []
 
     def take(actions):
         for a in actions:
             if isinstance(a, Check) and model is not None:
-                take(lis.verdict(model.predict(a.audio), a))
+                p = model.predict(a.audio)
+                if asked is not None:
+                    asked.append((lis.position >= end16, p))
+                take(lis.verdict(p, a))
             elif isinstance(a, End):
                 ends.append((a.reason, lis.position))
                 lis.utterance_done()

@@ -37,6 +37,34 @@ def test_offline_decision_counts_a_pause_cut_as_a_cut_off():
     assert not row["cutoff"] and row["turns"] == 1
 
 
+def test_a_models_separation_is_measured_at_every_pause_without_it_ending_the_turn():
+    items = {i.name: i for i in T.build_set()}
+    paused = next(i for n, i in items.items() if "pause 600 ms" in n)
+    cfg = ListenerConfig(vad="energy", turn_model=True, turn_pause_ms=200)
+
+    class Sure:  # test double: a "model" that calls every pause the end
+        name = "sure"
+
+        def predict(self, audio):
+            return 1.0
+
+    # deciding, it cuts the sentence at its pause; measured, it is asked there and at the end
+    assert T.offline_row(paused, T.decide(paused, cfg, Sure()))["cutoff"]
+    asked = T.model_checks([paused], cfg, Sure())
+    assert [at_end for at_end, _ in asked] == [False, True]
+    assert T.auc(asked) == 0.5  # the same answer everywhere tells nothing
+
+    class Oracle:  # test double: knows how long the sentence is
+        name = "oracle"
+
+        def predict(self, audio):
+            return float(len(audio) > 16000 * 2.5)
+
+    assert T.auc(T.model_checks([paused], cfg, Oracle())) == 1.0
+    assert T.auc([(True, 0.2), (False, 0.9), (False, 0.1)]) == 0.5
+    assert np.isnan(T.auc([(True, 0.2)]))
+
+
 def test_report_ends_with_one_key_value_line():
     def rows(v2v, cut):
         return [{"item": f"u{i}", "held_out": i % 3 == 0, "turns": 1, "cutoff": i < cut,
@@ -164,13 +192,17 @@ def test_a_setting_of_ones_own_is_read_as_the_worker_reads_it_and_wrong_ones_say
     label, env = T.parse_setting("vad_silence_ms=650, stt.vad=energy")
     assert label == "stt:vad_silence_ms=650,vad=energy"
     assert env == {"PARLEY_STT_VAD_SILENCE_MS": "650", "PARLEY_STT_VAD": "energy"}
-    (row,) = T._offline_settings({label: env}, have_model=False)
-    assert row[0] == label and row[2] is False
+    (row,) = T._offline_settings({label: env}, available=lambda path: "not installed")
+    assert row[0] == label and row[2] is None
     assert (row[1].silence_ms, row[1].vad, row[1].speculate_ms) == (650, "energy", 300)
-    # auto uses the model only where it is installed, as a worker does
+    # auto uses the model only where it can run, as a worker does; a row asks the file its
+    # setting names ("" is the one in the pipecat-ai wheel)
     _, env = T.parse_setting("turn_model=auto")
-    assert [r[2] for r in T._offline_settings({"a": env}, have_model=True)] == [True]
-    assert [r[2] for r in T._offline_settings({"a": env}, have_model=False)] == [False]
+    assert [r[2] for r in T._offline_settings({"a": env}, available=lambda path: None)] == [""]
+    assert [r[2] for r in T._offline_settings({"a": env}, available=lambda path: "no")] == [None]
+    _, env = T.parse_setting("turn_model=smart-turn,turn_model_path=/models/mine.onnx")
+    (row,) = T._offline_settings({"b": env}, available=lambda path: "not there")
+    assert row[1].turn_model and row[2] == "/models/mine.onnx"
     for text, why in (("silence=3", "'silence' is not an \\[stt\\] setting"),
                       ("vad_silence_ms=soon", "cannot read 'soon' as int"),
                       ("vad=webrtc", "vad must be silero or energy"),

@@ -117,12 +117,11 @@ class SmartTurn:
     """``predict(audio)`` -> probability that the utterance in ``audio`` (16 kHz) is complete.
     One thread: the STT worker serves many sessions and a 2-core machine has other stages."""
 
-    name = "smart-turn-v3.2"
-
     def __init__(self, path: str = "", threads: int = 1):
         import onnxruntime as ort
 
         self.path = find_weights(path)
+        self.name = self.path.stem  # the worker's health names the file that runs
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
