@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +185,15 @@ def build_set(seed: int = 7) -> list[Item]:
     return items + jfk_items(rng)
 
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+# what libsndfile reads; phone and browser recordings often come in containers it does not
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".caf",
+                  ".au", ".w64")
+UNREAD_SUFFIXES = (".m4a", ".aac", ".mp4", ".webm", ".mka", ".wma", ".amr", ".3gp")
+
+
+def _convert_hint(path: Path) -> str:
+    return (f"{path.name}: {path.suffix[1:]} is not read here; convert it to wav or flac "
+            f"(ffmpeg -i '{path.name}' '{path.stem}.wav')")
 
 
 def room_tone(x: np.ndarray, rate: int, start: int, end: int) -> np.ndarray:
@@ -232,6 +241,8 @@ def load_recording(spec: str) -> Item:
     try:
         x, rate = sf.read(path, dtype="float32", always_2d=True)
     except (OSError, RuntimeError) as e:  # soundfile: unreadable or not audio
+        if Path(path).suffix.lower() in UNREAD_SUFFIXES:
+            raise ValueError(_convert_hint(Path(path))) from None
         raise ValueError(f"{path}: cannot read it as audio ({e})") from None
     x = x.mean(axis=1)
     if not len(x):
@@ -266,8 +277,13 @@ def recordings(specs: list[str]) -> list[Item]:
         p = Path(spec)
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.suffix.lower() in AUDIO_SUFFIXES)
+            unread = sorted(f for f in p.iterdir() if f.suffix.lower() in UNREAD_SUFFIXES)
+            for f in unread:  # said, not dropped without a word: the set would look complete
+                print(f"skipped {_convert_hint(f)}", file=sys.stderr)
             if not files:
-                raise ValueError(f"{spec}: no {'/'.join(AUDIO_SUFFIXES)} files in it")
+                raise ValueError(f"{spec}: no audio files in it "
+                                 f"({', '.join(x[1:] for x in AUDIO_SUFFIXES)})"
+                                 + (f" ({len(unread)} skipped, see above)" if unread else ""))
             items += [load_recording(str(f)) for f in files]
         else:
             items.append(load_recording(spec))

@@ -127,6 +127,21 @@ def test_a_users_recording_is_one_held_out_utterance_with_its_own_background(tmp
     assert [i.name for i in T.recordings([str(tmp_path)])] == ["q.wav 22.05k"]
 
 
+def test_opus_is_read_and_a_phones_m4a_is_named_with_how_to_convert_it(tmp_path, capsys):
+    import pytest
+    import soundfile as sf
+
+    rate = 48000
+    sf.write(tmp_path / "v.opus", np.concatenate([np.zeros(rate // 2), _speech(rate, 1.0),
+                                                  np.zeros(rate // 2)]), rate,
+             format="OGG", subtype="OPUS")
+    (tmp_path / "phone.m4a").write_bytes(b"\0\0\0\x20ftypM4A ")
+    assert [i.name for i in T.recordings([str(tmp_path)])] == ["v.opus 48k"]
+    assert "skipped phone.m4a: m4a is not read here; convert it" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"phone.m4a: m4a is not read here.*ffmpeg -i"):
+        T.load_recording(str(tmp_path / "phone.m4a"))
+
+
 def test_a_recording_in_digital_silence_is_padded_with_silence_not_its_quiet_speech(tmp_path):
     """A synthesized or trimmed file: digital silence before and after the words. Its pad
     after the end is that silence, not its quietest frames (its softest syllables), which a
@@ -182,7 +197,7 @@ def test_a_recording_that_cannot_be_measured_says_why(tmp_path):
         with pytest.raises(ValueError, match=why):
             T.load_recording(spec)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=r"no \.wav/\.flac/\.ogg/\.mp3 files"):
+    with pytest.raises(ValueError, match=r"no audio files in it \(wav, flac, ogg, .*mp3"):
         T.recordings([str(tmp_path / "empty")])
 
 
