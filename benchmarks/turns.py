@@ -113,12 +113,14 @@ def _level_db(x: np.ndarray, rate: int) -> np.ndarray:
 def speech_span(x: np.ndarray, rate: int, over_floor_db: float = 12.0) -> tuple[int, int]:
     """(start, end) samples of the speech in ``x``: from the first to the end of the last 20 ms
     frame ``over_floor_db`` above the recording's noise floor (its 10th percentile level),
-    and above -60 dBFS; (0, 0) when there is none."""
+    and no more than 45 dB under its loudest frames (a faint tail or dither in a file of
+    digital silence is no speech; a quiet mic's words are); (0, 0) when there is none."""
     levels = _level_db(x, rate)
     if not len(levels):
         return 0, 0
-    floor = max(float(np.percentile(levels, 10)), -80.0)
-    loud = np.nonzero(levels > max(floor + over_floor_db, -60.0))[0]
+    floor = max(float(np.percentile(levels, 10)), -100.0)
+    loudest = float(np.percentile(levels, 99))
+    loud = np.nonzero(levels > max(floor + over_floor_db, loudest - 45.0, -100.0))[0]
     f = rate * CHUNK_MS // 1000
     return (int(loud[0] * f), int((loud[-1] + 1) * f)) if len(loud) else (0, 0)
 

@@ -40,6 +40,7 @@ _SILENT_DB = -80.0
 # The room's floor: the median level of the last 3 s of windows the model did not voice (kept
 # however old, so speech does not push them out).
 _ROOM_WINDOWS = 94
+_ROOM_MIN = 8  # windows (256 ms): a player may speak soon after the mic opens
 _ROOM_PERCENTILE = 50
 # The model's probability decays over 70-290 ms after the last syllable (longest in steady
 # noise), and the silence count used to start only then. When a pause begins, the windows
@@ -91,7 +92,7 @@ class SileroVad:
         self._speech_db: deque[float] = deque(maxlen=_SPEECH_LEVELS)
         self._recent_db: deque[float] = deque(maxlen=_BACKDATE_MAX)  # windows before this one
         self._room_db: deque[float] = deque(maxlen=_ROOM_WINDOWS)
-        self._room: float | None = None  # the room's floor, dB (None until 1 s is heard)
+        self._room: float | None = None  # the room's floor, dB (None until _ROOM_MIN heard)
         self._voiced_run = 0  # voiced windows since this speech began or last resumed
 
     @property
@@ -157,7 +158,7 @@ class SileroVad:
             self._recent_db.append(level)
             if not voiced:
                 self._room_db.append(level)
-                if len(self._room_db) >= _ROOM_WINDOWS // 3:
+                if len(self._room_db) >= _ROOM_MIN:
                     self._room = float(np.percentile(self._room_db, _ROOM_PERCENTILE))
         self.push_model_ms = model_s * 1000
         return events
