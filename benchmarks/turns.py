@@ -233,7 +233,7 @@ def tile(pool: np.ndarray, n: int) -> np.ndarray:
 
 def load_recording(spec: str) -> Item:
     """A recording of the user's own: ``FILE`` (its end of speech marked from its waveform as
-    jfk.flac's is: the last 20 ms frame 12 dB over its noise floor) or ``FILE@SECONDS`` (the
+    jfk.flac's is: speech_span) or ``FILE@SECONDS`` (the
     true end of speech given, in seconds from the start of the file). Channels are mixed to
     one. It is streamed at its own rate after LEAD_S of its background (room_tone), and what
     follows the speech is its own tail, made up to TAIL_S with its background."""

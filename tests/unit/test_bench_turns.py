@@ -161,6 +161,25 @@ def test_a_recording_in_digital_silence_is_padded_with_silence_not_its_quiet_spe
     assert 700 <= row["endpoint_ms"] <= 900
 
 
+def test_a_quiet_mics_recording_is_marked_at_its_last_word_and_answered(tmp_path):
+    """A mic 36 dB down (speech near -55 dBFS RMS, a -100 dBFS floor): the end of speech used
+    to be the last frame over -60 dBFS, 140 ms before the last word, so every figure of the
+    file was off by that much."""
+    import soundfile as sf
+
+    from benchmarks.speech import speech
+
+    x = speech("Where can I find the blacksmith in this town?", rate=16000)[:, 0] / 32768
+    words = T.speech_span(x, 16000)
+    quiet = x * 10 ** (-36 / 20) + np.random.default_rng(1).standard_normal(len(x)) * 1e-5
+    sf.write(tmp_path / "far.wav", quiet.astype(np.float32), 16000, subtype="FLOAT")
+    it = T.load_recording(str(tmp_path / "far.wav"))
+    assert abs(it.end - int(T.LEAD_S * 16000) - words[1]) <= 320
+    row = T.offline_row(it, T.decide(it, ListenerConfig(vad="silero", silence_ms=800)))
+    assert row["turns"] == 1 and not row["cutoff"] and not row["missed"]
+    assert 700 <= row["endpoint_ms"] <= 900
+
+
 def test_a_recording_cut_tight_is_padded_with_its_pauses_and_a_click_is_left_out(tmp_path):
     import soundfile as sf
 
