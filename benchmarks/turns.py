@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -324,7 +325,7 @@ def _finals(client: Client, session: str) -> list[tuple[int, float, int]]:
             if m.session == session]
 
 
-async def _hands_free(client: Client, n: int, item: Item) -> dict:
+async def _hands_free(client: Client, n: int, item: Item, player: int = 0) -> dict:
     session = f"hf{n}"
     await client.open(session, "bench1", item.rate, 1)
     t_end, _ = await _stream(client, session, item)
@@ -338,6 +339,7 @@ async def _hands_free(client: Client, n: int, item: Item) -> dict:
     # a cut-off into a late end or a timely end into a missed one
     end16 = item.end * 16000 // item.rate
     row = {"item": item.name, "held_out": item.held_out, "turns": len(finals),
+           "session": f"{session} of player {player}" if player else session,
            "cutoff": len(finals) > 1 or any(pos < end16 for _, _, pos in finals),
            "missed": not finals or finals[0][2] > end16 + MISSED_S * 16000}
     if finals:
@@ -432,7 +434,7 @@ async def _run_set(url: str, items: list[Item], ptt: bool, players: int = 1) -> 
         mine = items[k % len(items):] + items[: k % len(items)]
         try:
             for n, item in enumerate(mine):
-                out["hands_free"].append(await _hands_free(client, n, item))
+                out["hands_free"].append(await _hands_free(client, n, item, k))
             if ptt:
                 for n, item in enumerate(mine):
                     out["ptt"].append(await _push_to_talk(client, n, item))
@@ -444,16 +446,19 @@ async def _run_set(url: str, items: list[Item], ptt: bool, players: int = 1) -> 
 
 
 def run_config(name: str, items: list[Item], ptt: bool, settings: dict | None = None,
-               players: int = 1, workers: int | str = 1) -> dict:
+               players: int = 1, workers: int | str = 1, log: str | None = None) -> dict:
     """The set on a fleet of its own (``workers`` per stage, or "auto"), configured as
-    CONFIGS[name] or ``settings`` (env), spoken by ``players`` players at once."""
+    CONFIGS[name] or ``settings`` (env), spoken by ``players`` players at once; ``log``: a
+    file the fleet's structured logs go to, at info level (appended)."""
     redis = RedisServer(appendonly=False).start()
     # admission control off: one player at a time, and a busy 2-core machine must not turn
     # the bench's next session away
     env = {**(CONFIGS[name] if settings is None else settings),
-           "PARLEY_LLM_PERSONAS_DIR": str(PERSONAS), "PARLEY_LOG_LEVEL": "warning",
+           "PARLEY_LLM_PERSONAS_DIR": str(PERSONAS),
+           "PARLEY_LOG_LEVEL": "info" if log else "warning",
            "PARLEY_GATEWAY_ADMIT_MAX_LAG_MS": "0", "PARLEY_GATEWAY_ADMIT_MAX_QUEUE_MS": "0"}
-    fleet = Fleet(port=free_port(), workers=workers, redis_url=redis.url, env=env)
+    fleet = Fleet(port=free_port(), workers=workers, redis_url=redis.url, env=env,
+                  log_path=log)
     try:
         fleet.start()
         fleet.wait_ready(90)
@@ -525,7 +530,8 @@ def _item_line(setting: str, r: dict) -> str:
     figures = "".join(f"{label} {None if r[key] is None else round(r[key])} "
                       for label, key in (("v2v", "v2v_ms"), ("decided", "decided_ms"),
                                          ("endpoint", "endpoint_ms")) if key in r)
-    return f"  {setting:18} {r['item']:58} turns {r['turns']} {figures}{flag}"
+    where = f" (session {r['session']})" if r.get("session") else ""
+    return f"  {setting:18} {r['item']:58} turns {r['turns']} {figures}{flag}{where}"
 
 
 def _rate(rows: list[dict], key: str) -> float:
@@ -735,6 +741,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="worker processes per stage, or auto (as parley up --workers)")
     ap.add_argument("--with-set", action="store_true",
                     help="with --audio: the built-in set as well")
+    ap.add_argument("--log", metavar="FILE",
+                    help="the fleets' structured logs, at info level, appended to FILE (one "
+                         "JSON line each; a bench_config line before each fleet's): each "
+                         "utterance's row names its session, to find its turn there")
     args = ap.parse_args(argv)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
@@ -782,10 +792,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             label = name if players == 1 else f"{name} x{players} players"
             # push-to-talk does not depend on the hands-free setting: once, on the product's
+            if args.log:
+                with open(args.log, "a") as f:
+                    f.write(json.dumps({"event": "bench_config", "config": label}) + "\n")
             res = run_config(name, items, ptt=not args.no_ptt and players == counts[0]
                              and name == _best(dict.fromkeys(names)),
                              settings=settings.get(name), players=players,
-                             workers=args.workers)
+                             workers=args.workers, log=args.log)
             results[label] = {**res, "setting": name, "players": players}
             print(f"  {label:20} {time.monotonic() - t0:5.1f} s", flush=True)
     print(report(results))
