@@ -224,3 +224,25 @@ def test_the_warm_up_redecode_is_spread_over_the_next_feeds(backend):
     finally:
         ps.CATCH_UP = old
     assert spread == burst
+
+
+def test_a_short_first_answer_restarts_when_the_speaker_stops_not_at_the_turns_end(backend):
+    # "No thanks." (~0.6 s of speech) used to reach the 1.5 s warm-up point ~0.6 s into its
+    # trailing silence: the 1.5 s re-decode was still pending at the likely end (300 ms of
+    # silence: the early reply's words) and at the end (800 ms), 100-210 ms late on a fleet.
+    # Now the restart comes once the speaker has stopped, and is worked off before either.
+    x = utterance("no thanks", pad_s=0.3)
+    spoken = int(np.flatnonzero(np.abs(x) > 0.01)[-1]) + 1
+    rng = np.random.default_rng(0)
+    x = np.concatenate([x, np.zeros(R, np.float32)])
+    x += (rng.standard_normal(len(x)) * 10 ** (-55 / 20)).astype(np.float32)
+    stream = backend.open_stream()
+    likely = spoken + 300 * R // 1000
+    for i in range(0, likely, 320):
+        stream.feed(x[i:i + 320])
+    assert stream.adapted and not stream._backlog
+    for i in range(likely, len(x), 320):
+        stream.feed(x[i:i + 320])
+    words = stream.finish()
+    stream.close()
+    assert "no" in words.split(), words
