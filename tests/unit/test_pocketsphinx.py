@@ -237,12 +237,14 @@ def test_a_short_first_answer_restarts_when_the_speaker_stops_not_at_the_turns_e
     x = np.concatenate([x, np.zeros(R, np.float32)])
     x += (rng.standard_normal(len(x)) * 10 ** (-55 / 20)).astype(np.float32)
     stream = backend.open_stream()
-    likely = spoken + 300 * R // 1000
+    likely = (spoken + 300 * R // 1000) // 320 * 320
     for i in range(0, likely, 320):
         stream.feed(x[i:i + 320])
-    assert stream.adapted and not stream._backlog
+    assert stream.adapted and len(stream._backlog) // 2 <= R // 5  # <= 200 ms left to decode
     for i in range(likely, len(x), 320):
         stream.feed(x[i:i + 320])
     words = stream.finish()
     stream.close()
     assert "no" in words.split(), words
+    # where it restarts does not depend on how the audio is chunked (a replay sends it faster)
+    assert decode(backend, x, chunk=1000)[0] == decode(backend, x, chunk=320)[0] == words

@@ -168,6 +168,7 @@ class PocketsphinxStream:
         self._fed = 0
         self._loudest = 0.0  # the loudest 20 ms frame's RMS during the warm-up (int16)
         self._quiet = 0  # samples since the last frame within 30 dB of it (see _VOICED_SHARE)
+        self._frame_sq, self._frame_n = 0.0, 0  # the 20 ms frame being measured
         self._zero_run = 0  # near-zero samples at the end of what was fed so far
         self._since_partial = 0
         self._last = ""
@@ -178,12 +179,28 @@ class PocketsphinxStream:
         decoder.set_cmn(self._cmn_prior)
         decoder.start_utt()
 
-    def _track_stop(self, q: np.ndarray) -> None:
-        for i in range(0, len(q), 320):
-            level = _loudest_frame(q[i:i + 320])
+    def _stops_at(self, q: np.ndarray) -> int | None:
+        """Track the speaker's level over ``q`` (about to be fed) in 20 ms frames counted from
+        the stream's start, so the result does not depend on how the audio is chunked; the
+        offset into ``q`` where the early warm-up restart is due, or None."""
+        out = None
+        i = 0
+        while i < len(q):
+            take = min(len(q) - i, 320 - self._frame_n)
+            part = q[i:i + take].astype(np.float64)
+            self._frame_sq += float(np.dot(part, part))
+            self._frame_n += take
+            i += take
+            if self._frame_n < 320:
+                break
+            level = float(np.sqrt(self._frame_sq / 320))
+            self._frame_sq, self._frame_n = 0.0, 0
             self._loudest = max(self._loudest, level)
-            voiced = level >= self._loudest * _VOICED_SHARE
-            self._quiet = 0 if voiced else self._quiet + len(q[i:i + 320])
+            self._quiet = 0 if level >= self._loudest * _VOICED_SHARE else self._quiet + 320
+            if (out is None and self._warm is not None and self._quiet >= _STOPPED_SAMPLES
+                    and self._fed + i >= _EARLY_WARMUP_SAMPLES):
+                out = i
+        return out
 
     def _process(self, pcm: bytes) -> None:
         for i in range(0, len(pcm), _SLICE_BYTES):
@@ -263,18 +280,20 @@ class PocketsphinxStream:
         q = np.clip(np.rint(x * 32768.0), -32768, 32767).astype("<i2")
         self._fill_digital_silence(q)
         pcm = q.tobytes()
-        if self._warm is not None or self._backlog:
-            self._track_stop(q)
+        stop = self._stops_at(q) if self._warm is not None or self._backlog else None
         if self._warm is not None:
-            # Split at the warm-up point so that a large chunk (a whole utterance, in
-            # sequential mode) is not decoded twice: only the warm-up audio is.
-            head = pcm[: 2 * (self._warmup_samples - self._fed)]
+            # Split at the warm-up point (or where the speaker stopped) so that a large chunk
+            # (a whole utterance, in sequential mode) is not decoded twice: only the warm-up
+            # audio is.
+            at = self._warmup_samples - self._fed
+            if stop is not None:
+                at = min(at, stop)
+            head = pcm[: 2 * at]
             pcm = pcm[len(head):]
             self._process(head)
             self._warm += head
             self._fed += len(head) // 2
-            if self._fed >= self._warmup_samples or (
-                    self._fed >= _EARLY_WARMUP_SAMPLES and self._quiet >= _STOPPED_SAMPLES):
+            if self._fed >= self._warmup_samples or (stop is not None and stop <= at):
                 self._restart_with_speaker_cmn()
         self._fed += len(pcm) // 2
         if self._backlog:
