@@ -121,7 +121,7 @@ def speech_span(x: np.ndarray, rate: int, over_floor_db: float = 12.0) -> tuple[
         return 0, 0
     floor = max(float(np.percentile(levels, 10)), -100.0)
     loudest = float(np.percentile(levels, 99))
-    loud = np.nonzero(levels > max(floor + over_floor_db, loudest - 45.0, -100.0))[0]
+    loud = np.nonzero(levels > max(floor + over_floor_db, loudest - 45.0))[0]
     f = rate * CHUNK_MS // 1000
     return (int(loud[0] * f), int((loud[-1] + 1) * f)) if len(loud) else (0, 0)
 

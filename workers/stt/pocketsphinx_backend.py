@@ -121,16 +121,6 @@ def _hyp_text(decoder: Decoder) -> str:
     return hyp.hypstr.strip() if hyp is not None else ""
 
 
-def _loudest_frame(q: np.ndarray) -> float:
-    """RMS of the loudest 20 ms frame of int16 ``q`` (of all of it when shorter)."""
-    if not len(q):
-        return 0.0
-    n = max(1, len(q) // 320)
-    frames = q[: n * 320] if len(q) >= 320 else q
-    x = frames.astype(np.float64).reshape(n, -1)
-    return float(np.sqrt((x * x).mean(axis=1)).max())
-
-
 class RecognizerStream(Protocol):
     """One utterance. feed(): 16 kHz mono float32 in, a changed partial hypothesis (at most
     about every 300 ms of audio) or None out. finish(): the final transcript, lowercase words,

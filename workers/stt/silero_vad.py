@@ -92,7 +92,8 @@ class SileroVad:
         self._speech_db: deque[float] = deque(maxlen=_SPEECH_LEVELS)
         self._recent_db: deque[float] = deque(maxlen=_BACKDATE_MAX)  # windows before this one
         self._room_db: deque[float] = deque(maxlen=_ROOM_WINDOWS)
-        self._room: float | None = None  # the room's floor, dB (None until _ROOM_MIN heard)
+        self._room: float | None = None  # _room_floor(), as last computed
+        self._room_new = 0  # windows added to _room_db since
         self._voiced_run = 0  # voiced windows since this speech began or last resumed
 
     @property
@@ -109,6 +110,15 @@ class SileroVad:
         """In speech: samples since the end of the last speech window."""
         runs = self._runs
         return self._position - runs.last_voiced_end if runs.in_speech else 0
+
+    def _room_floor(self) -> float | None:
+        """The room's floor, dB (None until _ROOM_MIN windows are heard): computed when a
+        quiet window asks and _ROOM_MIN new windows came since, not on every window (a
+        silent player's are most, and the floor moves slowly)."""
+        if self._room_new >= _ROOM_MIN or (self._room is None and len(self._room_db) >= _ROOM_MIN):
+            self._room = float(np.percentile(self._room_db, _ROOM_PERCENTILE))
+            self._room_new = 0
+        return self._room
 
     def _faded(self) -> int:
         """How many windows just before a pause began were voiced by the model alone: quieter
@@ -134,8 +144,8 @@ class SileroVad:
             window = buf[i * WINDOW:(i + 1) * WINDOW]
             rms = float(np.std(window))  # without a mic's DC offset, which is no voice
             level = 20 * np.log10(rms + 1e-9)
-            if rms < _QUIET_RMS and (level < _SILENT_DB or self._room is None
-                                     or level < self._room + _WAKE_OVER_ROOM_DB):
+            if rms < _QUIET_RMS and (level < _SILENT_DB or (room := self._room_floor()) is None
+                                     or level < room + _WAKE_OVER_ROOM_DB):
                 prob = 0.0
             else:
                 t0 = time.perf_counter()
@@ -158,7 +168,6 @@ class SileroVad:
             self._recent_db.append(level)
             if not voiced:
                 self._room_db.append(level)
-                if len(self._room_db) >= _ROOM_MIN:
-                    self._room = float(np.percentile(self._room_db, _ROOM_PERCENTILE))
+                self._room_new += 1
         self.push_model_ms = model_s * 1000
         return events
